@@ -1,0 +1,56 @@
+"""fp32 checkpoints of quantized YOLO models, in the Ultralytics checkpoint layout.
+
+Ultralytics saves ``deepcopy(model).half()``; that would round latent weights and BN to fp16
+(quantizers and QuantConv2d keep themselves fp32, but everything else would not), so we write
+the whole model in fp32 and carry the recipe as plain data. Ultralytics' own loaders
+(``YOLO(path)``, ``load_checkpoint``) read these files as long as this repo is importable.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quant import is_quantized
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, **extra) -> Path:
+    """Atomically write ``{'model': fp32 model, 'quant_recipe': ..., **extra}`` to ``path``."""
+    from ultralytics import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = copy.deepcopy(getattr(model, "module", model)).float()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    ckpt = {"model": m, "ema": None, "quant_recipe": getattr(m, "quant_recipe", None),
+            "date": datetime.now().isoformat(), "version": __version__, **extra}
+    ckpt.setdefault("train_args", dict(getattr(m, "args", {}) or {}))
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint at `path`
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Load a checkpoint written by ``save_checkpoint`` or by Ultralytics; model in fp32, eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist: pass the path of a .pt file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle errors, truncated files, not-a-zip ...
+        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); "
+                         f"pass a YOLO .pt checkpoint saved by Ultralytics or by this repo") from None
+    model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"'{path}' is not a YOLO checkpoint (no 'model' module inside); pass a .pt "
+                         f"saved by Ultralytics (e.g. runs/detect/train/weights/best.pt) or by train_qat.py")
+    model = model.float().to(device).eval()
+    if is_quantized(model) and getattr(model, "quant_recipe", None) is None:
+        model.quant_recipe = ckpt.get("quant_recipe")
+    return model, ckpt

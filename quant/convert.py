@@ -1,0 +1,163 @@
+"""quantize_model: swap nn.Conv2d for QuantConv2d by a recipe; calibration of activations."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .lsq import LSQQuantizer
+from .qconv import QuantConv2d
+from .range_init import _sample, init_activation_quantizer
+from .recipe import QuantRecipe
+
+# A policy tells, for one family of models, which convs are "first" / "last" (kept at
+# first_last_bits) and which must never be quantized. Model packages register theirs; quant/
+# itself knows no model family. Signature: policy(model) -> dict(first=[...], last=[...],
+# never=[...]) of module names, or None when the model is not of its family.
+_POLICIES: list[Callable[[nn.Module], dict | None]] = []
+
+
+def register_policy(policy: Callable[[nn.Module], dict | None]) -> Callable:
+    if policy not in _POLICIES:
+        _POLICIES.insert(0, policy)
+    return policy
+
+
+def default_policy(model: nn.Module) -> dict:
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return {"first": convs[:1], "last": convs[-1:], "never": []}
+
+
+def layer_roles(model: nn.Module) -> dict:
+    for policy in _POLICIES:
+        roles = policy(model)
+        if roles is not None:
+            return roles
+    return default_policy(model)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize_model(model: nn.Module, recipe: QuantRecipe | dict, policy: Callable | None = None,
+                   finalize: bool = True) -> nn.Module:
+    """Replace every nn.Conv2d by a QuantConv2d (in place; the model is returned).
+
+    Layer roles come from ``policy`` or the registered policies; a registered policy may also
+    provide ``finalize(model)`` (e.g. to make the model's own ``fuse()`` quantization-aware).
+    The report of what was done is ``layer_bits(model)``; the recipe is kept as
+    ``model.quant_recipe`` (a plain dict) so that checkpoints carry it.
+    """
+    recipe = QuantRecipe.from_any(recipe)
+    roles = (policy or layer_roles)(model)
+    convs = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
+    if not convs and not any(isinstance(m, QuantConv2d) for m in model.modules()):
+        raise ValueError("quantize_model: the model has no nn.Conv2d to quantize")
+    all_names = {n for n, _ in model.named_modules()}
+    for field_name, names in (("overrides", recipe.overrides), ("exclude", recipe.exclude)):
+        missing = [n for n in names if n not in all_names]
+        if missing:
+            sample = ", ".join(sorted(convs)[:5])
+            raise ValueError(f"recipe field '{field_name}' names layer(s) {missing} that do not exist in "
+                             f"the model: allowed values are names of its Conv2d modules (e.g. {sample}, ...)")
+    first_last = set(roles["first"]) | set(roles["last"])
+    skip = set(roles["never"]) | set(recipe.exclude)
+    act_signed = recipe.act_mode == "signed"
+    act_offset = recipe.act_mode == "lsq+"
+    for name, conv in convs.items():
+        if name in skip:
+            continue
+        w_bits = a_bits = None
+        if name in first_last and recipe.first_last_bits is not None:
+            w_bits = a_bits = recipe.first_last_bits
+        o = recipe.overrides.get(name, {})
+        w_bits = o.get("w_bits", w_bits or recipe.w_bits)
+        a_bits = o.get("a_bits", a_bits or recipe.a_bits)
+        q = QuantConv2d.from_conv(conv, w_bits, a_bits, recipe.per_channel, act_signed, act_offset,
+                                  recipe.weight_init)
+        q.train(conv.training)
+        _set_module(model, name, q)
+    model.quant_recipe = recipe.to_dict()
+    fin = roles.get("finalize")
+    if finalize and fin is not None:
+        fin(model)
+    return model
+
+
+def quant_convs(model: nn.Module) -> dict[str, QuantConv2d]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantConv2d)}
+
+
+def layer_bits(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{module_name: (w_bits, a_bits)} for every quantized conv."""
+    return {n: (m.w_bits, m.a_bits) for n, m in quant_convs(model).items()}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantConv2d) for m in model.modules())
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
+    return {n: m.input_quantizer for n, m in quant_convs(model).items()}
+
+
+def weight_quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
+    return {n: m.weight_quantizer for n, m in quant_convs(model).items()}
+
+
+def set_quantizers_enabled(model: nn.Module, enabled: bool, weights: bool = True, activations: bool = True) -> None:
+    for m in quant_convs(model).values():
+        if weights:
+            m.weight_quantizer.enabled = enabled
+        if activations:
+            m.input_quantizer.enabled = enabled
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
+              forward: Callable | None = None, sample_per_layer: int = 1 << 18) -> int:
+    """Initialise every activation quantizer from ``num_batches`` batches.
+
+    Activations are observed with activation quantization off (weights quantized), a random
+    sample of each layer's inputs is kept, then each quantizer gets the LSQ+ offset at the minimum
+    and the MSE-optimal step. ``forward(model, batch)`` runs one batch (default: ``model(batch)``).
+    Returns the number of batches used.
+    """
+    aq = activation_quantizers(model)
+    if not aq:
+        raise ValueError("calibrate: the model has no quantized conv (call quantize_model first)")
+    samples: dict[str, list[torch.Tensor]] = {n: [] for n in aq}
+    hooks = []
+    for name, m in quant_convs(model).items():
+        def hook(mod, args, name=name):
+            samples[name].append(_sample(args[0], sample_per_layer).cpu())
+        hooks.append(m.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    set_quantizers_enabled(model, False, weights=False)
+    used = 0
+    try:
+        for batch in batches:
+            if used >= num_batches:
+                break
+            (forward or (lambda mdl, b: mdl(b)))(model, batch)
+            used += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        set_quantizers_enabled(model, True, weights=False)
+        model.train(was_training)
+    if used == 0:
+        raise ValueError("calibrate: no batches were given")
+    for name, q in aq.items():
+        if not samples[name]:
+            continue  # a layer the forward never reached (e.g. an unused branch)
+        s = torch.cat(samples[name])
+        if s.numel() > sample_per_layer:
+            s = s[torch.randperm(s.numel())[:sample_per_layer]]
+        init_activation_quantizer(q, s)
+    return used

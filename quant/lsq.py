@@ -1,0 +1,196 @@
+"""LSQ / LSQ+ fake quantization (Esser et al. 2020; Bhalgat et al. 2020).
+
+Gradient convention: the straight-through mask is taken on the *rounded* value, as in PyTorch's
+``torch._fake_quantize_learnable_per_tensor_affine``: an input gets gradient 1 when
+``round(x / s)`` lies in ``[qmin, qmax]``. LSQ as published masks on the unrounded ``x / s``; the two
+differ only for inputs within half a step outside the clipping range. Matching PyTorch's kernel
+lets the tests compare against it bit for bit (tests/test_lsq.py).
+
+The step size is clamped to ``min_scale`` inside the op with a straight-through gradient, so a
+scale an optimizer pushed to zero or below still quantizes sanely and can recover.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .fp32 import KeepFP32
+
+MIN_SCALE = 1e-8
+
+
+def _broadcast_shape(x: torch.Tensor, axis: int | None) -> list[int]:
+    if axis is None:
+        return [1] * x.dim()
+    shape = [1] * x.dim()
+    shape[axis] = x.shape[axis]
+    return shape
+
+
+def _reduce_to(t: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None:
+        return t.sum().reshape(1)
+    dims = [d for d in range(t.dim()) if d != axis]
+    return t.sum(dim=dims)
+
+
+class _LSQFunction(torch.autograd.Function):
+    """y = s * clamp(round((x - b) / s), qmin, qmax) + b, with b optional (LSQ+ offset).
+
+    Written as a handful of plain float kernels (bool masks and torch.where are several times
+    slower on CPU): the forward keeps a float mask m and the error e = (y - b) - (x - b) * m, so the
+    backward is one multiply and two reductions: dx = g*m, ds = g_f/s * <g, e>, db = g_f * <g, 1-m>.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, offset, qmin, qmax, grad_factor, axis):
+        shape = _broadcast_shape(x, axis)
+        s = scale.clamp_min(MIN_SCALE).reshape(shape)
+        # x * (1 / s), not x / s: the same float arithmetic as PyTorch's kernel, so the rounding
+        # decisions agree bit for bit at exact half-steps.
+        inv_s = 1.0 / s
+        xs = x - offset.reshape(shape) if offset is not None else x
+        r = torch.mul(xs, inv_s).round_()
+        c = r.clamp(qmin, qmax)
+        mask = torch.eq(c, r, out=r)  # reuses r's memory; float mask: 1 where not clipped
+        y = c.mul_(s)  # in place: c is not needed any more
+        err = torch.addcmul(y, xs, mask, value=-1) if ctx.needs_input_grad[1] else None
+        if offset is not None:
+            y = y + offset.reshape(shape)
+        ctx.save_for_backward(mask, err, s)
+        ctx.consts = (grad_factor, axis, offset is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        mask, err, s = ctx.saved_tensors
+        grad_factor, axis, has_offset = ctx.consts
+        grad_x = grad_y * mask if ctx.needs_input_grad[0] else None
+        grad_s = grad_b = None
+        if ctx.needs_input_grad[1]:
+            # dy/ds = round(z) - z inside the range, the clipped level outside: err / s.
+            grad_s = _dot(grad_y, err, axis) * grad_factor / s.reshape(-1)
+        if has_offset and ctx.needs_input_grad[2]:
+            # dy/db = 0 where the input passes through, 1 where it is clipped.
+            grad_b = (_dot(grad_y, None, axis) - _dot(grad_y, mask, axis)) * grad_factor
+        return grad_x, grad_s, grad_b, None, None, None, None
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor | None, axis: int | None) -> torch.Tensor:
+    """<a, b> (or sum of a) over everything (per tensor) or over all dims but ``axis``."""
+    if axis is None:
+        a = a.reshape(-1)
+        return (a.sum() if b is None else torch.dot(a, b.reshape(-1))).reshape(1)
+    return _reduce_to(a if b is None else a * b, axis)
+
+
+def lsq_fake_quant(x, scale, qmin, qmax, grad_factor=1.0, axis=None, offset=None):
+    """Functional LSQ fake quantization in fp32 (autocast disabled), returned in ``x``'s dtype."""
+    dtype = x.dtype
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        y = _LSQFunction.apply(x.float(), scale, offset, qmin, qmax, grad_factor, axis)
+    return y if dtype == torch.float32 else y.to(dtype)
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+class LSQQuantizer(KeepFP32, nn.Module):
+    """Learned-step-size fake quantizer.
+
+    ``bits`` 2..8; ``signed`` chooses the grid; ``per_channel`` with ``axis`` gives one step per
+    slice (``channels`` must then be known, or the first call sizes it); ``learn_offset`` adds the
+    LSQ+ offset (for activations that go negative, e.g. after SiLU). The step size and offset are
+    kept in fp32 whatever ``.half()`` does to the model around them (Ultralytics halves
+    checkpoints on save; half scales would move the integer grid).
+    """
+
+    def __init__(self, bits: int, signed: bool = True, per_channel: bool = False, axis: int = 0,
+                 channels: int = 1, learn_offset: bool = False, grad_scale: bool = True):
+        super().__init__()
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+            raise ValueError(f"bits={bits!r}: LSQQuantizer supports integer bit widths 2..8")
+        self.bits, self.signed = bits, signed
+        self.per_channel, self.axis = per_channel, axis
+        self.qmin, self.qmax = qrange(bits, signed)
+        self.grad_scale = grad_scale
+        n = channels if per_channel else 1
+        self._scale = nn.Parameter(torch.ones(n))
+        self.offset = nn.Parameter(torch.zeros(n)) if learn_offset else None
+        # A buffer (not a python flag alone) so that the state survives state_dict round trips;
+        # the python mirror avoids a host sync on every forward.
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._is_init = False
+        self.enabled = True
+        # Activations: LSQ's N is the number of features per sample, not per batch.
+        self.is_activation = False
+
+    # -- public state ---------------------------------------------------------------------------
+    @property
+    def scale(self) -> torch.Tensor:
+        return self._scale.detach().clamp_min(MIN_SCALE)
+
+    @torch.no_grad()
+    def set_scale(self, value, offset=None) -> None:
+        value = torch.as_tensor(value, dtype=torch.float32, device=self._scale.device).flatten()
+        if value.numel() not in (1, self._scale.numel()) and not self.per_channel:
+            raise ValueError(f"set_scale: expected 1 value, got {value.numel()}")
+        if self.per_channel and value.numel() != self._scale.numel():
+            self._resize(value.numel())
+        if (value <= 0).any() or not torch.isfinite(value).all():
+            raise ValueError("set_scale: step sizes must be finite and > 0")
+        self._scale.copy_(value.expand_as(self._scale))
+        if offset is not None:
+            if self.offset is None:
+                raise ValueError("set_scale: this quantizer has no learnable offset")
+            self.offset.copy_(torch.as_tensor(offset, dtype=torch.float32).flatten().expand_as(self.offset))
+        self.initialized.fill_(True)
+        self._is_init = True
+
+    def _resize(self, n: int) -> None:
+        self._scale = nn.Parameter(torch.ones(n, device=self._scale.device))
+        if self.offset is not None:
+            self.offset = nn.Parameter(torch.zeros(n, device=self.offset.device))
+
+    def freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not self._is_init:
+            from .range_init import init_quantizer_from_tensor  # local: avoids an import cycle
+
+            init_quantizer_from_tensor(self, x.detach())
+        return lsq_fake_quant(x, self._scale, self.qmin, self.qmax, self._grad_factor(x),
+                              self.axis if self.per_channel else None, self.offset)
+
+    def _grad_factor(self, x: torch.Tensor) -> float:
+        if not self.grad_scale:
+            return 1.0
+        n = x.numel()
+        if self.per_channel:
+            n //= x.shape[self.axis]
+        elif self.is_activation:
+            n //= x.shape[0]  # features per sample
+        return 1.0 / math.sqrt(max(n, 1) * max(self.qmax, 1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "_scale"
+        if key in state_dict and state_dict[key].shape != self._scale.shape and self.per_channel:
+            self._resize(state_dict[key].numel())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._is_init = bool(self.initialized)
+
+    def extra_repr(self) -> str:
+        kind = "signed" if self.signed else "unsigned"
+        gran = f"per_channel(axis={self.axis})" if self.per_channel else "per_tensor"
+        off = ", offset" if self.offset is not None else ""
+        return f"{self.bits}-bit {kind} {gran}{off}"

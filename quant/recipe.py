@@ -1,0 +1,76 @@
+"""QuantRecipe: what to quantize and at how many bits, as plain data (stored in checkpoints)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+BIT_CHOICES = tuple(range(2, 9))
+ACT_MODES = ("lsq+", "unsigned", "signed")
+WEIGHT_INITS = ("mse", "lsq")
+
+
+def _check_bits(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in BIT_CHOICES:
+        raise ValueError(f"recipe field '{name}' = {value!r} is invalid: allowed values are the "
+                         f"integers {BIT_CHOICES[0]}..{BIT_CHOICES[-1]}")
+    return value
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> Any:
+    if value not in allowed:
+        raise ValueError(f"recipe field '{name}' = {value!r} is invalid: allowed values are {allowed}")
+    return value
+
+
+@dataclass
+class QuantRecipe:
+    """Bits and granularity of a quantized model.
+
+    ``first_last_bits``: bits of weights and activations of the first layer and the final
+    prediction layers (which ones is model policy: see ``quant.convert.register_policy``).
+    ``overrides``: ``{layer_name: {"w_bits": b, "a_bits": b}}``. ``exclude``: layer names kept float.
+    ``act_mode``: ``lsq+`` (unsigned grid with learnable offset, for SiLU outputs), ``unsigned``
+    or ``signed``.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    first_last_bits: int | None = 8
+    per_channel: bool = False
+    act_mode: str = "lsq+"
+    weight_init: str = "mse"
+    overrides: dict = field(default_factory=dict)
+    exclude: list = field(default_factory=list)
+
+    def __post_init__(self):
+        _check_bits("w_bits", self.w_bits)
+        _check_bits("a_bits", self.a_bits)
+        if self.first_last_bits is not None:
+            _check_bits("first_last_bits", self.first_last_bits)
+        if not isinstance(self.per_channel, bool):
+            raise ValueError(f"recipe field 'per_channel' = {self.per_channel!r} is invalid: allowed values are True, False")
+        _check_choice("act_mode", self.act_mode, ACT_MODES)
+        _check_choice("weight_init", self.weight_init, WEIGHT_INITS)
+        if not isinstance(self.overrides, dict):
+            raise ValueError("recipe field 'overrides' must be a mapping {layer_name: {'w_bits': b, 'a_bits': b}}")
+        for name, o in self.overrides.items():
+            if not isinstance(o, dict) or not set(o) <= {"w_bits", "a_bits"} or not o:
+                raise ValueError(f"recipe field 'overrides[{name!r}]' = {o!r} is invalid: allowed keys are 'w_bits', 'a_bits'")
+            for k, v in o.items():
+                _check_bits(f"overrides[{name!r}].{k}", v)
+        self.exclude = list(self.exclude)
+
+    @classmethod
+    def from_any(cls, recipe: "QuantRecipe | dict") -> "QuantRecipe":
+        if isinstance(recipe, cls):
+            return recipe
+        if not isinstance(recipe, dict):
+            raise ValueError(f"recipe must be a dict or QuantRecipe, got {type(recipe).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(recipe) - known
+        if unknown:
+            raise ValueError(f"recipe has unknown field(s) {sorted(unknown)}: allowed fields are {sorted(known)}")
+        return cls(**recipe)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
