@@ -40,8 +40,9 @@ class _LSQFunction(torch.autograd.Function):
     """y = s * clamp(round((x - b) / s), qmin, qmax) + b, with b optional (LSQ+ offset).
 
     Written as a handful of plain float kernels (bool masks and torch.where are several times
-    slower on CPU): the forward keeps a float mask m and the error e = (y - b) - (x - b) * m, so the
-    backward is one multiply and two reductions: dx = g*m, ds = g_f/s * <g, e>, db = g_f * <g, 1-m>.
+    slower on CPU): the forward keeps a float mask m and e = c - z * m (c the clipped integer,
+    z = (x - b) / s), so the backward is one multiply and reductions:
+    dx = g*m, ds = g_f * <g, e>, db = g_f * <g, 1 - m>.
     """
 
     @staticmethod
@@ -51,29 +52,30 @@ class _LSQFunction(torch.autograd.Function):
         # x * (1 / s), not x / s: the same float arithmetic as PyTorch's kernel, so the rounding
         # decisions agree bit for bit at exact half-steps.
         inv_s = 1.0 / s
-        xs = x - offset.reshape(shape) if offset is not None else x
-        r = torch.mul(xs, inv_s).round_()
-        c = r.clamp(qmin, qmax)
+        if offset is None:
+            z = torch.mul(x, inv_s)
+        else:  # (x - b) / s as x / s - b / s: one pass over x instead of two
+            z = torch.addcmul(-offset.reshape(shape) * inv_s, x, inv_s)
+        r = torch.round(z)
+        c = torch.clamp(r, qmin, qmax)
         mask = torch.eq(c, r, out=r)  # reuses r's memory; float mask: 1 where not clipped
-        y = c.mul_(s)  # in place: c is not needed any more
-        err = torch.addcmul(y, xs, mask, value=-1) if ctx.needs_input_grad[1] else None
-        if offset is not None:
-            y = y + offset.reshape(shape)
-        ctx.save_for_backward(mask, err, s)
+        # d y / d s = round(z) - z inside the range, the clipped level outside: c - z * mask.
+        err = torch.addcmul(c, z, mask, value=-1) if ctx.needs_input_grad[1] else None
+        y = c.mul_(s) if offset is None else torch.addcmul(offset.reshape(shape), c, s)
+        ctx.save_for_backward(mask, err)
         ctx.consts = (grad_factor, axis, offset is not None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        mask, err, s = ctx.saved_tensors
+        mask, err = ctx.saved_tensors
         grad_factor, axis, has_offset = ctx.consts
         grad_x = grad_y * mask if ctx.needs_input_grad[0] else None
         grad_s = grad_b = None
         if ctx.needs_input_grad[1]:
-            # dy/ds = round(z) - z inside the range, the clipped level outside: err / s.
-            grad_s = _dot(grad_y, err, axis) * grad_factor / s.reshape(-1)
+            grad_s = _dot(grad_y, err, axis) * grad_factor
         if has_offset and ctx.needs_input_grad[2]:
-            # dy/db = 0 where the input passes through, 1 where it is clipped.
+            # d y / d b = 0 where the input passes through, 1 where it is clipped.
             grad_b = (_dot(grad_y, None, axis) - _dot(grad_y, mask, axis)) * grad_factor
         return grad_x, grad_s, grad_b, None, None, None, None
 
