@@ -1,0 +1,15 @@
+"""Dataset yamls (COCO, COCO-seg) and the embedded offline dataset generator."""
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent
+
+__all__ = ["DATA_DIR", "ensure_embedded_dataset"]
+
+
+def __getattr__(name):
+    # imported lazily so `python -m data.embedded` does not find the module already loaded by its package
+    if name == "ensure_embedded_dataset":
+        from .embedded import ensure_embedded_dataset
+
+        return ensure_embedded_dataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,289 @@
+"""QAT on the Ultralytics trainer: a mixin over DetectionTrainer / SegmentationTrainer.
+
+What changes against plain Ultralytics training, each in the smallest override that does it:
+- ``setup_model``: the FP model (yaml or any Ultralytics .pt) is quantized by the recipe; on resume
+  the quantized model and its raw (non-EMA) weights come back from our own checkpoint.
+- ``_build_train_pipeline``: activation quantizers are calibrated on a few training batches once,
+  before the EMA copy is taken (so the EMA starts from calibrated scales).
+- ``build_optimizer``: SGD (the YOLO recipe) for weights, a separate Adam for step sizes / offsets
+  (``optimizer=auto`` would pick MuSGD/AdamW by run length and put scales in its groups).
+- ``optimizer_step``: dampening gradient, both optimizers, frozen-weight re-application,
+  oscillation tracking, iterative freezing, then the EMA.
+- ``resume_training`` / ``_load_checkpoint_state`` / ``save_model`` / ``final_eval``: fp32
+  checkpoints that carry the recipe, QAT args and the complete training state.
+The class is importable by module path and built from plain overrides, as the DDP launcher needs.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from copy import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.segment import SegmentationTrainer
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, YAML
+from ultralytics.utils.torch_utils import unwrap_model
+
+import models  # noqa: F401  (registers the YOLO layer policy)
+from models.checkpoint import load_checkpoint, save_checkpoint
+from quant import LSQQuantizer, calibrate, is_quantized, quant_convs, quantize_model
+from quant.oscillation import Dampening, DelayedCosine, OscillationTracker
+
+from .config import QATConfig
+from .ema import QATModelEMA
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, LSQQuantizer) for p in m.parameters(recurse=False)]
+
+
+class QATTrainerMixin:
+    """Shared QAT behaviour; combine with an Ultralytics task trainer (see the two classes below)."""
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None):
+        overrides = dict(overrides or {})
+        qat = overrides.pop("qat", None)  # not an Ultralytics key: its cfg check would reject it
+        super().__init__(cfg, overrides, _callbacks)
+        if self.resume:  # the checkpoint's settings win, as for every other resumed argument
+            qat = getattr(self.args, "qat", None) or qat
+        self.qat = QATConfig.from_any(qat)
+        self.args.qat = self.qat.to_dict()
+        if RANK in {-1, 0}:
+            YAML.save(self.save_dir / "args.yaml", vars(self.args))  # rewritten with the QAT settings
+        self.scale_optimizer = None
+        self.tracker: OscillationTracker | None = None
+        self.qat_step = 0
+        self.total_steps = 1
+        self._calibrated = False
+        self.extra_rows: dict = {}
+        self._damp_sum, self._damp_n = 0.0, 0
+        self.dampening = Dampening(self.qat.dampen_lambda, self.qat.schedule_start)
+        self.freeze_schedule = DelayedCosine(self.qat.freeze_th_start, self.qat.freeze_th_end,
+                                             self.qat.schedule_start)
+
+    # -- model ----------------------------------------------------------------------------------
+    def setup_model(self):
+        if isinstance(self.model, nn.Module):
+            return None
+        if self.resume:
+            model, ckpt = load_checkpoint(self.args.resume)
+            state = ckpt.get("train_state")
+            if state is None:
+                raise ValueError(f"'{self.args.resume}' holds no training state (a best.pt or a finished run): "
+                                 f"resume from the run's weights/last.pt")
+            model.load_state_dict(state["model"])  # the raw weights; ckpt["model"] is the EMA
+            self.model, self._calibrated = model.train(), True
+            return ckpt
+        weights, cfg = None, self.model
+        if str(self.model).endswith(".pt"):
+            weights, _ = load_checkpoint(self.model)
+            if is_quantized(weights):  # continue QAT of a quantized checkpoint as it is
+                self.model, self._calibrated = weights.train(), True
+                return None
+            cfg = weights.yaml
+        self.model = self.get_model(cfg=cfg, weights=weights, verbose=RANK == -1)
+        quantize_model(self.model, self.qat.recipe)
+        return None
+
+    def get_validator(self):
+        # The validator re-checks its args against Ultralytics' cfg keys: hand it a copy without ours.
+        qat = vars(self.args).pop("qat", None)
+        try:
+            return super().get_validator()
+        finally:
+            self.args.qat = qat
+
+    # -- data-dependent set-up: calibration, step budget ----------------------------------------
+    def _build_train_pipeline(self):
+        super()._build_train_pipeline()
+        nb = len(self.train_loader)
+        self.total_steps = max(1, self.epochs * math.ceil(nb / max(self.accumulate, 1)))
+        if not self._calibrated:
+            self._calibrate()
+            self._calibrated = True
+        model = unwrap_model(self.model)
+        if self.tracker is None:
+            self.tracker = OscillationTracker(quant_convs(model), self.qat.osc_momentum).to(self.device)
+
+    def _calibrate(self):
+        loader = self.get_dataloader(self.data["train"], batch_size=max(self.batch_size // max(self.world_size, 1), 1),
+                                     rank=-1, mode="train")
+        model = unwrap_model(self.model)
+        n = calibrate(model, loader, num_batches=self.qat.calib_batches,
+                      forward=lambda m, b: m(self.preprocess_batch(b)["img"]))
+        if hasattr(loader, "close"):
+            loader.close()
+        if self.world_size > 1:  # ranks saw different shards: keep rank 0's scales everywhere
+            for m in model.modules():
+                if isinstance(m, LSQQuantizer):
+                    for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+                        dist.broadcast(t.data, src=0)
+        LOGGER.info(f"QAT: calibrated {len(quant_convs(model))} activation quantizers on {n} batches")
+
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        if str(name).lower() in {"auto", "musgd"}:
+            LOGGER.info(f"QAT: optimizer={name} replaced by SGD (the YOLO recipe; scales get their own Adam)")
+            name = self.args.optimizer = "SGD"
+        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        qparams = quantizer_parameters(unwrap_model(model))
+        qids = {id(p) for p in qparams}
+        for group in optimizer.param_groups:  # still empty state: safe to edit the groups
+            group["params"] = [p for p in group["params"] if id(p) not in qids]
+        self.scale_optimizer = torch.optim.Adam(qparams, lr=self.qat.scale_lr, weight_decay=0.0)
+        return optimizer
+
+    def resume_training(self, ckpt):
+        # Ultralytics built a ModelEMA with its fixed decay / tau; configure ours instead (same class
+        # underneath, same state), before a resume loads its state into it.
+        self.ema = QATModelEMA(self.model, self.qat.ema_decay, self.qat.ema_tau)
+        super().resume_training(ckpt)
+
+    def _load_checkpoint_state(self, ckpt):
+        state = ckpt["train_state"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scale_optimizer.load_state_dict(state["scale_optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.ema = QATModelEMA(self.model, self.qat.ema_decay, self.qat.ema_tau, updates=ckpt["updates"])
+        self.ema.ema.load_state_dict(ckpt["model"].float().state_dict())
+        self.tracker.load_state_dict(state["oscillation"])
+        self.qat_step = state["qat_step"]
+        self.best_fitness = ckpt.get("best_fitness")
+        self.stopper.__dict__.update(ckpt.get("stopper") or {})
+
+    # -- one optimizer step ---------------------------------------------------------------------
+    @property
+    def progress(self) -> float:
+        return min(self.qat_step / self.total_steps, 1.0)
+
+    def optimizer_step(self):
+        convs = quant_convs(unwrap_model(self.model))
+        if self.qat.method == "dampen":
+            reg = self.dampening(convs, self.progress)
+            if reg.requires_grad:
+                # Ultralytics' detection loss is summed over the batch (x batch size); scale the
+                # regulariser alike so that lambda means the same at any batch size.
+                self.scaler.scale(reg * self.batch_size).backward()
+            self._damp_sum += float(reg)
+            self._damp_n += 1
+        self.scaler.unscale_(self.optimizer)
+        self.scaler.unscale_(self.scale_optimizer)
+        weights = [p for g in self.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(weights, max_norm=10.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.step(self.scale_optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        self.scale_optimizer.zero_grad()
+        self.qat_step += 1
+        self.tracker.apply_frozen(convs)  # frozen codes stay fixed whatever SGD or the scale did
+        self.tracker.update(convs)
+        if self.qat.method == "freeze" and self.tracker.freeze(convs, self.freeze_schedule(self.progress)):
+            self.tracker.apply_frozen(convs)
+        if self.ema:
+            self.ema.update(self.model)
+
+    # -- logging --------------------------------------------------------------------------------
+    def qat_epoch_stats(self) -> dict:
+        o = self.tracker.overall_stats(self.qat.osc_threshold)
+        th = self.freeze_schedule(self.progress) if self.qat.method == "freeze" else None
+        stats = {"osc/share": o["osc_share"], "osc/frozen": o["frozen_share"], "osc/mean_freq": o["mean_freq"],
+                 "qat/damp_loss": self._damp_sum / max(self._damp_n, 1),
+                 "qat/damp_lambda": self.dampening.weight(self.progress) if self.qat.method == "dampen" else 0.0,
+                 "qat/freeze_th": th or 0.0, "qat/ema_a": self.ema.decay_at(self.ema.updates) if self.ema else 0.0}
+        self._damp_sum, self._damp_n = 0.0, 0
+        return stats
+
+    def save_metrics(self, metrics):
+        super().save_metrics({**metrics, **self.qat_epoch_stats()})
+        path = self.save_dir / "oscillations.csv"
+        bits = {n: m.w_bits for n, m in quant_convs(unwrap_model(self.model)).items()}
+        new = not path.exists()
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["epoch", "step", "layer", "w_bits", "n_weights", "osc_share", "frozen_share", "mean_freq"])
+            for name, s in self.tracker.layer_stats(self.qat.osc_threshold).items():
+                w.writerow([self.epoch + 1, self.qat_step, name, bits.get(name, ""), s["n"],
+                            f"{s['osc_share']:.6g}", f"{s['frozen_share']:.6g}", f"{s['mean_freq']:.6g}"])
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _checkpoint_extra(self) -> dict:
+        return {"epoch": self.epoch, "best_fitness": self.best_fitness, "updates": self.ema.updates,
+                "stopper": {"best_fitness": self.stopper.best_fitness, "best_epoch": self.stopper.best_epoch},
+                "train_args": {k: v for k, v in vars(self.args).items()}, "qat_args": self.qat.to_dict(),
+                "train_metrics": {**(self.metrics or {}), "fitness": self.fitness},
+                "train_results": self.read_results_csv()}
+
+    def save_model(self):
+        """fp32 checkpoints (Ultralytics would halve them). ``model`` is the EMA model (what is
+        validated and deployed); last.pt adds ``train_state`` (raw weights, both optimizers, the
+        oscillation state, the step counter) for an exact resume. Every file is written to a temp
+        name and renamed, so a crash mid-save never leaves a partial last.pt or best.pt."""
+        ema = self.ema.ema
+        criterion = getattr(ema, "criterion", None)
+        ema.criterion = None  # training-only state, rebuilt on demand
+        try:
+            extra = self._checkpoint_extra()
+            state = {"model": unwrap_model(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scale_optimizer": self.scale_optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                     "oscillation": self.tracker.state_dict(), "qat_step": self.qat_step}
+            save_checkpoint(self.last, ema, train_state=state, **extra)
+            if self.best_fitness == self.fitness:
+                save_checkpoint(self.best, ema, **extra)
+            if self.save_period > 0 and self.epoch % self.save_period == 0:
+                save_checkpoint(self.wdir / f"epoch{self.epoch}.pt", ema, **extra)
+        finally:
+            ema.criterion = criterion
+        return True
+
+    def final_eval(self):
+        """Validate best.pt as saved (Ultralytics' version would first re-save it in fp16)."""
+        if not self.best.exists():
+            return
+        LOGGER.info(f"\nValidating {self.best}...")
+        self.validator.args.plots = self.args.plots
+        self.validator.args.compile = False
+        self.metrics = self.validator(model=self.best)
+        self.metrics.pop("fitness", None)
+        self.epoch += 1
+        self.run_callbacks("on_fit_epoch_end")
+        self.epoch -= 1
+        if self.qat.bn_reestimate and RANK in {-1, 0}:
+            self.extra_rows = {"QAT + BN re-estimation": self.reestimate_bn_of_best()}
+
+    def reestimate_bn_of_best(self) -> dict:
+        """BN statistics of best.pt recomputed with the quantized forward -> weights/best_bn.pt, validated."""
+        from quant.bn_reestimate import reestimate_bn
+
+        model, ckpt = load_checkpoint(self.best, device=self.device)
+        loader = self.get_dataloader(self.data["train"], batch_size=self.batch_size, rank=-1, mode="train")
+        n = reestimate_bn(model, loader, num_batches=self.qat.bn_batches,
+                          forward=lambda m, b: m(self.preprocess_batch(b)["img"]))
+        path = self.wdir / "best_bn.pt"
+        keep = {k: v for k, v in ckpt.items() if k not in {"model", "ema", "quant_recipe", "date", "version"}}
+        save_checkpoint(path, model, bn_reestimated_batches=n, **keep)
+        LOGGER.info(f"QAT: BN statistics re-estimated on {n} batches -> {path}")
+        metrics = self.validator(model=path)
+        metrics.pop("fitness", None)
+        return metrics
+
+
+class QATDetectionTrainer(QATTrainerMixin, DetectionTrainer):
+    pass
+
+
+class QATSegmentationTrainer(QATTrainerMixin, SegmentationTrainer):
+    pass
+
+
+TRAINERS = {"detect": QATDetectionTrainer, "segment": QATSegmentationTrainer}
+
+
+def qat_trainer_class(task: str):
+    if task not in TRAINERS:
+        raise ValueError(f"task {task!r} is not supported for QAT: allowed values are {sorted(TRAINERS)}")
+    return TRAINERS[task]
