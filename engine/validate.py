@@ -1,0 +1,143 @@
+"""Validation of FP / QAT / QC checkpoints: Ultralytics' validator for its own mAP and for the
+COCO-format predictions file, then pycocotools COCOeval on that file (boxes and masks).
+
+Ultralytics 8.4 scores its predictions.json with faster-coco-eval (not installed here, and not the
+reference implementation), so the validators below write the file and stop there; scoring is
+``engine.coco_eval``. Quantized checkpoints load as pickled models whose ``fuse()`` keeps the
+integer weights (models/policy.py), so AutoBackend's fusing is safe.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+from torch import nn
+from ultralytics.data.utils import check_det_dataset
+from ultralytics.models.yolo.detect import DetectionValidator
+from ultralytics.models.yolo.segment import SegmentationValidator
+from ultralytics.utils import LOGGER, ops
+
+from models.checkpoint import load_checkpoint
+
+from .calib import resolve_data, task_of
+from .coco_eval import coco_annotations_path, coco_map, image_ids, remap_predictions, yolo_labels_to_coco
+
+
+class PredictionsOnlyDetectionValidator(DetectionValidator):
+    """Writes predictions.json; COCO scoring is left to pycocotools."""
+
+    def eval_json(self, stats):
+        return stats
+
+
+class PredictionsOnlySegmentationValidator(SegmentationValidator):
+    def init_metrics(self, model):
+        # SegmentationValidator.init_metrics would pip-check faster-coco-eval when save_json is on;
+        # everything else it does is these two calls.
+        DetectionValidator.init_metrics(self, model)
+        self.process = ops.process_mask_native if self.args.save_json or self.args.save_txt else ops.process_mask
+
+    def eval_json(self, stats):
+        return stats
+
+
+def is_coco_val(data: dict, split: str = "val") -> bool:
+    """Ultralytics' own test (DetectionValidator.init_metrics) for 'this is COCO val2017'."""
+    val = data.get(split, "")
+    return isinstance(val, str) and "coco" in val and val.endswith((f"{os.sep}val2017.txt", f"{os.sep}test-dev2017.txt"))
+
+
+def load_model(weights_or_model) -> tuple[nn.Module, str]:
+    """(a private copy of the model in fp32 eval mode, a display name)."""
+    if isinstance(weights_or_model, nn.Module):
+        return copy.deepcopy(weights_or_model).float().eval(), type(weights_or_model).__name__
+    model, _ = load_checkpoint(weights_or_model)
+    return model, str(weights_or_model)
+
+
+def _ultralytics_metrics(stats: dict, task: str) -> dict:
+    out = {"box.map": stats.get("metrics/mAP50-95(B)", 0.0), "box.map50": stats.get("metrics/mAP50(B)", 0.0)}
+    if task == "segment":
+        out.update({"mask.map": stats.get("metrics/mAP50-95(M)", 0.0), "mask.map50": stats.get("metrics/mAP50(M)", 0.0)})
+    return {k: float(v) for k, v in out.items()}
+
+
+def trained_imgsz(model: nn.Module, default: int = 640) -> int:
+    """The image size the model was trained at (``model.args``, a dict or namespace), else ``default``."""
+    args = getattr(model, "args", None)
+    v = args.get("imgsz") if isinstance(args, dict) else getattr(args, "imgsz", None)
+    return int(v) if isinstance(v, int) and v > 0 else default
+
+
+def validate(weights_or_model, data=None, imgsz: int | None = None, batch: int = 16, device: str = "cpu",
+             save_dir: str | Path = "runs/val/exp", conf: float = 0.001, iou: float = 0.7,
+             verbose: bool = True) -> dict:
+    """Box (and mask) mAP of one model by Ultralytics and by pycocotools.
+
+    Returns ``{"task", "weights", "ultralytics": {...}, "pycocotools": {...}, "predictions": path,
+    "ground_truth": path}`` where each metrics dict has ``box.map``, ``box.map50`` (and
+    ``mask.map``, ``mask.map50`` for segmentation), floats in [0, 1]. The model is not modified.
+    ``imgsz`` defaults to the size the model was trained at (640 when unknown).
+    """
+    model, name = load_model(weights_or_model)
+    imgsz = imgsz or trained_imgsz(model)
+    task = task_of(model)
+    data = resolve_data(data)
+    data_dict = check_det_dataset(data)
+    coco = is_coco_val(data_dict)
+    if coco and not coco_annotations_path(data_dict).is_file():
+        raise FileNotFoundError(f"COCO validation needs the official annotations: expected "
+                                f"{coco_annotations_path(data_dict)} (instances_val2017.json from "
+                                f"annotations_trainval2017.zip)")
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    args = {"data": data, "imgsz": imgsz, "batch": batch, "device": device, "task": task, "mode": "val",
+            "split": "val", "save_json": True, "plots": False, "conf": conf, "iou": iou, "rect": True,
+            "verbose": verbose}
+    cls = PredictionsOnlySegmentationValidator if task == "segment" else PredictionsOnlyDetectionValidator
+    validator = cls(save_dir=save_dir, args=args)
+    stats = validator(model=model)
+    labels = validator.dataloader.dataset.labels
+    files = [lb["im_file"] for lb in labels]
+    pred_path = save_dir / "predictions.json"
+    raw = json.loads(pred_path.read_text()) if pred_path.is_file() and validator.jdict else []
+    iou_types = ("bbox", "segm") if task == "segment" else ("bbox",)
+    if coco:
+        gt_path = coco_annotations_path(data_dict)
+        scored, img_ids = raw, [int(Path(f).stem) for f in files]
+    else:
+        gt = yolo_labels_to_coco(labels, validator.class_map, validator.names, with_masks=task == "segment")
+        gt_path = save_dir / "ground_truth_coco.json"
+        gt_path.write_text(json.dumps(gt))
+        ids = image_ids(files)
+        scored, img_ids = remap_predictions(raw, ids), list(ids.values())
+    scored_path = save_dir / "predictions_coco.json"
+    scored_path.write_text(json.dumps(scored))
+    res = coco_map(gt_path, scored, iou_types, img_ids, verbose=verbose)
+    coco_metrics = {"box.map": res["bbox"]["map"], "box.map50": res["bbox"]["map50"]}
+    if task == "segment":
+        coco_metrics.update({"mask.map": res["segm"]["map"], "mask.map50": res["segm"]["map50"]})
+    out = {"task": task, "weights": name, "ultralytics": _ultralytics_metrics(stats, task),
+           "pycocotools": coco_metrics, "predictions": str(scored_path.resolve()),
+           "ground_truth": str(Path(gt_path).resolve())}
+    LOGGER.info(format_table({name: out}))
+    return out
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """One row per model: Ultralytics' mAP beside pycocotools' (in %)."""
+    keys = ["box.map", "box.map50"]
+    if any(r["task"] == "segment" for r in results.values()):
+        keys += ["mask.map", "mask.map50"]
+    head = f"{'model (mAP %)':<28}" + "".join(f"{k + ' ultra':>18}{k + ' coco':>18}" for k in keys)
+    rows = [head]
+    for name, r in results.items():
+        cells = ""
+        for k in keys:
+            u, c = r["ultralytics"].get(k), r["pycocotools"].get(k)
+            cells += f"{'-' if u is None else f'{100 * u:.2f}':>18}{'-' if c is None else f'{100 * c:.2f}':>18}"
+        label = name if len(name) <= 27 else "..." + name[-24:]
+        rows.append(f"{label:<28}{cells}")
+    return "\n".join(rows)
