@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 NAMES = {0: "ellipse", 1: "rectangle", 2: "triangle", 3: "star"}
-GENERATOR_VERSION = 1  # bump when the scenes change, so cached copies are regenerated
+GENERATOR_VERSION = 2  # bump when the scenes change, so cached copies are regenerated
 MARKER = ".complete"
 YAML_NAME = "embedded.yaml"
 

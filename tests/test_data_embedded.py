@@ -1,5 +1,4 @@
 """The embedded procedural dataset: deterministic, valid labels, cached atomically, loadable by Ultralytics."""
-import os
 from pathlib import Path
 
 import numpy as np
