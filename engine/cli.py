@@ -10,7 +10,9 @@ import yaml
 
 # The no-argument demo, sized for ~10 minutes on 2 CPU cores: 16 optimizer steps per epoch, so the
 # EMA warm-up tau is counted in steps accordingly (the paper's tau=2000 assumes COCO-length runs).
-DEMO = {"cfg": "yolov5n-seg", "fp_epochs": 16, "epochs": 4, "imgsz": 128, "batch": 16, "ema_decay": 0.99,
+# FP stage of the demo: short runs (~250 optimizer steps) learn far more with AdamW at 4e-3 than with
+# optimizer=auto's choice (measured on the embedded set, yolov5n 10 epochs: mAP50 0.34 vs 0.15).
+DEMO = {"cfg": "yolov5n-seg", "fp_epochs": 16, "fp_optimizer": "AdamW", "fp_lr0": 0.004, "epochs": 4, "imgsz": 128, "batch": 16, "ema_decay": 0.99,
         "ema_tau": 16.0, "lr0": 0.002, "warmup_epochs": 0.0, "workers": 0}
 
 
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", help="dataset yaml (default: the embedded offline dataset, generated on first use)")
     a("--epochs", type=int, default=10, help="QAT epochs")
     a("--fp-epochs", type=int, default=0, help="train the FP model first for this many epochs (no --weights)")
+    a("--fp-optimizer", default="auto", help="optimizer of the FP stage (Ultralytics names: auto, SGD, AdamW, ...)")
+    a("--fp-lr0", type=float, default=0.01, help="initial learning rate of the FP stage (ignored by optimizer=auto)")
     a("--imgsz", type=int, default=640)
     a("--batch", type=int, default=16)
     a("--nbs", type=int, help="nominal batch size (default: --batch, i.e. one optimizer step per batch)")
@@ -154,7 +158,8 @@ def train_fp(opt, model_src: str, task: str, data: str) -> tuple[str, dict]:
     cls = SegmentationTrainer if task == "segment" else DetectionTrainer
     # Plain Ultralytics training (its optimizer=auto choice included); validated at the end only.
     ov = {**common_overrides(opt, data), "model": model_src, "epochs": opt.fp_epochs, "name": f"{opt.name}-fp",
-          "close_mosaic": min(10, opt.fp_epochs // 4), "val": False}
+          "close_mosaic": min(10, opt.fp_epochs // 4), "val": False, "optimizer": opt.fp_optimizer,
+          "lr0": opt.fp_lr0, "warmup_epochs": min(3, max(1, opt.fp_epochs // 10))}
     trainer = cls(overrides=ov)
     trainer.train()
     return str(trainer.best), dict(trainer.metrics or {})
