@@ -1,0 +1,462 @@
+"""Reproduction benchmark of METHOD.md section 5 at CPU scale: one FP model, then every cell (method x
+bit width x with/without QC x seed), box and mask mAP50-95 by pycocotools, mean and spread over seeds.
+
+    python benchmarks/reproduce.py --model yolov5n-seg --bits 4 --methods lsq ema --qc --fp-epochs 15 \
+        --qat-epochs 4 --seeds 0 1 --imgsz 128 --batch 16 --out runs/reproduce/w4
+    python benchmarks/reproduce.py ... --ablation qc          # QC granularity x scale/shift (Table 2)
+    python benchmarks/reproduce.py ... --ablation ema-decay   # EMA decay 0 .. 0.9999 (Table 3)
+
+"ema" is LSQ with the EMA (``--ema-decay``); lsq / dampen / freeze run without EMA unless ``--ema``.
+Budgets are counted in optimizer steps (one per batch: nbs = batch): the EMA warm-up tau defaults to
+a tenth of the QAT run, QC to one pass over the calibration set. Each finished cell leaves one json
+in ``<out>/cells`` (written atomically); a re-run skips those. Spread = sample std over seeds; a
+difference smaller than twice the larger spread is reported as "no measurable difference".
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+LABELS = {"lsq": "LSQ", "dampen": "Dampen", "freeze": "Freeze", "ema": "EMA"}
+QC_ABLATION = [(g, s, b) for g in ("tensor", "channel") for s, b in ((True, False), (False, True), (True, True))]
+DECAYS = (0.0, 0.9, 0.99, 0.999, 0.9999)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One QAT run (bits, method, ema_decay, seed) evaluated without QC (qc=None) or with one QC variant."""
+    bits: int
+    method: str  # lsq, dampen or freeze (what train_qat.py runs)
+    ema_decay: float
+    seed: int
+    column: str  # the table column it belongs to
+    qc: tuple | None = None  # (granularity, scale, shift)
+
+    @property
+    def qat_key(self) -> str:
+        return f"w{self.bits}-{self.method}-ema{self.ema_decay:g}-s{self.seed}"
+
+    @property
+    def qc_key(self) -> str:
+        if self.qc is None:
+            return "noqc"
+        g, s, b = self.qc
+        return f"qc-{g}-{'both' if s and b else 'scale' if s else 'shift'}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.qat_key}--{self.qc_key}"
+
+
+# -- the matrix ---------------------------------------------------------------------------------
+def main_cells(a) -> list[Cell]:
+    cells = []  # seed-major: a stopped run has every method at the first seeds
+    for seed in a.seeds:
+        for bits in a.bits:
+            for m in a.methods:
+                decay = a.ema_decay if (m == "ema" or a.ema) else 0.0
+                method = "lsq" if m == "ema" else m
+                label = LABELS[m] + ("+EMA" if a.ema and m != "ema" else "")
+                cells.append(Cell(bits, method, decay, seed, label))
+                if a.qc:
+                    cells.append(Cell(bits, method, decay, seed, label + "+QC", ("channel", True, True)))
+    return list(dict.fromkeys(cells))
+
+
+def qc_ablation_cells(a) -> list[Cell]:
+    cells = []
+    for bits in a.bits:
+        for seed in a.seeds:
+            cells.append(Cell(bits, "lsq", a.ema_decay, seed, "no QC"))
+            for g, s, b in QC_ABLATION:
+                col = "both" if s and b else "scale only" if s else "shift only"
+                cells.append(Cell(bits, "lsq", a.ema_decay, seed, f"{g}|{col}", (g, s, b)))
+    return cells
+
+
+def decay_ablation_cells(a) -> list[Cell]:
+    return [Cell(bits, "lsq", d, seed, f"a={d:g}") for bits in a.bits for d in a.decays for seed in a.seeds]
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def n_train_images(data: str) -> int:
+    from ultralytics.data.utils import IMG_FORMATS, check_det_dataset
+
+    train = check_det_dataset(data)["train"]
+    roots = train if isinstance(train, list) else [train]
+    n = 0
+    for r in roots:
+        r = Path(r)
+        files = r.read_text().split() if r.suffix == ".txt" else [p for p in r.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS]
+        n += len(files)
+    return n
+
+
+def steps_per_epoch(data: str, batch: int) -> int:
+    return math.ceil(n_train_images(data) / batch)
+
+
+def cli_opt(a, data: str, name: str, **kw):
+    """A train_qat.py option namespace (its parser, its defaults) for one run."""
+    from engine.cli import parse_args
+
+    argv = ["--data", data, "--imgsz", a.imgsz, "--batch", a.batch, "--workers", a.workers, "--device", a.device,
+            "--project", Path(a.out) / "runs", "--name", name, "--exist-ok", "--lr0", a.lr0,
+            "--warmup-epochs", a.warmup_epochs, "--calib-batches", a.calib_batches]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", v]
+    return parse_args([str(x) for x in argv])
+
+
+def metrics_of(res: dict) -> dict:
+    coco = res["pycocotools"]
+    return {"box": coco["box.map"], "mask": coco.get("mask.map"), "ultralytics": res["ultralytics"]}
+
+
+def evaluate(model_or_path, a, data: str, save_dir: Path) -> dict:
+    from engine.validate import validate
+
+    return metrics_of(validate(model_or_path, data, imgsz=a.imgsz, batch=a.batch, device=a.device,
+                               save_dir=save_dir, verbose=False))
+
+
+# -- FP -----------------------------------------------------------------------------------------
+def ensure_fp(a, data: str) -> dict:
+    """Train (or reuse) the one FP model all cells start from; validated once."""
+    path = Path(a.out) / "fp.json"
+    done = read_json(path)
+    if done:
+        print(f"[skip] FP model: {done['weights']} (box {100 * done['box']:.2f})")
+        return done
+    from engine.cli import model_task, resolve_model, train_fp
+
+    opt = cli_opt(a, data, "fp", cfg=a.model, fp_epochs=a.fp_epochs, seed=0)
+    src = resolve_model(opt)
+    t0 = time.time()
+    if not src.endswith(".pt"):
+        shutil.rmtree(Path(a.out) / "runs" / "fp-fp", ignore_errors=True)
+        src, _ = train_fp(opt, src, model_task(src), data)
+    res = {"weights": str(src), "task": model_task(str(src)), "train_s": time.time() - t0,
+           "fp_epochs": a.fp_epochs if not a.model.endswith(".pt") else 0,
+           **evaluate(src, a, data, Path(a.out) / "val" / "fp")}
+    write_json(path, res)
+    return res
+
+
+# -- QAT ----------------------------------------------------------------------------------------
+def qat_budget(a, data: str) -> dict:
+    spe = steps_per_epoch(data, a.batch)
+    steps = spe * a.qat_epochs
+    tau = a.ema_tau if a.ema_tau is not None else max(1.0, steps / 10)
+    return {"steps_per_epoch": spe, "qat_steps": steps, "ema_tau": tau}
+
+
+def read_results_csv(path: Path) -> dict:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
+    return {k: float(v) for k, v in rows[-1].items() if v not in ("", None)} if rows else {}
+
+
+def ensure_qat(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
+    """Train (or reuse) the QAT run of a cell; record scale trajectories and write the diagnostics."""
+    path = Path(a.out) / "cells" / f"qat-{cell.qat_key}.json"
+    done = read_json(path)
+    if done:
+        print(f"[skip] QAT {cell.qat_key}: finished before")
+        return done
+    from engine.cli import common_overrides, qat_config
+    from engine.trainer import qat_trainer_class
+
+    from benchmarks.plots import ScaleRecorder
+
+    run_dir = Path(a.out) / "runs" / cell.qat_key
+    shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run would append to its csvs
+    opt = cli_opt(a, data, cell.qat_key, weights=fp["weights"], epochs=a.qat_epochs, w_bits=cell.bits,
+                  a_bits=cell.bits, method=cell.method, ema_decay=cell.ema_decay, ema_tau=budget["ema_tau"],
+                  seed=cell.seed)
+    ov = {**common_overrides(opt, data), "model": fp["weights"], "epochs": opt.epochs, "name": opt.name,
+          "optimizer": "SGD", "lr0": opt.lr0, "warmup_epochs": opt.warmup_epochs, "qat": qat_config(opt).to_dict()}
+    trainer = qat_trainer_class(fp["task"])(overrides=ov)
+    rec = ScaleRecorder(window=a.diag_window)
+    trainer.add_callback("on_train_batch_end", rec.on_train_batch_end)
+    print(f"[run] QAT {cell.qat_key}: {budget['qat_steps']} optimizer steps planned, ema decay {cell.ema_decay:g}, "
+          f"tau {budget['ema_tau']:g} steps")
+    t0 = time.time()
+    trainer.train()
+    secs = time.time() - t0
+    save_dir = Path(trainer.save_dir)
+    diag = rec.save(Path(a.out) / "diagnostics" / cell.qat_key, save_dir / "oscillations.csv")
+    last = read_results_csv(save_dir / "results.csv")
+    res = {"qat_key": cell.qat_key, "weights": str(save_dir / "weights" / "last.pt"), "train_s": secs,
+           "optimizer_steps": int(trainer.qat_step), "ema_tau": budget["ema_tau"], "ema_decay": cell.ema_decay,
+           "ema_a_final": last.get("qat/ema_a", 0.0), "osc_share": last.get("osc/share"),
+           "osc_mean_freq": last.get("osc/mean_freq"), "frozen_share": last.get("osc/frozen"), "diagnostics": diag}
+    write_json(path, res)
+    return res
+
+
+# -- one cell -----------------------------------------------------------------------------------
+def run_cell(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
+    path = Path(a.out) / "cells" / f"{cell.key}.json"
+    done = read_json(path)
+    if done:
+        print(f"[skip] cell {cell.key}: finished before")
+        return done
+    qat = ensure_qat(cell, a, data, fp, budget)
+    res = {**asdict(cell), "key": cell.key, "qat": qat}
+    t0 = time.time()
+    if cell.qc is None:
+        res.update(evaluate(qat["weights"], a, data, Path(a.out) / "val" / cell.key))
+    else:
+        res.update(run_qc_cell(cell, a, data, qat))
+    res["eval_s"] = time.time() - t0
+    write_json(path, res)
+    print(f"[done] cell {cell.key}: box {100 * res['box']:.2f}" +
+          (f" mask {100 * res['mask']:.2f}" if res.get("mask") is not None else ""))
+    return res
+
+
+def run_qc_cell(cell: Cell, a, data: str, qat: dict) -> dict:
+    from engine.qc import run_qc
+    from models.checkpoint import load_checkpoint, save_checkpoint
+
+    g, s, b = cell.qc
+    model, _ = load_checkpoint(qat["weights"])
+    work = Path(a.out) / "qc" / cell.key
+    model, rep = run_qc(model, data, calib_images=a.qc_images, steps=a.qc_steps, lr=a.qc_lr, granularity=g,
+                        scale=s, shift=b, imgsz=a.imgsz, batch=a.batch, seed=cell.seed, device=a.device, save_dir=work)
+    save_checkpoint(work / "qc.pt", model, qc={k: v for k, v in rep.items() if k != "history"})
+    keep = ("steps", "calib_images", "loss_before", "loss_after")
+    return {**evaluate(model, a, data, Path(a.out) / "val" / cell.key), "qc_steps": rep["steps"],
+            "qc_report": {k: rep.get(k) for k in keep}}
+
+
+# -- aggregation --------------------------------------------------------------------------------
+def mean_spread(values: list[float]) -> tuple[float, float, int]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
+
+
+def fmt(values: list[float]) -> str:
+    m, s, n = mean_spread(values)
+    return "-" if n == 0 else f"{100 * m:.1f} ± {100 * s:.1f}" if n > 1 else f"{100 * m:.1f}"
+
+
+def group(results: list[dict], metric: str) -> dict:
+    out: dict = {}
+    for r in results:
+        out.setdefault((r["bits"], r["column"]), []).append(r.get(metric))
+    return out
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def main_table(results, columns, a, fp, metric) -> str:
+    g = group(results, metric)
+    fpv = fp.get(metric)
+    rows = [[a.model, "-" if fpv is None else f"{100 * fpv:.1f}", str(b)] + [fmt(g.get((b, c), [])) for c in columns]
+            for b in a.bits]
+    return markdown_table(["model", "FP", "bits", *columns], rows)
+
+
+def qc_ablation_table(results, a, metric) -> str:
+    g = group(results, metric)
+    rows = []
+    for b in a.bits:
+        for gran in ("tensor", "channel"):
+            rows.append([str(b), f"per-{gran}"] + [fmt(g.get((b, f"{gran}|{c}"), []))
+                                                    for c in ("scale only", "shift only", "both")]
+                        + [fmt(g.get((b, "no QC"), []))])
+    return markdown_table(["bits", "QC granularity", "scale only", "shift only", "both", "no QC"], rows)
+
+
+def verdict(a_vals, b_vals) -> tuple[float, str]:
+    ma, sa, na = mean_spread(a_vals)
+    mb, sb, nb = mean_spread(b_vals)
+    d = ma - mb
+    if min(na, nb) < 2:
+        return d, "undetermined (fewer than 2 seeds)"
+    if abs(d) < 2 * max(sa, sb):
+        return d, "no measurable difference"
+    return d, "better" if d > 0 else "worse"
+
+
+def comparisons(columns: list[str]) -> list[tuple[str, str]]:
+    pairs = [(c, c[:-3]) for c in columns if c.endswith("+QC") and c[:-3] in columns]
+    base = [c for c in columns if c in ("LSQ", "no QC", "a=0")]
+    if base:
+        pairs += [(c, base[0]) for c in columns if c != base[0] and (c, base[0]) not in pairs
+                  and not (c.endswith("+QC") and base[0] != "no QC")]
+    if "LSQ+QC" in columns:
+        pairs += [(c, "LSQ+QC") for c in columns if c.endswith("+QC") and c != "LSQ+QC"]
+    return pairs
+
+
+def verdict_lines(results, columns, a, metrics) -> list[str]:
+    lines = []
+    for m in metrics:
+        g = group(results, m)
+        for b in a.bits:
+            for x, y in comparisons(columns):
+                d, v = verdict(g.get((b, x), []), g.get((b, y), []))
+                if not math.isnan(d):
+                    lines.append(f"- W{b}A{b} {m}: {x} vs {y}: {100 * d:+.2f} points -> {v}")
+    return lines
+
+
+def diagnostics_table(results: list[dict]) -> str:
+    runs = {r["qat"]["qat_key"]: r for r in results}
+    rows = []
+    for key, r in sorted(runs.items()):
+        q, d = r["qat"], r["qat"]["diagnostics"]
+        qc = [x.get("qc_steps") for x in results if x["qat"]["qat_key"] == key and x.get("qc_steps") is not None]
+        rows.append([key, str(q["optimizer_steps"]), f"{q['ema_tau']:g}", f"{q['ema_a_final']:.4f}",
+                     f"{100 * (q['osc_share'] or 0):.2f}", f"{d.get('raw_weight_scale_flip_rate', float('nan')):.2f}",
+                     f"{d.get('ema_weight_scale_flip_rate', float('nan')):.2f}",
+                     f"{100 * d.get('raw_weight_scale_rel_std', float('nan')):.2f}",
+                     f"{100 * d.get('ema_weight_scale_rel_std', float('nan')):.2f}",
+                     str(qc[0]) if qc else "-", f"{q['train_s']:.0f}"])
+    head = ["QAT run", "opt. steps", "EMA tau", "final a", "osc. weights %", "w-scale flip rate raw",
+            "w-scale flip rate EMA", "w-scale rel.std % raw", "w-scale rel.std % EMA", "QC steps", "QAT s"]
+    return markdown_table(head, rows)
+
+
+def report(results, cells, a, fp) -> str:
+    columns = list(dict.fromkeys(c.column for c in cells))
+    metrics = ["box"] + (["mask"] if fp.get("mask") is not None else [])
+    parts = [f"Dataset {a.data or 'embedded default'}, imgsz {a.imgsz}, batch {a.batch}, FP {a.fp_epochs} ep, "
+             f"QAT {a.qat_epochs} ep, seeds {a.seeds}; mAP50-95 (pycocotools, %), mean ± sample std over seeds."]
+    for m in metrics:
+        parts.append(f"\n### {m} mAP50-95")
+        if a.ablation == "qc":
+            parts.append(qc_ablation_table(results, a, m))
+        else:
+            parts.append(main_table(results, [c for c in columns], a, fp, m))
+    lines = verdict_lines(results, columns, a, metrics) if a.ablation != "qc" else \
+        verdict_lines(results, [c for c in columns], a, metrics)
+    parts.append("\nVerdicts (difference of means; 'no measurable difference' when |diff| < 2 x the larger spread):")
+    parts += lines or ["- none (missing cells)"]
+    parts.append("\n### QAT runs: budgets and oscillation diagnostics")
+    parts.append(diagnostics_table(results))
+    return "\n".join(parts)
+
+
+def write_outputs(results: list[dict], text: str, out: Path) -> None:
+    write_json(out / "summary.json", {"cells": results})
+    fields = ["key", "bits", "method", "ema_decay", "seed", "column", "qc_key", "box", "mask", "qc_steps",
+              "optimizer_steps", "ema_tau", "osc_share", "raw_weight_scale_flip_rate", "ema_weight_scale_flip_rate",
+              "raw_act_scale_flip_rate", "ema_act_scale_flip_rate"]
+    tmp = out / "summary.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in results:
+            q = r["qat"]
+            row = {**r, **{k: q.get(k) for k in ("optimizer_steps", "ema_tau", "osc_share")}, **q["diagnostics"],
+                   "qc_key": Cell(r["bits"], r["method"], r["ema_decay"], r["seed"], r["column"],
+                                  tuple(r["qc"]) if r["qc"] else None).qc_key}
+            w.writerow({k: row.get(k) for k in fields})
+    os.replace(tmp, out / "summary.csv")
+    (out / "table.md").write_text(text + "\n")
+
+
+# -- command line -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--data", help="dataset yaml (default: the embedded offline dataset)")
+    a("--model", default="yolov5n-seg", help="model yaml / short name (FP trained here) or an FP .pt")
+    a("--bits", type=int, nargs="+", default=[4])
+    a("--methods", nargs="+", default=["lsq", "ema"], choices=list(LABELS))
+    a("--qc", action="store_true", help="also evaluate every method after QC")
+    a("--ema", action="store_true", help="run lsq / dampen / freeze with the EMA too")
+    a("--ema-decay", type=float, default=0.99, help="max EMA decay (0.9999 in the paper's COCO-length runs)")
+    a("--ema-tau", type=float, help="EMA warm-up in optimizer steps (default: a tenth of the QAT run)")
+    a("--decays", type=float, nargs="+", default=list(DECAYS), help="decays of --ablation ema-decay")
+    a("--ablation", choices=["qc", "ema-decay"])
+    a("--fp-epochs", type=int, default=15)
+    a("--qat-epochs", type=int, default=4)
+    a("--seeds", type=int, nargs="+", default=[0, 1])
+    a("--qc-steps", type=int, help="QC budget in optimizer steps (default: one pass over the calibration set)")
+    a("--qc-images", type=int, help="calibration subset size (default: all training images)")
+    a("--qc-lr", type=float, default=1e-4)
+    a("--imgsz", type=int, default=128)
+    a("--batch", type=int, default=16)
+    a("--lr0", type=float, default=0.002)
+    a("--warmup-epochs", type=float, default=0.0)
+    a("--calib-batches", type=int, default=4)
+    a("--workers", type=int, default=0)
+    a("--device", default="cpu")
+    a("--diag-window", type=int, default=200, help="scale trajectories kept: the last N optimizer steps")
+    a("--out", default="runs/reproduce/exp")
+    return ap
+
+
+def cells_for(a) -> list[Cell]:
+    if a.ablation == "qc":
+        return qc_ablation_cells(a)
+    if a.ablation == "ema-decay":
+        return decay_ablation_cells(a)
+    return main_cells(a)
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    from engine.calib import resolve_data
+
+    data = resolve_data(a.data)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fp = ensure_fp(a, data)
+    budget = qat_budget(a, data)
+    cells = cells_for(a)
+    print(f"[plan] {len(cells)} cells; QAT: {budget['steps_per_epoch']} optimizer steps/epoch x {a.qat_epochs} "
+          f"epochs = {budget['qat_steps']} steps per run; EMA tau {budget['ema_tau']:g} steps; QC budget "
+          f"{a.qc_steps if a.qc_steps is not None else 'one pass over the calibration set'}")
+    results, failed = [], []
+    for c in cells:
+        try:
+            results.append(run_cell(c, a, data, fp, budget))
+        except (AssertionError, RuntimeError, ValueError, FloatingPointError) as e:  # no json: a re-run retries
+            print(f"[fail] cell {c.key}: {type(e).__name__}: {e}")
+            failed.append(f"{c.key}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    text = report(results, cells, a, fp)
+    if failed:
+        text += "\n\nFailed cells (no result written; a re-run retries them):\n" + "\n".join(f"- {f}" for f in failed)
+    write_outputs(results, text, out)
+    print("\n" + text)
+    print(f"\nWritten: {out / 'table.md'}, {out / 'summary.json'}, {out / 'summary.csv'}, {out / 'diagnostics'}/*/*.png")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Cost of quantization, measured in one run on one batch and machine, printed as ratios:
+QAT step / FP step, QC pass / QAT pass over the same batches, validation images/s quantized vs FP
+(eval forward), and peak memory of a training step quantized vs FP (each in its own subprocess:
+ru_maxrss growth over the process after model set-up).
+
+    python benchmarks/speed.py --cfg yolov5nu.yaml --imgsz 320 --batch 8 --steps 5
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402,F401  (registers the YOLO policy)
+from benchmarks.step_time import make_batch, train_step  # noqa: E402
+from quant import calibrate, quantize_model  # noqa: E402
+from quant.qc import freeze_for_qc, insert_qc, set_batchnorm_eval  # noqa: E402
+
+
+def build_fp(cfg: str) -> torch.nn.Module:
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    fp = DetectionModel(cfg, nc=3, verbose=False)
+    fp.args = get_cfg()
+    return fp.train()
+
+
+def build_quantized(fp: torch.nn.Module, bits: int, batches: list[dict]) -> torch.nn.Module:
+    q = quantize_model(copy.deepcopy(fp), {"w_bits": bits, "a_bits": bits})
+    calibrate(q, [b["img"] for b in batches], num_batches=len(batches))
+    return q.train()
+
+
+def build_models(cfg: str, bits: int, imgsz: int, batch: int) -> tuple[torch.nn.Module, torch.nn.Module, list[dict]]:
+    fp = build_fp(cfg)
+    batches = [make_batch(batch, imgsz, 3, seed=i) for i in range(3)]
+    return fp, build_quantized(fp, bits, batches), batches
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def median_times(fns: dict, repeats: int) -> dict[str, float]:
+    """Each function once as warm-up, then ``repeats`` interleaved rounds (noise hits all alike)."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            times[k].append(timed(f))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def sgd(model) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+
+def qat_pass(model, opt, batches) -> None:
+    for b in batches:
+        train_step(model, opt, b)
+
+
+def qc_pass(model, opt, batches) -> None:
+    """What engine.qc trains: BN frozen, only the corrections get gradients."""
+    for b in batches:
+        model.train()
+        set_batchnorm_eval(model)
+        train_step(model, opt, b)
+
+
+@torch.no_grad()
+def eval_pass(model, batches) -> None:
+    model.eval()
+    for b in batches:
+        model(b["img"])
+    model.train()
+
+
+def time_all(fp, q, batches, repeats: int) -> dict[str, float]:
+    qc = copy.deepcopy(q)
+    insert_qc(qc, "channel", True, True)
+    qc_opt = torch.optim.Adam(freeze_for_qc(qc), lr=1e-4)
+    opts = {"fp": sgd(fp), "q": sgd(q)}
+    one = batches[:1]
+    return median_times({
+        "fp_step": lambda: qat_pass(fp, opts["fp"], one),
+        "qat_step": lambda: qat_pass(q, opts["q"], one),
+        "qat_pass": lambda: qat_pass(q, opts["q"], batches),
+        "qc_pass": lambda: qc_pass(qc, qc_opt, batches),
+        "fp_eval": lambda: eval_pass(fp, batches),
+        "q_eval": lambda: eval_pass(q, batches),
+    }, repeats)
+
+
+def maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def memory_child(a) -> None:
+    """In a fresh process: peak RSS growth of two training steps of one model (fp or q)."""
+    batches = [make_batch(a.batch, a.imgsz, 3, seed=i) for i in range(3)]
+    model = build_fp(a.cfg)
+    if a.memory_child == "q":
+        model = build_quantized(model, a.bits, batches[:1])
+    base = maxrss_mb()
+    opt = sgd(model)
+    for _ in range(2):
+        train_step(model, opt, batches[0])
+    print(json.dumps({"base_mb": base, "peak_mb": maxrss_mb()}))
+
+
+def peak_memory(a) -> dict[str, dict]:
+    out = {}
+    for kind in ("fp", "q"):
+        cmd = [sys.executable, __file__, "--memory-child", kind, "--cfg", a.cfg, "--imgsz", str(a.imgsz),
+               "--batch", str(a.batch), "--bits", str(a.bits), "--threads", str(a.threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def ratio_lines(t: dict, mem: dict, a) -> list[str]:
+    n_img = 3 * a.batch
+    grow = {k: v["peak_mb"] - v["base_mb"] for k, v in mem.items()}
+    mem_ratio = f"{grow['q'] / grow['fp']:.3f}" if grow["fp"] >= 1 else "n/a (FP step below set-up peak)"
+    return [
+        f"training step   QAT / FP          = {t['qat_step'] / t['fp_step']:.3f}  "
+        f"({1000 * t['qat_step']:.0f} ms vs {1000 * t['fp_step']:.0f} ms)",
+        f"pass over 3 batches  QC / QAT     = {t['qc_pass'] / t['qat_pass']:.3f}  "
+        f"({1000 * t['qc_pass']:.0f} ms vs {1000 * t['qat_pass']:.0f} ms)",
+        f"validation images/s  quant / FP   = {t['fp_eval'] / t['q_eval']:.3f}  "
+        f"({n_img / t['q_eval']:.1f} vs {n_img / t['fp_eval']:.1f} img/s)",
+        f"peak memory growth   quant / FP   = {mem_ratio}  "
+        f"({grow['q']:.0f} MB vs {grow['fp']:.0f} MB over set-up; peak RSS {mem['q']['peak_mb']:.0f} vs "
+        f"{mem['fp']['peak_mb']:.0f} MB)",
+    ]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cfg", default="yolov5nu.yaml")
+    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=5, help="timed repeats of each measurement")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--memory-child", choices=["fp", "q"], help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.memory_child:
+        memory_child(a)
+        return {}
+    fp, q, batches = build_models(a.cfg, a.bits, a.imgsz, a.batch)
+    t = time_all(fp, q, batches, a.steps)
+    mem = peak_memory(a)
+    print(f"W{a.bits}A{a.bits} vs FP, {a.cfg}, imgsz {a.imgsz}, batch {a.batch}, {a.threads} threads, "
+          f"median of {a.steps}:")
+    for line in ratio_lines(t, mem, a):
+        print("  " + line)
+    return {"times_s": t, "memory_mb": mem}
+
+
+if __name__ == "__main__":
+    main()
