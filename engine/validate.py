@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from ultralytics.data.utils import check_det_dataset
 from ultralytics.models.yolo.detect import DetectionValidator
@@ -39,8 +41,42 @@ class PredictionsOnlySegmentationValidator(SegmentationValidator):
         DetectionValidator.init_metrics(self, model)
         self.process = ops.process_mask_native if self.args.save_json or self.args.save_txt else ops.process_mask
 
+    def scale_preds(self, predn, pbatch):
+        # Ultralytics' scale_preds maps masks with ops.scale_masks, which returns them untouched when
+        # the letterboxed batch happens to have the original image's size (e.g. 160x160 images at
+        # imgsz 128 in rect mode: resized to 128, padded to 160), so the masks in predictions.json
+        # stayed letterboxed while the boxes were mapped back. Map masks with the letterbox always.
+        return {**DetectionValidator.scale_preds(self, predn, pbatch),
+                "masks": masks_to_original(predn["masks"], pbatch["ori_shape"], pbatch["ratio_pad"])}
+
     def eval_json(self, stats):
         return stats
+
+
+def masks_to_original(masks: torch.Tensor, ori_shape, ratio_pad=None) -> torch.Tensor:
+    """(N, h, w) binary masks on the letterboxed image -> (N, H, W) uint8 masks on the original image.
+
+    ``ratio_pad`` is Ultralytics' ``((gain_h, gain_w), (pad_w, pad_h))`` (None: a centred letterbox
+    computed from the shapes). Same crop, bilinear resize and ``.byte()`` (a pixel is kept where the
+    resized mask is 1, as Ultralytics' own scale_preds keeps it) as ``ops.scale_masks`` with padding,
+    but applied even when the letterboxed and original shapes are equal, where ``scale_masks``
+    returns the letterboxed masks unchanged.
+    """
+    h1, w1 = masks.shape[-2:]
+    h0, w0 = (int(v) for v in ori_shape[:2])
+    if ratio_pad is None:
+        gain_h = gain_w = min(h1 / h0, w1 / w0)
+        pad_w, pad_h = (w1 - max(round(w0 * gain_w), 1)) / 2, (h1 - max(round(h0 * gain_h), 1)) / 2
+    else:
+        (gain_h, gain_w), (pad_w, pad_h) = ratio_pad
+    if len(masks) == 0:
+        return masks.new_zeros((0, h0, w0), dtype=torch.uint8)
+    top, left = round(pad_h - 0.1), round(pad_w - 0.1)  # as ops.scale_boxes / scale_masks round the padding
+    bottom, right = top + max(round(h0 * gain_h), 1), left + max(round(w0 * gain_w), 1)
+    content = masks[:, top:bottom, left:right].float()
+    if content.shape[-2:] != (h0, w0):
+        content = F.interpolate(content[None], (h0, w0), mode="bilinear", align_corners=False)[0]
+    return content.byte()
 
 
 def is_coco_val(data: dict, split: str = "val") -> bool:

@@ -129,3 +129,67 @@ def test_val_cli_table_and_json(data, tmp_path, monkeypatch, capsys):
     table = capsys.readouterr().out
     assert "box.map coco" in table and "mask.map50 ultra" in table
     assert val.main(["--weights", str(tmp_path / "missing.pt")]) != 0
+
+
+L_SHAPE = np.array([[0.05, 0.1], [0.95, 0.1], [0.95, 0.3], [0.3, 0.3], [0.3, 0.55], [0.05, 0.55]])  # wide, asymmetric
+
+
+@pytest.mark.parametrize("ori_hw, batch_hw, pad_wh", [
+    ((160, 160), (160, 160), (16, 16)),  # letterboxed batch as big as the image: masks were left letterboxed
+    ((100, 160), (96, 160), (16, 8)),  # non-square image, non-square rect batch
+])
+def test_predicted_masks_map_to_original_image(ori_hw, batch_hw, pad_wh):
+    """A perfect prediction made on the letterboxed image (imgsz 128, rect batch) and written through
+    the validator's own scale_preds + pred_to_json lands on the ground-truth mask; its transpose does not."""
+    from engine.validate import PredictionsOnlySegmentationValidator
+
+    h, w = ori_hw
+    gain = 128 / max(h, w)
+    xs, ys = L_SHAPE[:, 0], L_SHAPE[:, 1]
+    label = {"im_file": "/d/images/val/img_a.jpg", "shape": ori_hw, "cls": np.array([[2.0]]), "normalized": True,
+             "bboxes": np.array([[(xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, np.ptp(xs), np.ptp(ys)]]),
+             "segments": [L_SHAPE.copy()]}
+    gt = yolo_labels_to_coco([label], [1, 2, 3, 4])
+    gt_mask = mask_utils.decode(gt["annotations"][0]["segmentation"])
+    assert gt_mask.shape == ori_hw
+
+    # the model's view: polygon and box in letterboxed pixels
+    poly_lb = L_SHAPE * (w, h) * gain + pad_wh
+    box_lb = torch.tensor([[*poly_lb.min(0), *poly_lb.max(0)]], dtype=torch.float32)
+    from engine.coco_eval import polygon_mask
+    mask_lb = torch.from_numpy(polygon_mask(poly_lb, *batch_hw)).float()[None]
+    predn = {"bboxes": box_lb, "conf": torch.tensor([0.9]), "cls": torch.tensor([2.0]), "masks": mask_lb}
+    pbatch = {"imgsz": torch.Size(batch_hw), "ori_shape": ori_hw, "ratio_pad": ((gain, gain), pad_wh),
+              "im_file": label["im_file"]}
+    v = PredictionsOnlySegmentationValidator(args={"task": "segment", "save_json": True, "plots": False})
+    v.class_map, v.jdict = [1, 2, 3, 4], []
+    v.pred_to_json(v.scale_preds(predn, pbatch), pbatch)
+    preds = remap_predictions(v.jdict, image_ids([label["im_file"]]))
+    assert len(preds) == 1 and preds[0]["segmentation"]["size"] == list(ori_hw)
+    pm = mask_utils.decode(preds[0]["segmentation"])
+
+    def iou(a, b):
+        return np.logical_and(a, b).sum() / np.logical_or(a, b).sum()
+
+    assert iou(pm, gt_mask) > 0.85, iou(pm, gt_mask)
+    if h == w:
+        assert iou(pm.T, gt_mask) < 0.5  # orientation matters: the L is not symmetric
+    res = coco_map(gt, preds, ("bbox", "segm"), verbose=False)
+    assert res["bbox"]["map"] > 0.9 and res["segm"]["map50"] == pytest.approx(1.0)
+    # a transposed mask (row-major encoding) would score nothing at IoU 0.5
+    flipped = [{**preds[0], "segmentation": _rle_of(pm.T.copy())}] if h == w else []
+    if flipped:
+        assert coco_map(gt, flipped, ("segm",), verbose=False)["segm"]["map50"] == 0.0
+
+
+def _rle_of(mask):
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode()}
+
+
+def test_masks_to_original_identity_and_empty():
+    from engine.validate import masks_to_original
+
+    m = (torch.rand(3, 40, 60) > 0.5).float()
+    assert torch.equal(masks_to_original(m, (40, 60), ((1.0, 1.0), (0, 0))), m.byte())
+    assert masks_to_original(m[:0], (80, 120), ((0.5, 0.5), (0, 0))).shape == (0, 80, 120)
