@@ -162,7 +162,7 @@ def test_quant_conv_is_a_drop_in(groups):
 
 LOAD_SCRIPT = """
 import sys, torch
-torch.set_num_threads(2)
+torch.set_num_threads({threads})  # same as the parent: conv kernels differ in float order by thread count
 sys.path.insert(0, {root!r})
 from models.checkpoint import load_checkpoint
 m, ckpt = load_checkpoint({path!r})
@@ -186,7 +186,7 @@ def test_save_load_fresh_process(tmp_path):
     path = save_checkpoint(tmp_path / "q.pt", q)
     torch.save(x, tmp_path / "x.pt")
     root = str(Path(__file__).resolve().parents[1])
-    script = LOAD_SCRIPT.format(root=root, path=str(path), xpath=str(tmp_path / "x.pt"), out=str(tmp_path / "o.pt"))
+    script = LOAD_SCRIPT.format(threads=torch.get_num_threads(), root=root, path=str(path), xpath=str(tmp_path / "x.pt"), out=str(tmp_path / "o.pt"))
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
     out = torch.load(tmp_path / "o.pt")
     assert torch.equal(out["y"], y)
