@@ -60,7 +60,8 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
         """The integer codes the deployed layer stores."""
         q = self.weight_quantizer
         s = q.scale.reshape(-1, 1, 1, 1) if q.per_channel else q.scale
-        return (self.weight.detach() / s).round().clamp(q.qmin, q.qmax)
+        # w * (1 / s), as the fake-quant forward computes it, so a tie rounds the same way in both.
+        return (self.weight.detach().float() * (1.0 / s)).round().clamp(q.qmin, q.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -1,0 +1,89 @@
+"""Check an exported ONNX file against the PyTorch fake-quant model it came from, in onnxruntime."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from quant import QuantConv2d
+
+
+def ort_session(model_onnx: onnx.ModelProto | str | Path):
+    import onnxruntime as ort
+
+    data = model_onnx.SerializeToString() if isinstance(model_onnx, onnx.ModelProto) else str(model_onnx)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2  # shared CPUs
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: str | Path, x: torch.Tensor) -> list[np.ndarray]:
+    return ort_session(path).run(None, {"images": x.numpy()})
+
+
+def reference_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The eval-mode outputs the ONNX graph reproduces: Detect -> [y], Segment -> [y, protos]."""
+    with torch.no_grad():
+        y = model.eval()(x)[0]
+    return [y] if isinstance(y, torch.Tensor) else list(y)
+
+
+def _with_code_outputs(path) -> tuple[onnx.ModelProto, list[str]]:
+    """The graph with every QuantizeLinear output (the integer activation codes) exposed."""
+    m = onnx.load(str(path))
+    names = [n.output[0] for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    for n in names:
+        m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    return m, names
+
+
+def fake_quant_codes(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per quantized conv, in call order (= ONNX QuantizeLinear order): the activation codes the
+    fake-quant model uses, and the unrounded (x - b) / s in float64 (to tell ties)."""
+    codes, z = [], []
+
+    def hook(mod, args):
+        q = mod.input_quantizer
+        x = args[0].float()
+        b = q.offset.detach() if q.offset is not None else torch.zeros(1)
+        codes.append(((q(x) - b) / q.scale).round())  # q(x) = code * s + b exactly
+        z.append((x.double() - b.double()) / q.scale.double())
+
+    hooks = [m.register_forward_pre_hook(hook) for m in model.modules()
+             if isinstance(m, QuantConv2d) and m.input_quantizer.enabled]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return codes, z
+
+
+def compare_onnxruntime(model: nn.Module, path: str | Path, x: torch.Tensor) -> dict:
+    """onnxruntime vs the PyTorch fake-quant model on ``x`` (batch as exported; exact offset mode).
+
+    Returns max_abs (over all outputs), max_ref (largest |reference|), per_output diffs, and the
+    activation codes (QuantizeLinear outputs) that differ from the fake-quant model's:
+    code_flips / codes, first_flip_layer (graph order) and first_flip_tie_distance, the largest
+    distance from a half-step of the unrounded values that flipped there. Before the first flip
+    both runs see the same codes, so the first flips can only be rounding ties decided the other
+    way by float arithmetic (conv accumulation order, x/s vs x*(1/s)); later flips are the
+    network propagating them.
+    """
+    refs = reference_outputs(model, x)
+    m, code_names = _with_code_outputs(path)
+    outs = ort_session(m).run(None, {"images": x.numpy()})
+    n_out = len(outs) - len(code_names)
+    diffs = [float(np.abs(o - r.numpy()).max()) for o, r in zip(outs[:n_out], refs)]
+    codes, z = fake_quant_codes(model, x)
+    if len(codes) != len(code_names):
+        raise RuntimeError(f"{len(code_names)} QuantizeLinear nodes in the graph but {len(codes)} quantized activations")
+    flips = [torch.from_numpy(o.astype(np.float32)) != c for o, c in zip(outs[n_out:], codes)]
+    counts = [int(f.sum()) for f in flips]
+    first = next((i for i, n in enumerate(counts) if n), None)
+    tie = None if first is None else float(((z[first][flips[first]] % 1) - 0.5).abs().max())
+    return {"max_abs": max(diffs), "per_output": diffs, "max_ref": max(float(r.abs().max()) for r in refs),
+            "code_flips": sum(counts), "codes": sum(c.numel() for c in codes), "first_flip_layer": first,
+            "first_flip_tie_distance": tie, "outputs": outs[:n_out], "refs": refs}

@@ -1,0 +1,89 @@
+"""Packed integer checkpoints: bitstream round trips, size, identical outputs after reload."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ultralytics.nn.tasks import DetectionModel, SegmentationModel
+
+import deploy
+from deploy.bitpack import pack_codes, unpack_codes
+from models.checkpoint import save_checkpoint
+from quant import calibrate, quant_convs, quantize_model
+from test_quantize_yolo import build, images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flat(y):
+    if isinstance(y, torch.Tensor):
+        return [y]
+    return [t for v in (y.values() if isinstance(y, dict) else y) for t in flat(v)]
+
+
+def quantized(cfg, cls, bits, per_channel):
+    q = quantize_model(build(cfg, cls), {"w_bits": bits, "a_bits": bits, "per_channel": per_channel}).eval()
+    calibrate(q, [images(8, 64, s) for s in range(2)], num_batches=2)
+    return q
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_bitstream_round_trip(bits):
+    qmin = -(2 ** (bits - 1))
+    codes = torch.randint(qmin, 2 ** (bits - 1), (3, 5, 7))  # 105 values: not a multiple of 8 bits
+    data = pack_codes(codes, bits, qmin)
+    assert data.dtype == torch.uint8 and data.numel() == -(-codes.numel() * bits // 8)
+    assert torch.equal(unpack_codes(data, bits, qmin, codes.numel()).reshape(codes.shape).long(), codes)
+    with pytest.raises(ValueError, match="outside"):
+        pack_codes(torch.tensor([2 ** (bits - 1)]), bits, qmin)
+
+
+@pytest.mark.parametrize("cfg,cls,per_channel", [("yolov5nu.yaml", DetectionModel, False),
+                                                 ("yolov8n-seg.yaml", SegmentationModel, True)])
+def test_w4a4_packed_small_and_identical(tmp_path, cfg, cls, per_channel):
+    q = quantized(cfg, cls, 4, per_channel)
+    fp32 = save_checkpoint(tmp_path / "q.pt", q).stat().st_size
+    packed = deploy.save_packed(q, tmp_path / "q.qpk").stat().st_size
+    print(f"{cfg} W4A4: fp32 checkpoint {fp32 / 1e6:.2f} MB, packed {packed / 1e6:.2f} MB ({fp32 / packed:.1f}x)")
+    assert fp32 >= 6 * packed, (fp32, packed)
+    r = deploy.load_packed(tmp_path / "q.qpk")
+    assert type(r) is type(q) and r.quant_recipe == q.quant_recipe and r.names == q.names
+    x = images(2, 64, seed=9)
+    with torch.no_grad():
+        for a, b in zip(flat(q(x)), flat(r(x)), strict=True):
+            assert torch.equal(a, b)
+    for n, m in quant_convs(r).items():  # same integer codes and scales
+        assert torch.equal(m.weight_quantizer(m.weight), quant_convs(q)[n].weight_quantizer(quant_convs(q)[n].weight)), n
+
+
+def test_fused_and_qc_folded_model_round_trips(tmp_path):
+    """A QC checkpoint carries corrections folded into BN or into QuantConv2d.fold_affine (head
+    convs get an out_scale and a new bias); a fused model has no BN left. Both must reload."""
+    q = quantized("yolov5nu.yaml", DetectionModel, 3, True)
+    g = torch.Generator().manual_seed(0)
+    for n, m in quant_convs(q).items():
+        if m.bias is not None:  # head prediction convs: no BN after them
+            m.fold_affine(1 + 0.1 * torch.randn(m.out_channels, generator=g), 0.1 * torch.randn(m.out_channels, generator=g))
+    q.fuse(verbose=False)
+    deploy.save_packed(q, tmp_path / "f.qpk")
+    r = deploy.load_packed(tmp_path / "f.qpk")
+    x = images(1, 64, seed=4)
+    with torch.no_grad():
+        for a, b in zip(flat(q(x)), flat(r(x)), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_cli_packed_and_bad_input(tmp_path):
+    q = quantized("yolov5nu.yaml", DetectionModel, 4, False)
+    ckpt = save_checkpoint(tmp_path / "q.pt", q)
+    r = subprocess.run([sys.executable, str(ROOT / "export.py"), "--weights", str(ckpt), "--format", "packed",
+                        "--imgsz", "64"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "q.qpk").is_file() and "identical outputs" in r.stdout and "larger" in r.stdout
+    (tmp_path / "junk.qpk").write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception):
+        deploy.load_packed(tmp_path / "junk.qpk")
+    torch.save({"format": "other"}, tmp_path / "other.qpk")
+    with pytest.raises(ValueError, match="not a packed quantized checkpoint"):
+        deploy.load_packed(tmp_path / "other.qpk")
