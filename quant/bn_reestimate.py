@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .batches import run_batches
+
 
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, batches: Iterable, num_batches: int = 50,
@@ -34,11 +36,7 @@ def reestimate_bn(model: nn.Module, batches: Iterable, num_batches: int = 50,
         m.train()
     used = 0
     try:
-        for batch in batches:
-            if used >= num_batches:
-                break
-            (forward or (lambda mdl, b: mdl(b)))(model, batch)
-            used += 1
+        used = run_batches(model, batches, num_batches, forward)
     finally:
         model.train(model_mode)  # first the whole model, then each BN back to its own mode
         for m, momentum, training in saved:

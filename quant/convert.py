@@ -6,6 +6,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .batches import run_batches
 from .lsq import LSQQuantizer
 from .qconv import QuantConv2d
 from .range_init import _sample, init_activation_quantizer
@@ -141,11 +142,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
     set_quantizers_enabled(model, False, weights=False)
     used = 0
     try:
-        for batch in batches:
-            if used >= num_batches:
-                break
-            (forward or (lambda mdl, b: mdl(b)))(model, batch)
-            used += 1
+        used = run_batches(model, batches, num_batches, forward)
     finally:
         for h in hooks:
             h.remove()
