@@ -56,12 +56,14 @@ class _LSQFunction(torch.autograd.Function):
             z = torch.mul(x, inv_s)
         else:  # (x - b) / s as x / s - b / s: one pass over x instead of two
             z = torch.addcmul(-offset.reshape(shape) * inv_s, x, inv_s)
+        # Three buffers in all (z, r, c), reused in place: each fresh activation-sized allocation
+        # costs page faults that weigh as much as the arithmetic on CPU.
         r = torch.round(z)
         c = torch.clamp(r, qmin, qmax)
-        mask = torch.eq(c, r, out=r)  # reuses r's memory; float mask: 1 where not clipped
+        mask = torch.eq(c, r, out=r)  # float mask: 1 where not clipped
         # d y / d s = round(z) - z inside the range, the clipped level outside: c - z * mask.
-        err = torch.addcmul(c, z, mask, value=-1) if ctx.needs_input_grad[1] else None
-        y = c.mul_(s) if offset is None else torch.addcmul(offset.reshape(shape), c, s)
+        err = torch.addcmul(c, z, mask, value=-1, out=z) if ctx.needs_input_grad[1] else None
+        y = c.mul_(s) if offset is None else c.mul_(s).add_(offset.reshape(shape))
         ctx.save_for_backward(mask, err)
         ctx.consts = (grad_factor, axis, offset is not None)
         return y
