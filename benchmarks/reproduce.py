@@ -154,7 +154,8 @@ def ensure_fp(a, data: str) -> dict:
         return done
     from engine.cli import model_task, resolve_model, train_fp
 
-    opt = cli_opt(a, data, "fp", cfg=a.model, fp_epochs=a.fp_epochs, seed=0)
+    opt = cli_opt(a, data, "fp", cfg=a.model, fp_epochs=a.fp_epochs, seed=0, fp_optimizer=a.fp_optimizer,
+                  fp_lr0=a.fp_lr0)
     src = resolve_model(opt)
     t0 = time.time()
     if not src.endswith(".pt"):
@@ -404,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--decays", type=float, nargs="+", default=list(DECAYS), help="decays of --ablation ema-decay")
     a("--ablation", choices=["qc", "ema-decay"])
     a("--fp-epochs", type=int, default=15)
+    # Short FP runs learn far more with AdamW at 4e-3 than with optimizer=auto (see engine/cli.py DEMO).
+    a("--fp-optimizer", default="AdamW", help="optimizer of the FP stage (Ultralytics names)")
+    a("--fp-lr0", type=float, default=0.004, help="initial learning rate of the FP stage")
     a("--qat-epochs", type=int, default=4)
     a("--seeds", type=int, nargs="+", default=[0, 1])
     a("--qc-steps", type=int, help="QC budget in optimizer steps (default: one pass over the calibration set)")
