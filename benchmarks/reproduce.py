@@ -182,12 +182,19 @@ def read_results_csv(path: Path) -> dict:
     return {k: float(v) for k, v in rows[-1].items() if v not in ("", None)} if rows else {}
 
 
+def finished_before(path: Path, what: str) -> dict | None:
+    """The saved result of a finished run (announced as skipped), or None: what makes re-runs resumable."""
+    done = read_json(path)
+    if done:
+        print(f"[skip] {what}: finished before")
+    return done
+
+
 def ensure_qat(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
     """Train (or reuse) the QAT run of a cell; record scale trajectories and write the diagnostics."""
     path = Path(a.out) / "cells" / f"qat-{cell.qat_key}.json"
-    done = read_json(path)
+    done = finished_before(path, f"QAT {cell.qat_key}")
     if done:
-        print(f"[skip] QAT {cell.qat_key}: finished before")
         return done
     from engine.cli import common_overrides, qat_config
     from engine.trainer import qat_trainer_class
@@ -223,9 +230,8 @@ def ensure_qat(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
 # -- one cell -----------------------------------------------------------------------------------
 def run_cell(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
     path = Path(a.out) / "cells" / f"{cell.key}.json"
-    done = read_json(path)
+    done = finished_before(path, f"cell {cell.key}")
     if done:
-        print(f"[skip] cell {cell.key}: finished before")
         return done
     qat = ensure_qat(cell, a, data, fp, budget)
     res = {**asdict(cell), "key": cell.key, "qat": qat}
