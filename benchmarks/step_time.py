@@ -1,13 +1,16 @@
 """Training-step time of a W4A4 quantized YOLO vs the same FP model, measured in one run.
 
-Forward, loss, backward and optimizer step on one fixed batch, both models interleaved so that
-machine noise hits both alike; prints the median step times and their ratio.
+Forward, loss, backward and optimizer step on one fixed batch, the models interleaved so that
+machine noise hits all alike; prints the median step times and their ratios to FP. The quantized
+model runs twice per round: with the fused LSQ CPU kernel (quant/fused.py, what training uses)
+and with the plain-PyTorch reference (``--no-reference`` skips it).
 
     python benchmarks/step_time.py --cfg yolov5nu.yaml --imgsz 320 --batch 8 --steps 10
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -20,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402,F401  (registers the YOLO policy)
 from quant import calibrate, quantize_model  # noqa: E402
+from quant import fused as fused_lsq  # noqa: E402
 
 
 def make_batch(n: int, imgsz: int, nc: int, seed: int = 0) -> dict:
@@ -49,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference-LSQ timing")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from ultralytics.cfg import get_cfg
@@ -60,22 +65,35 @@ def main(argv=None):
     q = quantize_model(copy.deepcopy(fp), {"w_bits": args.bits, "a_bits": args.bits})
     batch = make_batch(args.batch, args.imgsz, 3)
     calibrate(q, [batch["img"]], num_batches=1)
-    models_ = {"fp": fp.train(), "w%da%d" % (args.bits, args.bits): q.train()}
-    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in models_.items()}
-    times = {k: [] for k in models_}
-    for k, m in models_.items():  # warm-up
-        train_step(m, opts[k], batch)
+    qk = "w%da%d" % (args.bits, args.bits)
+    fused_on = fused_lsq.extension() is not None
+    # name -> (model, fused kernel on?); the reference row shares the quantized model and optimizer
+    runs = {"fp": (fp.train(), True), qk: (q.train(), True)}
+    if fused_on and not args.no_reference:
+        runs[qk + " ref"] = (q, False)
+    opts = {"fp": torch.optim.SGD(fp.parameters(), lr=1e-4, momentum=0.9),
+            qk: torch.optim.SGD(q.parameters(), lr=1e-4, momentum=0.9)}
+
+    def step(name):
+        model, fused = runs[name]
+        with contextlib.nullcontext() if fused else fused_lsq.reference_only():
+            train_step(model, opts[name.split()[0]], batch)
+
+    times = {k: [] for k in runs}
+    for k in runs:  # warm-up (and the kernel build, if any)
+        step(k)
     for _ in range(args.steps):
-        for k, m in models_.items():
+        for k in runs:
             t = time.perf_counter()
-            train_step(m, opts[k], batch)
+            step(k)
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    qk = [k for k in med if k != "fp"][0]
     for k, v in med.items():
-        print(f"{k:>6}: median step {v * 1000:8.1f} ms  (min {min(times[k]) * 1000:.1f}, max {max(times[k]) * 1000:.1f})")
-    print(f"ratio {qk}/fp = {med[qk] / med['fp']:.3f}  ({args.cfg}, imgsz {args.imgsz}, batch {args.batch}, "
-          f"threads {args.threads}, {args.steps} steps)")
+        print(f"{k:>10}: median step {v * 1000:8.1f} ms  (min {min(times[k]) * 1000:.1f}, "
+              f"max {max(times[k]) * 1000:.1f})  ratio to fp {v / med['fp']:.3f}")
+    lsq = "fused LSQ kernel" if fused_on else "reference LSQ (fused kernel unavailable)"
+    print(f"ratio {qk}/fp = {med[qk] / med['fp']:.3f} with the {lsq}  ({args.cfg}, imgsz {args.imgsz}, "
+          f"batch {args.batch}, threads {args.threads}, {args.steps} steps)")
     return med[qk] / med["fp"]
 
 

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from . import fused as fused_lsq
 from .fp32 import KeepFP32
 
 MIN_SCALE = 1e-8
@@ -90,11 +91,20 @@ def _dot(a: torch.Tensor, b: torch.Tensor | None, axis: int | None) -> torch.Ten
     return _reduce_to(a if b is None else a * b, axis)
 
 
-def lsq_fake_quant(x, scale, qmin, qmax, grad_factor=1.0, axis=None, offset=None):
-    """Functional LSQ fake quantization in fp32 (autocast disabled), returned in ``x``'s dtype."""
+def lsq_fake_quant(x, scale, qmin, qmax, grad_factor=1.0, axis=None, offset=None, fused=True):
+    """Functional LSQ fake quantization in fp32 (autocast disabled), returned in ``x``'s dtype.
+
+    Per-tensor on CPU it runs the fused kernel (quant/fused.py) when it can be built; ``fused=False``
+    forces the plain-PyTorch reference, which is also what CUDA and per-channel use.
+    """
     dtype = x.dtype
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        y = _LSQFunction.apply(x.float(), scale, offset, qmin, qmax, grad_factor, axis)
+    xf = x.float()
+    # The fused op is a single raw loop: autocast cannot touch it, so no autocast guard is needed.
+    y = fused_lsq.fake_quant(xf, scale, offset, qmin, qmax, grad_factor, MIN_SCALE) \
+        if fused and axis is None else None
+    if y is None:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = _LSQFunction.apply(xf, scale, offset, qmin, qmax, grad_factor, axis)
     return y if dtype == torch.float32 else y.to(dtype)
 
 

@@ -14,7 +14,8 @@ def _reference_per_tensor(x, s, qmin, qmax, g):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("signed", [True, False])
-def test_per_tensor_matches_pytorch(bits, signed):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_per_tensor_matches_pytorch(bits, signed, fused):
     torch.manual_seed(bits + 10 * signed)
     qmin, qmax = qrange(bits, signed)
     x = (torch.randn(4, 8, 6, 6) * 0.17 * max(qmax, -qmin) * 0.6).requires_grad_()
@@ -24,7 +25,7 @@ def test_per_tensor_matches_pytorch(bits, signed):
     g = 1 / math.sqrt(x.numel() * qmax)
     grad_out = torch.randn_like(x)
 
-    y = lsq_fake_quant(x, s, qmin, qmax, g)
+    y = lsq_fake_quant(x, s, qmin, qmax, g, fused=fused)
     y.backward(grad_out)
     y_ref = _reference_per_tensor(x_ref, s_ref, qmin, qmax, g)
     y_ref.backward(grad_out)
@@ -59,14 +60,15 @@ def test_per_channel_matches_pytorch(bits, axis):
     torch.testing.assert_close(s.grad, s_ref.grad, atol=1e-6, rtol=1e-5)
 
 
-def test_offset_gradient_matches_autograd_reference():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_offset_gradient_matches_autograd_reference(fused):
     """LSQ+ offset: compare with plain autograd through a straight-through round."""
     torch.manual_seed(0)
     x = (torch.randn(2, 3, 5, 5) * 0.6).requires_grad_()
     s = torch.tensor([0.05], requires_grad=True)
     b = torch.tensor([-0.2], requires_grad=True)
     g = 0.37
-    lsq_fake_quant(x, s, 0, 15, g, offset=b).sum().backward()
+    lsq_fake_quant(x, s, 0, 15, g, offset=b, fused=fused).sum().backward()
 
     x2, s2, b2 = (t.detach().clone().requires_grad_() for t in (x, s, b))
 

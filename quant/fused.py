@@ -1,0 +1,88 @@
+"""The fused CPU kernel of per-tensor LSQ / LSQ+ (quant/csrc/lsq_cpu.cpp), built on first use.
+
+Per-tensor activation quantizers dominate the cost of fake quantization in training: the plain
+PyTorch version (``_LSQFunction`` in lsq.py, the tested reference) makes about six elementwise
+passes forward and keeps two activation-sized tensors for the backward. The kernel does one pass
+each way and keeps only the input. It is compiled with ``torch.utils.cpp_extension.load`` (g++ and
+ninja; cached under ``TORCH_EXTENSIONS_DIR``) the first time a CPU float32 tensor goes through a
+per-tensor quantizer in a process. If it cannot be built, a warning says why and the reference
+is used: results are the same, only slower.
+
+``QAT_FUSED_LSQ=0`` in the environment turns it off. On CUDA the reference runs (its elementwise
+ops are already cheap there relative to the convolutions).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("csrc") / "lsq_cpu.cpp"
+_state: dict = {"ext": None, "tried": False, "off": 0}
+
+
+def enabled() -> bool:
+    return os.environ.get("QAT_FUSED_LSQ", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def extension():
+    """The compiled module, or None (disabled, or the build failed: warned once).
+
+    The environment is read once per process, on the first call.
+    """
+    if not _state["tried"]:
+        _state["tried"] = True
+        if enabled():
+            _state["ext"] = _build()
+    return _state["ext"]
+
+
+def _build():
+    t0 = time.perf_counter()
+    try:
+        from torch.utils.cpp_extension import load
+
+        ext = load(name="qat_lsq_cpu", sources=[str(_SOURCE)],
+                   extra_cflags=["-O3", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                   verbose=False)
+        if time.perf_counter() - t0 > 5:  # a compile, not a cache hit: say where the minute went
+            print(f"quant: compiled the fused LSQ kernel in {time.perf_counter() - t0:.0f} s "
+                  "(once; cached for later runs)", file=sys.stderr)
+        return ext
+    except Exception as e:  # no compiler, no ninja, no headers: fall back, loudly once
+        warnings.warn(f"fused LSQ kernel unavailable ({type(e).__name__}: {str(e).strip()[:300]}); "
+                      "using the plain PyTorch fake-quant (same results, slower). Install g++ and "
+                      "ninja (pip install ninja) to enable it, or set QAT_FUSED_LSQ=0 to silence this.",
+                      stacklevel=4)
+        return None
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Within the block, every LSQ quantizer runs the plain-PyTorch reference (to compare or debug)."""
+    _state["off"] = _state.get("off", 0) + 1
+    try:
+        yield
+    finally:
+        _state["off"] -= 1
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, offset, qmin: int, qmax: int, grad_factor: float,
+               min_scale: float):
+    """The fused op, or None when it does not apply: per-tensor, float32, contiguous, CPU.
+
+    Same maths and gradient convention as ``lsq._LSQFunction`` (PyTorch's: mask on the rounded
+    value); the autograd node is C++ (a Python autograd.Function costs ~250 us a call).
+    """
+    if (_state.get("off") or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous()
+            or scale.numel() != 1 or scale.device.type != "cpu" or (offset is not None and offset.numel() != 1)):
+        return None
+    ext = extension()
+    if ext is None:
+        return None
+    return ext.lsq_fake_quant(x, scale, offset, qmin, qmax, grad_factor, min_scale)
