@@ -231,8 +231,8 @@ def ensure_qat(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
 def run_cell(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
     path = Path(a.out) / "cells" / f"{cell.key}.json"
     done = finished_before(path, f"cell {cell.key}")
-    if done:
-        return done
+    if done:  # the same run may sit in another table (EMA 0.99 is also "a=0.99" of the decay sweep)
+        return {**done, "column": cell.column}
     qat = ensure_qat(cell, a, data, fp, budget)
     res = {**asdict(cell), "key": cell.key, "qat": qat}
     t0 = time.time()
@@ -328,6 +328,23 @@ def comparisons(columns: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def paired(results: list[dict], metric: str, bits: int, x: str, y: str) -> list[float]:
+    """Per-seed differences x - y. Runs of one seed share the data order and calibration batches (and
+    LSQ and EMA runs the very same training trajectory), so pairing removes most seed-to-seed noise."""
+    by = {(r["column"], r["seed"]): r.get(metric) for r in results if r["bits"] == bits}
+    seeds = sorted({sd for (c, sd) in by if c == x} & {sd for (c, sd) in by if c == y})
+    return [by[(x, sd)] - by[(y, sd)] for sd in seeds if by[(x, sd)] is not None and by[(y, sd)] is not None]
+
+
+def paired_verdict(diffs: list[float]) -> str:
+    if len(diffs) < 2:
+        return "undetermined (fewer than 2 seeds)"
+    m, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    wins = sum(d > 0 for d in diffs)
+    tag = "no measurable difference" if abs(m) < 2 * sd else ("better" if m > 0 else "worse")
+    return f"paired {100 * m:+.2f} ± {100 * sd:.2f} ({wins}/{len(diffs)} seeds higher) -> {tag}"
+
+
 def verdict_lines(results, columns, a, metrics) -> list[str]:
     lines = []
     for m in metrics:
@@ -336,8 +353,21 @@ def verdict_lines(results, columns, a, metrics) -> list[str]:
             for x, y in comparisons(columns):
                 d, v = verdict(g.get((b, x), []), g.get((b, y), []))
                 if not math.isnan(d):
-                    lines.append(f"- W{b}A{b} {m}: {x} vs {y}: {100 * d:+.2f} points -> {v}")
+                    lines.append(f"- W{b}A{b} {m}: {x} vs {y}: {100 * d:+.2f} points -> {v}; "
+                                 f"{paired_verdict(paired(results, m, b, x, y))}")
     return lines
+
+
+def time_summary(results: list[dict], fp: dict, wall_s: float | None = None) -> str:
+    """Compute time by stage, summed from the cells' records (so it covers resumed invocations too)."""
+    qat = {r["qat"]["qat_key"]: r["qat"].get("train_s", 0.0) for r in results}
+    qc_eval = sum(r.get("eval_s", 0.0) for r in results if r.get("qc"))
+    plain_eval = sum(r.get("eval_s", 0.0) for r in results if not r.get("qc"))
+    total = fp.get("train_s", 0.0) + sum(qat.values()) + qc_eval + plain_eval
+    text = (f"Compute time: FP {fp.get('train_s', 0.0) / 60:.1f} min, {len(qat)} QAT runs "
+            f"{sum(qat.values()) / 60:.1f} min, QC + evaluation {qc_eval / 60:.1f} min, evaluation without QC "
+            f"{plain_eval / 60:.1f} min; total {total / 60:.1f} min")
+    return text + (f" (this invocation: {wall_s / 60:.1f} min wall)." if wall_s is not None else ".")
 
 
 def diagnostics_table(results: list[dict]) -> str:
@@ -357,7 +387,7 @@ def diagnostics_table(results: list[dict]) -> str:
     return markdown_table(head, rows)
 
 
-def report(results, cells, a, fp) -> str:
+def report(results, cells, a, fp, wall_s: float | None = None) -> str:
     columns = list(dict.fromkeys(c.column for c in cells))
     metrics = ["box"] + (["mask"] if fp.get("mask") is not None else [])
     parts = [f"Dataset {a.data or 'embedded default'}, imgsz {a.imgsz}, batch {a.batch}, FP {a.fp_epochs} ep, "
@@ -370,10 +400,12 @@ def report(results, cells, a, fp) -> str:
             parts.append(main_table(results, [c for c in columns], a, fp, m))
     lines = verdict_lines(results, columns, a, metrics) if a.ablation != "qc" else \
         verdict_lines(results, [c for c in columns], a, metrics)
-    parts.append("\nVerdicts (difference of means; 'no measurable difference' when |diff| < 2 x the larger spread):")
+    parts.append("\nVerdicts (difference of means; 'no measurable difference' when |diff| < 2 x the larger spread; "
+                 "then the same rule on the per-seed paired differences: mean ± std):")
     parts += lines or ["- none (missing cells)"]
     parts.append("\n### QAT runs: budgets and oscillation diagnostics")
     parts.append(diagnostics_table(results))
+    parts.append("\n" + time_summary(results, fp, wall_s))
     return "\n".join(parts)
 
 
@@ -441,6 +473,7 @@ def cells_for(a) -> list[Cell]:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    t_start = time.time()
     from engine.calib import resolve_data
 
     data = resolve_data(a.data)
@@ -459,7 +492,7 @@ def main(argv=None) -> int:
         except (AssertionError, RuntimeError, ValueError, FloatingPointError) as e:  # no json: a re-run retries
             print(f"[fail] cell {c.key}: {type(e).__name__}: {e}")
             failed.append(f"{c.key}: {type(e).__name__}: {str(e).splitlines()[0]}")
-    text = report(results, cells, a, fp)
+    text = report(results, cells, a, fp, wall_s=time.time() - t_start)
     if failed:
         text += "\n\nFailed cells (no result written; a re-run retries them):\n" + "\n".join(f"- {f}" for f in failed)
     write_outputs(results, text, out)

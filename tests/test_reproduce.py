@@ -58,3 +58,31 @@ def test_reproduce_writes_outputs_and_resumes(data, tmp_path):
     for c in cells:
         assert f"[skip] cell {c['key']}: finished before" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in done} == mtimes
+    assert "Compute time: FP" in table and "paired" in table
+
+    # The decay sweep reuses the runs it shares with the main table (a=0 is LSQ, a=0.99 is EMA).
+    sweep = subprocess.run([sys.executable, str(ROOT / "benchmarks/reproduce.py"), "--data", str(data),
+                            "--model", "yolov5n-seg", "--bits", "4", "--ablation", "ema-decay", "--decays", "0",
+                            "0.99", "--fp-epochs", "1", "--qat-epochs", "1", "--seeds", "0", "--imgsz", "64",
+                            "--batch", "4", "--calib-batches", "1", "--out", str(out)],
+                           capture_output=True, text=True, timeout=400, cwd=ROOT,
+                           env={**os.environ, "YOLO_OFFLINE": "1"})
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    assert "[run] QAT" not in sweep.stdout
+    assert "| model | FP | bits | a=0 | a=0.99 |" in (out / "table.md").read_text()
+
+
+def test_paired_comparison_uses_per_seed_differences():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reproduce as rep
+
+    # x beats y by 1 point on every seed, while the seeds themselves spread by 10 points
+    rows = [{"bits": 4, "column": col, "seed": sd, "box": base + (0.01 if col == "X" else 0.0)}
+            for sd, base in ((0, 0.20), (1, 0.30), (2, 0.10)) for col in ("X", "Y")]
+    diffs = rep.paired(rows, "box", 4, "X", "Y")
+    assert diffs == pytest.approx([0.01, 0.01, 0.01])
+    assert rep.verdict([r["box"] for r in rows if r["column"] == "X"],
+                       [r["box"] for r in rows if r["column"] == "Y"])[1] == "no measurable difference"
+    assert rep.paired_verdict(diffs).endswith("-> better") and "3/3 seeds higher" in rep.paired_verdict(diffs)
+    assert rep.paired_verdict([0.01, -0.02, 0.015]).endswith("no measurable difference")
+    assert rep.paired_verdict([0.01]).startswith("undetermined")
