@@ -1,7 +1,9 @@
 """Cost of quantization, measured in one run on one batch and machine, printed as ratios:
 QAT step / FP step, QC pass / QAT pass over the same batches, validation images/s quantized vs FP
 (eval forward), and peak memory of a training step quantized vs FP (each in its own subprocess:
-ru_maxrss growth over the process after model set-up).
+the resident set sampled every half millisecond during two training steps, over the resident set
+just before them; glibc is told to give large blocks back at once, so the samples follow the live
+tensors instead of the allocator's cache).
 
     python benchmarks/speed.py --cfg yolov5nu.yaml --imgsz 320 --batch 8 --steps 5
 """
@@ -10,10 +12,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,25 +116,59 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakRSS:
+    """Highest resident set seen by a sampling thread while the block runs (torch releases the GIL
+    inside its ops, so the thread samples during them)."""
+
+    def __init__(self, interval_s: float = 5e-4):
+        self.interval_s, self.peak, self._stop = interval_s, 0.0, threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(self.interval_s)
+
+    def __enter__(self):
+        self.peak = rss_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
 def memory_child(a) -> None:
-    """In a fresh process: peak RSS growth of two training steps of one model (fp or q)."""
+    """In a fresh process: peak resident-set growth of two training steps of one model (fp or q)."""
     batches = [make_batch(a.batch, a.imgsz, 3, seed=i) for i in range(3)]
     model = build_fp(a.cfg)
     if a.memory_child == "q":
         model = build_quantized(model, a.bits, batches[:1])
-    base = maxrss_mb()
     opt = sgd(model)
-    for _ in range(2):
-        train_step(model, opt, batches[0])
-    print(json.dumps({"base_mb": base, "peak_mb": maxrss_mb()}))
+    train_step(model, opt, batches[0])  # optimizer state and one-off buffers exist from here on
+    base = rss_mb()
+    with PeakRSS() as peak:
+        for _ in range(2):
+            train_step(model, opt, batches[0])
+    print(json.dumps({"base_mb": base, "peak_mb": peak.peak}))
 
 
 def peak_memory(a) -> dict[str, dict]:
     out = {}
+    # Large blocks go straight back to the OS when freed (no dynamic mmap threshold, no heap cache),
+    # so resident memory tracks what is allocated.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     for kind in ("fp", "q"):
         cmd = [sys.executable, __file__, "--memory-child", kind, "--cfg", a.cfg, "--imgsz", str(a.imgsz),
                "--batch", str(a.batch), "--bits", str(a.bits), "--threads", str(a.threads)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
 
@@ -138,7 +176,7 @@ def peak_memory(a) -> dict[str, dict]:
 def ratio_lines(t: dict, mem: dict, a) -> list[str]:
     n_img = 3 * a.batch
     grow = {k: v["peak_mb"] - v["base_mb"] for k, v in mem.items()}
-    mem_ratio = f"{grow['q'] / grow['fp']:.3f}" if grow["fp"] >= 1 else "n/a (FP step below set-up peak)"
+    mem_ratio = f"{grow['q'] / grow['fp']:.3f}" if grow["fp"] > 0 else "n/a (no growth measured for FP)"
     return [
         f"training step   QAT / FP          = {t['qat_step'] / t['fp_step']:.3f}  "
         f"({1000 * t['qat_step']:.0f} ms vs {1000 * t['fp_step']:.0f} ms)",
@@ -147,8 +185,8 @@ def ratio_lines(t: dict, mem: dict, a) -> list[str]:
         f"validation images/s  quant / FP   = {t['fp_eval'] / t['q_eval']:.3f}  "
         f"({n_img / t['q_eval']:.1f} vs {n_img / t['fp_eval']:.1f} img/s)",
         f"peak memory growth   quant / FP   = {mem_ratio}  "
-        f"({grow['q']:.0f} MB vs {grow['fp']:.0f} MB over set-up; peak RSS {mem['q']['peak_mb']:.0f} vs "
-        f"{mem['fp']['peak_mb']:.0f} MB)",
+        f"({grow['q']:.0f} MB vs {grow['fp']:.0f} MB over the resident set before the steps; peak "
+        f"{mem['q']['peak_mb']:.0f} vs {mem['fp']['peak_mb']:.0f} MB)",
     ]
 
 
