@@ -181,3 +181,35 @@ def plot_layer_oscillations(osc_csv: str | Path, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_results_table(results: list[dict], columns: list[str], bits: list[int], metrics: list[str],
+                       fp: dict, path: Path) -> None:
+    """The reproduction table as grouped bars: one panel per metric, one group per bit width, one bar
+    per column (mean over seeds, whiskers = sample std, dots = the single seeds), FP as a line."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
+    width = 0.8 / max(len(columns), 1)
+    colors = plt.get_cmap("tab10")
+    for ax, metric in zip(axes[0], metrics):
+        for j, col in enumerate(columns):
+            for i, b in enumerate(bits):
+                vals = [100 * r[metric] for r in results
+                        if r["bits"] == b and r["column"] == col and r.get(metric) is not None]
+                if not vals:
+                    continue
+                x = i + (j - (len(columns) - 1) / 2) * width
+                ax.bar(x, np.mean(vals), width * 0.9, color=colors(j % 10), label=col if i == 0 else None,
+                       yerr=np.std(vals, ddof=1) if len(vals) > 1 else None, capsize=2)
+                ax.plot([x] * len(vals), vals, "k.", ms=3)
+        if fp.get(metric) is not None:
+            ax.axhline(100 * fp[metric], color="k", ls="--", lw=1, label="FP")
+        ax.set_xticks(range(len(bits)), [f"W{b}A{b}" for b in bits])
+        ax.set_ylabel(f"{metric} mAP50-95 (%)")
+        lo = min([100 * r[metric] for r in results if r.get(metric) is not None] or [0])
+        ax.set_ylim(max(0.0, lo - 3), None)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

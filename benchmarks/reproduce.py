@@ -493,11 +493,16 @@ def main(argv=None) -> int:
             print(f"[fail] cell {c.key}: {type(e).__name__}: {e}")
             failed.append(f"{c.key}: {type(e).__name__}: {str(e).splitlines()[0]}")
     text = report(results, cells, a, fp, wall_s=time.time() - t_start)
+    if a.ablation != "qc" and results:
+        from benchmarks.plots import plot_results_table
+
+        plot_results_table(results, list(dict.fromkeys(c.column for c in cells)), a.bits,
+                           ["box"] + (["mask"] if fp.get("mask") is not None else []), fp, out / "table.png")
     if failed:
         text += "\n\nFailed cells (no result written; a re-run retries them):\n" + "\n".join(f"- {f}" for f in failed)
     write_outputs(results, text, out)
     print("\n" + text)
-    print(f"\nWritten: {out / 'table.md'}, {out / 'summary.json'}, {out / 'summary.csv'}, {out / 'diagnostics'}/*/*.png")
+    print(f"\nWritten: {out / 'table.md'}, {out / 'table.png'}, {out / 'summary.json'}, {out / 'summary.csv'}, {out / 'diagnostics'}/*/*.png")
     return 1 if failed else 0
 
 

@@ -59,6 +59,7 @@ def test_reproduce_writes_outputs_and_resumes(data, tmp_path):
         assert f"[skip] cell {c['key']}: finished before" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in done} == mtimes
     assert "Compute time: FP" in table and "paired" in table
+    assert (out / "table.png").stat().st_size > 1000
 
     # The decay sweep reuses the runs it shares with the main table (a=0 is LSQ, a=0.99 is EMA).
     sweep = subprocess.run([sys.executable, str(ROOT / "benchmarks/reproduce.py"), "--data", str(data),
