@@ -409,8 +409,16 @@ def report(results, cells, a, fp, wall_s: float | None = None) -> str:
     return "\n".join(parts)
 
 
-def write_outputs(results: list[dict], text: str, out: Path) -> None:
-    write_json(out / "summary.json", {"cells": results})
+def output_names(a) -> dict[str, str]:
+    """File names of one invocation: the ablations share the out dir (and its runs) with the main table
+    without overwriting it."""
+    suffix = f"-{a.ablation}" if a.ablation else ""
+    return {"table_md": f"table{suffix}.md", "table_png": f"table{suffix}.png",
+            "summary_json": f"summary{suffix}.json", "summary_csv": f"summary{suffix}.csv"}
+
+
+def write_outputs(results: list[dict], text: str, out: Path, names: dict[str, str]) -> None:
+    write_json(out / names["summary_json"], {"cells": results})
     fields = ["key", "bits", "method", "ema_decay", "seed", "column", "qc_key", "box", "mask", "qc_steps",
               "optimizer_steps", "ema_tau", "osc_share", "raw_weight_scale_flip_rate", "ema_weight_scale_flip_rate",
               "raw_act_scale_flip_rate", "ema_act_scale_flip_rate"]
@@ -424,8 +432,8 @@ def write_outputs(results: list[dict], text: str, out: Path) -> None:
                    "qc_key": Cell(r["bits"], r["method"], r["ema_decay"], r["seed"], r["column"],
                                   tuple(r["qc"]) if r["qc"] else None).qc_key}
             w.writerow({k: row.get(k) for k in fields})
-    os.replace(tmp, out / "summary.csv")
-    (out / "table.md").write_text(text + "\n")
+    os.replace(tmp, out / names["summary_csv"])
+    (out / names["table_md"]).write_text(text + "\n")
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -493,16 +501,18 @@ def main(argv=None) -> int:
             print(f"[fail] cell {c.key}: {type(e).__name__}: {e}")
             failed.append(f"{c.key}: {type(e).__name__}: {str(e).splitlines()[0]}")
     text = report(results, cells, a, fp, wall_s=time.time() - t_start)
+    names = output_names(a)
     if a.ablation != "qc" and results:
         from benchmarks.plots import plot_results_table
 
         plot_results_table(results, list(dict.fromkeys(c.column for c in cells)), a.bits,
-                           ["box"] + (["mask"] if fp.get("mask") is not None else []), fp, out / "table.png")
+                           ["box"] + (["mask"] if fp.get("mask") is not None else []), fp, out / names["table_png"])
     if failed:
         text += "\n\nFailed cells (no result written; a re-run retries them):\n" + "\n".join(f"- {f}" for f in failed)
-    write_outputs(results, text, out)
+    write_outputs(results, text, out, names)
     print("\n" + text)
-    print(f"\nWritten: {out / 'table.md'}, {out / 'table.png'}, {out / 'summary.json'}, {out / 'summary.csv'}, {out / 'diagnostics'}/*/*.png")
+    print(f"\nWritten: " + ", ".join(str(out / names[k]) for k in ("table_md", "table_png", "summary_json", "summary_csv"))
+          + f", {out / 'diagnostics'}/*/*.png")
     return 1 if failed else 0
 
 

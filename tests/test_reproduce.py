@@ -58,6 +58,7 @@ def test_reproduce_writes_outputs_and_resumes(data, tmp_path):
     for c in cells:
         assert f"[skip] cell {c['key']}: finished before" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in done} == mtimes
+    table = (out / "table.md").read_text()  # rewritten by the second run (its wall time)
     assert "Compute time: FP" in table and "paired" in table
     assert (out / "table.png").stat().st_size > 1000
 
@@ -70,7 +71,9 @@ def test_reproduce_writes_outputs_and_resumes(data, tmp_path):
                            env={**os.environ, "YOLO_OFFLINE": "1"})
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert "[run] QAT" not in sweep.stdout
-    assert "| model | FP | bits | a=0 | a=0.99 |" in (out / "table.md").read_text()
+    assert "| model | FP | bits | a=0 | a=0.99 |" in (out / "table-ema-decay.md").read_text()
+    assert (out / "table.md").read_text() == table  # the main table is not overwritten by the ablation
+    assert (out / "summary-ema-decay.json").exists() and (out / "table-ema-decay.png").stat().st_size > 1000
 
 
 def test_paired_comparison_uses_per_seed_differences():
