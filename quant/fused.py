@@ -65,7 +65,7 @@ def _build():
 @contextlib.contextmanager
 def reference_only():
     """Within the block, every LSQ quantizer runs the plain-PyTorch reference (to compare or debug)."""
-    _state["off"] = _state.get("off", 0) + 1
+    _state["off"] += 1
     try:
         yield
     finally:
@@ -79,7 +79,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, offset, qmin: int, qmax: in
     Same maths and gradient convention as ``lsq._LSQFunction`` (PyTorch's: mask on the rounded
     value); the autograd node is C++ (a Python autograd.Function costs ~250 us a call).
     """
-    if (_state.get("off") or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous()
+    if (_state["off"] or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous()
             or scale.numel() != 1 or scale.device.type != "cpu" or (offset is not None and offset.numel() != 1)):
         return None
     ext = extension()
