@@ -135,7 +135,7 @@ def test_in_place_change_of_the_saved_input_is_caught():
 
 
 def test_build_failure_falls_back_with_a_warning(monkeypatch):
-    monkeypatch.setattr(fused_lsq, "_state", {"ext": None, "tried": False})
+    monkeypatch.setattr(fused_lsq, "_state", {"ext": None, "tried": False, "off": 0})
 
     def broken_load(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions")
