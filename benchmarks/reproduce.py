@@ -144,6 +144,28 @@ def evaluate(model_or_path, a, data: str, save_dir: Path) -> dict:
                                save_dir=save_dir, verbose=False))
 
 
+# Options that change what a finished run means but are not part of its key: an out dir holds runs of one
+# setting only, so that a re-run never mixes, say, 4-epoch and 16-epoch cells in one table.
+SETTINGS = ("data", "model", "fp_epochs", "fp_optimizer", "fp_lr0", "qat_epochs", "imgsz", "batch", "lr0",
+            "warmup_epochs", "calib_batches", "ema_tau")
+QC_SETTINGS = ("qc_steps", "qc_images", "qc_lr")  # checked only by invocations that run QC cells
+
+
+def check_settings(a, with_qc: bool) -> None:
+    """Record the settings of the runs in an out dir; refuse a re-run into it with different ones."""
+    path = Path(a.out) / "settings.json"
+    keys = SETTINGS + (QC_SETTINGS if with_qc else ())
+    now = {k: getattr(a, k) for k in keys}
+    before = read_json(path) or {}
+    diff = [f"--{k.replace('_', '-')} {now[k]} (the runs there used {before[k]})"
+            for k in keys if k in before and before[k] != now[k]]
+    if diff:
+        raise SystemExit(f"reproduce.py: {a.out} holds runs made with other settings: " + "; ".join(diff)
+                         + ". Use another --out, or the same settings to resume.")
+    if any(k not in before for k in keys):
+        write_json(path, {**before, **now})
+
+
 # -- FP -----------------------------------------------------------------------------------------
 def ensure_fp(a, data: str) -> dict:
     """Train (or reuse) the one FP model all cells start from; validated once."""
@@ -487,9 +509,10 @@ def main(argv=None) -> int:
     data = resolve_data(a.data)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    cells = cells_for(a)
+    check_settings(a, with_qc=any(c.qc is not None for c in cells))
     fp = ensure_fp(a, data)
     budget = qat_budget(a, data)
-    cells = cells_for(a)
     print(f"[plan] {len(cells)} cells; QAT: {budget['steps_per_epoch']} optimizer steps/epoch x {a.qat_epochs} "
           f"epochs = {budget['qat_steps']} steps per run; EMA tau {budget['ema_tau']:g} steps; QC budget "
           f"{a.qc_steps if a.qc_steps is not None else 'one pass over the calibration set'}")
@@ -511,7 +534,8 @@ def main(argv=None) -> int:
         text += "\n\nFailed cells (no result written; a re-run retries them):\n" + "\n".join(f"- {f}" for f in failed)
     write_outputs(results, text, out, names)
     print("\n" + text)
-    print(f"\nWritten: " + ", ".join(str(out / names[k]) for k in ("table_md", "table_png", "summary_json", "summary_csv"))
+    written = ("table_md", "summary_json", "summary_csv") + (("table_png",) if a.ablation != "qc" and results else ())
+    print("\nWritten: " + ", ".join(str(out / names[k]) for k in written)
           + f", {out / 'diagnostics'}/*/*.png")
     return 1 if failed else 0
 

@@ -18,10 +18,10 @@ def data(tmp_path_factory):
     return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
 
 
-def reproduce(data, out):
+def reproduce(data, out, *extra):
     args = ["--data", str(data), "--model", "yolov5n-seg", "--bits", "4", "--methods", "lsq", "ema", "--qc",
             "--fp-epochs", "1", "--qat-epochs", "1", "--seeds", "0", "--imgsz", "64", "--batch", "4",
-            "--calib-batches", "1", "--qc-steps", "2", "--out", str(out)]
+            "--calib-batches", "1", "--qc-steps", "2", "--out", str(out), *extra]
     env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, str(ROOT / "benchmarks/reproduce.py"), *args], capture_output=True,
                           text=True, timeout=400, cwd=ROOT, env=env)
@@ -74,6 +74,11 @@ def test_reproduce_writes_outputs_and_resumes(data, tmp_path):
     assert "| model | FP | bits | a=0 | a=0.99 |" in (out / "table-ema-decay.md").read_text()
     assert (out / "table.md").read_text() == table  # the main table is not overwritten by the ablation
     assert (out / "summary-ema-decay.json").exists() and (out / "table-ema-decay.png").stat().st_size > 1000
+
+    # Other settings than the runs already there: refused with the flag named, nothing re-run or mixed in.
+    other = reproduce(data, out, "--qat-epochs", "2")
+    assert other.returncode != 0 and "--qat-epochs 2 (the runs there used 1)" in other.stderr
+    assert "[run]" not in other.stdout
 
 
 def test_paired_comparison_uses_per_seed_differences():
