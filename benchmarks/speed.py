@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402,F401  (registers the YOLO policy)
 from benchmarks.step_time import make_batch, train_step  # noqa: E402
-from quant import calibrate, quantize_model  # noqa: E402
+from quant import calibrate, quantize_model, set_recompute_input  # noqa: E402
 from quant.qc import freeze_for_qc, insert_qc, set_batchnorm_eval  # noqa: E402
 
 
@@ -149,8 +149,9 @@ def memory_child(a) -> None:
     """In a fresh process: peak resident-set growth of two training steps of one model (fp or q)."""
     batches = [make_batch(a.batch, a.imgsz, 3, seed=i) for i in range(3)]
     model = build_fp(a.cfg)
-    if a.memory_child == "q":
+    if a.memory_child != "fp":
         model = build_quantized(model, a.bits, batches[:1])
+        set_recompute_input(model, a.memory_child == "q-recompute")
     opt = sgd(model)
     train_step(model, opt, batches[0])  # optimizer state and one-off buffers exist from here on
     base = rss_mb()
@@ -165,7 +166,7 @@ def peak_memory(a) -> dict[str, dict]:
     # Large blocks go straight back to the OS when freed (no dynamic mmap threshold, no heap cache),
     # so resident memory tracks what is allocated.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    for kind in ("fp", "q"):
+    for kind in ("fp", "q", "q-recompute"):
         cmd = [sys.executable, __file__, "--memory-child", kind, "--cfg", a.cfg, "--imgsz", str(a.imgsz),
                "--batch", str(a.batch), "--bits", str(a.bits), "--threads", str(a.threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
@@ -187,6 +188,8 @@ def ratio_lines(t: dict, mem: dict, a) -> list[str]:
         f"peak memory growth   quant / FP   = {mem_ratio}  "
         f"({grow['q']:.0f} MB vs {grow['fp']:.0f} MB over the resident set before the steps; peak "
         f"{mem['q']['peak_mb']:.0f} vs {mem['fp']['peak_mb']:.0f} MB)",
+        f"  with --recompute-input          = {grow['q-recompute'] / grow['fp']:.3f}  "
+        f"({grow['q-recompute']:.0f} MB)" if grow["fp"] > 0 else "  with --recompute-input: n/a",
     ]
 
 
@@ -198,7 +201,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=5, help="timed repeats of each measurement")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--memory-child", choices=["fp", "q"], help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", choices=["fp", "q", "q-recompute"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.memory_child:

@@ -2,8 +2,9 @@
 
 Forward, loss, backward and optimizer step on one fixed batch, the models interleaved so that
 machine noise hits all alike; prints the median step times and their ratios to FP. The quantized
-model runs twice per round: with the fused LSQ CPU kernel (quant/fused.py, what training uses)
-and with the plain-PyTorch reference (``--no-reference`` skips it).
+model runs as training runs it by default (fused LSQ CPU kernel, quant/fused.py) and, unless
+``--no-variants``, with the input quantization recomputed in the backward ("recompute",
+``--recompute-input`` of train_qat.py: less memory) and with the plain-PyTorch reference LSQ ("ref").
 
     python benchmarks/step_time.py --cfg yolov5nu.yaml --imgsz 320 --batch 8 --steps 10
 """
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402,F401  (registers the YOLO policy)
-from quant import calibrate, quantize_model  # noqa: E402
+from quant import calibrate, quantize_model, set_recompute_input  # noqa: E402
 from quant import fused as fused_lsq  # noqa: E402
 
 
@@ -53,7 +54,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--no-reference", action="store_true", help="skip the reference-LSQ timing")
+    ap.add_argument("--no-variants", action="store_true",
+                    help="time FP and W4A4 only (not the reference LSQ and the keep-input variants)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from ultralytics.cfg import get_cfg
@@ -67,15 +69,19 @@ def main(argv=None):
     calibrate(q, [batch["img"]], num_batches=1)
     qk = "w%da%d" % (args.bits, args.bits)
     fused_on = fused_lsq.extension() is not None
-    # name -> (model, fused kernel on?); the reference row shares the quantized model and optimizer
-    runs = {"fp": (fp.train(), True), qk: (q.train(), True)}
-    if fused_on and not args.no_reference:
-        runs[qk + " ref"] = (q, False)
+    # name -> (model, fused kernel on?, recompute the input quantization in the backward?); the variants
+    # share the quantized model and its optimizer
+    runs = {"fp": (fp.train(), True, False), qk: (q.train(), True, False)}
+    if not args.no_variants:
+        runs[qk + " recompute"] = (q, True, True)
+        if fused_on:
+            runs[qk + " ref"] = (q, False, False)
     opts = {"fp": torch.optim.SGD(fp.parameters(), lr=1e-4, momentum=0.9),
             qk: torch.optim.SGD(q.parameters(), lr=1e-4, momentum=0.9)}
 
     def step(name):
-        model, fused = runs[name]
+        model, fused, recompute = runs[name]
+        set_recompute_input(model, recompute)
         with contextlib.nullcontext() if fused else fused_lsq.reference_only():
             train_step(model, opts[name.split()[0]], batch)
 
@@ -89,7 +95,7 @@ def main(argv=None):
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
-        print(f"{k:>10}: median step {v * 1000:8.1f} ms  (min {min(times[k]) * 1000:.1f}, "
+        print(f"{k:>14}: median step {v * 1000:8.1f} ms  (min {min(times[k]) * 1000:.1f}, "
               f"max {max(times[k]) * 1000:.1f})  ratio to fp {v / med['fp']:.3f}")
     lsq = "fused LSQ kernel" if fused_on else "reference LSQ (fused kernel unavailable)"
     print(f"ratio {qk}/fp = {med[qk] / med['fp']:.3f} with the {lsq}  ({args.cfg}, imgsz {args.imgsz}, "

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--calib-batches", type=int, default=8)
     a("--bn-reestimate", action=argparse.BooleanOptionalAction, default=False)
     a("--bn-batches", type=int, default=50)
+    a("--recompute-input", action=argparse.BooleanOptionalAction, default=False,
+      help="recompute each conv input's fake quantization in the backward: ~FP peak memory, slower steps")
     a("--lr0", type=float, default=0.01, help="SGD lr of the weights (YOLO recipe)")
     a("--warmup-epochs", type=float, default=3.0)
     a("--close-mosaic", type=int, help="epochs without mosaic at the end (default: a quarter of the run, <= 10)")
@@ -92,7 +94,8 @@ def qat_config(opt):
                          scale_lr=opt.scale_lr, dampen_lambda=opt.dampen_lambda, freeze_th_start=opt.freeze_th_start,
                          freeze_th_end=opt.freeze_th_end, osc_momentum=opt.osc_momentum,
                          osc_threshold=opt.osc_threshold, calib_batches=opt.calib_batches,
-                         bn_reestimate=opt.bn_reestimate, bn_batches=opt.bn_batches)
+                         bn_reestimate=opt.bn_reestimate, bn_batches=opt.bn_batches,
+                         recompute_input=opt.recompute_input)
     except ValueError as e:
         raise InputError(f"invalid QAT setting: {e}") from None
 

@@ -30,6 +30,7 @@ class QATConfig:
     calib_batches: int = 8  # batches that initialise the activation quantizers
     bn_reestimate: bool = False  # recompute BN statistics with the quantized forward after QAT
     bn_batches: int = 50
+    recompute_input: bool = False  # QuantConv2d.recompute_input: less training memory, slower steps
 
     def __post_init__(self):
         self.recipe = QuantRecipe.from_any(self.recipe).to_dict()  # raises ValueError on bad bits

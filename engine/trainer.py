@@ -29,7 +29,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 import models  # noqa: F401  (registers the YOLO layer policy)
 from models.checkpoint import load_checkpoint, save_checkpoint
-from quant import LSQQuantizer, calibrate, is_quantized, quant_convs, quantize_model
+from quant import LSQQuantizer, calibrate, is_quantized, quant_convs, quantize_model, set_recompute_input
 from quant.oscillation import Dampening, DelayedCosine, OscillationTracker
 
 from .config import QATConfig
@@ -105,6 +105,7 @@ class QATTrainerMixin:
             self._calibrate()
             self._calibrated = True
         model = unwrap_model(self.model)
+        set_recompute_input(model, self.qat.recompute_input)
         if self.tracker is None:
             self.tracker = OscillationTracker(quant_convs(model), self.qat.osc_momentum).to(self.device)
 

@@ -76,10 +76,12 @@ def test_detect_cli_ema_off_with_a_corrupt_image(data, tmp_path):
 
 def test_segment_cli_freeze_with_ema(data, tmp_path):
     r = cli(["--data", str(data), "--cfg", "yolov5n-seg", "--epochs", "2", "--ema-decay", "0.9", "--ema-tau", "2",
-             "--method", "freeze", "--project", str(tmp_path / "runs"), "--name", "seg", *TINY], tmp_path)
+             "--method", "freeze", "--recompute-input", "--project", str(tmp_path / "runs"), "--name", "seg", *TINY],
+            tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mask mAP50-95" in r.stdout
     ckpt = check_outputs(tmp_path / "runs/seg", 2)
+    assert yaml.safe_load((tmp_path / "runs/seg/args.yaml").read_text())["qat"]["recompute_input"] is True
     assert "metrics/mAP50-95(M)" in (tmp_path / "runs/seg/results.csv").read_text()
     # EMA on: the saved model lags the raw weights
     raw = ckpt["train_state"]["model"]
