@@ -1,27 +1,55 @@
 """QuantConv2d: a drop-in for nn.Conv2d that fake-quantizes its input and its weight."""
 from __future__ import annotations
 
-from functools import partial
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .fp32 import KeepFP32
 from .lsq import LSQQuantizer
 from .range_init import init_weight_quantizer
 
-try:  # selective activation checkpointing: torch >= 2.4
-    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-except ImportError:  # older torch: the input is kept as before (more memory, same results)
-    checkpoint = None
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
-def _recompute_all_but_conv(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op == torch.ops.aten.convolution.default else \
-        CheckpointPolicy.PREFER_RECOMPUTE
+class _RecomputedInputConv(torch.autograd.Function):
+    """``conv(input_quantizer(x), wq, bias)`` that keeps only ``x`` and ``wq`` for the backward.
 
+    Autograd would keep ``x`` (for the quantizer's gradient) and the quantized input (for the
+    convolution's). Here the backward recomputes the fake quantization from ``x`` (one elementwise
+    pass), runs the same ``aten.convolution_backward`` autograd would, and sends the input
+    gradient back through the recomputed quantizer: bit-identical gradients, one activation-sized
+    tensor less per conv. ``qparams`` are the quantizer's learnable tensors (step size, offset),
+    inputs here only so that their gradients have somewhere to go.
+    """
 
-_RECOMPUTE_CONTEXT = partial(create_selective_checkpoint_contexts, _recompute_all_but_conv) if checkpoint else None
+    @staticmethod
+    def forward(ctx, x, wq, bias, conv, *qparams):
+        with torch.no_grad():
+            xq = conv.input_quantizer(x)
+        ctx.conv, ctx.has_bias = conv, bias is not None
+        ctx.save_for_backward(x, wq)
+        return F.conv2d(xq, wq, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, wq = ctx.saved_tensors
+        conv, need = ctx.conv, ctx.needs_input_grad
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(need[0])
+            xq = conv.input_quantizer(xr)
+        grad_xq, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_y.contiguous(), xq.detach(), wq, [wq.shape[0]] if ctx.has_bias else None, conv.stride, conv.padding,
+            conv.dilation, False, [0, 0], conv.groups, [True, need[1], ctx.has_bias and need[2]])
+        qparams = list(conv.input_quantizer.parameters())  # what forward got, in the same order
+        targets = ([xr] if need[0] else []) + [p for p, n in zip(qparams, need[4:]) if n]
+        grads = iter(torch.autograd.grad(xq, targets, grad_xq, allow_unused=True) if targets else ())
+        grad_x = next(grads) if need[0] else None
+        return (grad_x, grad_w, grad_b, None, *[next(grads) if n else None for n in need[4:]])
 
 
 class QuantConv2d(KeepFP32, nn.Conv2d):
@@ -35,11 +63,12 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
 
     ``recompute_input`` (off by default; ``set_recompute_input`` switches a whole model): in
     training, keep only the conv's input for the backward and recompute its fake quantization
-    there, instead of keeping both the input (for the quantizer's gradient) and the quantized input
-    (for the convolution's). One activation-sized tensor less per quantized conv: about the peak
-    memory of the FP model (benchmarks/speed.py: 1.04x instead of 1.50x) for a slower step
-    (checkpointing costs ~2-4 ms per conv on CPU: 1.47x instead of 1.12x FP in
-    benchmarks/step_time.py). Outputs and gradients are bit-identical (tests/test_qconv_recompute.py).
+    there (``_RecomputedInputConv``), instead of keeping both the input (for the quantizer's
+    gradient) and the quantized input (for the convolution's). One activation-sized tensor less
+    per quantized conv: about the peak memory of the FP model (benchmarks/speed.py: 1.03x instead
+    of 1.50x) for one more elementwise pass per conv (benchmarks/step_time.py: 1.28x FP instead of
+    1.16x). Outputs and gradients are bit-identical (tests/test_qconv_recompute.py). Not under
+    autocast (the convolution would run in half precision there): such layers keep both tensors.
     """
 
     recompute_input: bool = False  # class default too: models pickled before the option existed
@@ -92,8 +121,12 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
         dtype = x.dtype
         wq = self.weight_quantizer(self.weight.float())
         if self._recomputes(x):
-            y = checkpoint(self._forward_quantized, x.float(), wq, use_reentrant=False,
-                           context_fn=_RECOMPUTE_CONTEXT)
+            bias = self.bias.float() if self.bias is not None and self.out_scale is None else None
+            y = _RecomputedInputConv.apply(x.float(), wq, bias, self, *self.input_quantizer.parameters())
+            if self.out_scale is not None:
+                y = y * self.out_scale.view(1, -1, 1, 1)
+                if self.bias is not None:
+                    y = y + self.bias.float().view(1, -1, 1, 1)
         else:
             y = self._forward_quantized(x.float(), wq)
         return y if dtype == torch.float32 else y.to(dtype)
@@ -101,8 +134,11 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
     def _recomputes(self, x: torch.Tensor) -> bool:
         q = self.input_quantizer
         # An uninitialised quantizer initialises itself from its first input: that must run once, not twice.
-        return (checkpoint is not None and self.recompute_input and torch.is_grad_enabled() and q.enabled
-                and q._is_init and not torch.jit.is_tracing() and not torch.jit.is_scripting())
+        # Under autocast the convolution would run in half precision: not recomputed there (same maths).
+        return (self.recompute_input and torch.is_grad_enabled() and q.enabled and q._is_init
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and not _autocast_on(x.device.type) and not torch.jit.is_tracing()
+                and not torch.jit.is_scripting())
 
     def _forward_quantized(self, x: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
         xq = self.input_quantizer(x)
