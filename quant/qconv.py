@@ -120,15 +120,16 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         wq = self.weight_quantizer(self.weight.float())
+        folded = self.out_scale is not None  # the bias comes after the output scale, not inside the conv
+        conv_bias = None if folded or self.bias is None else self.bias.float()
         if self._recomputes(x):
-            bias = self.bias.float() if self.bias is not None and self.out_scale is None else None
-            y = _RecomputedInputConv.apply(x.float(), wq, bias, self, *self.input_quantizer.parameters())
-            if self.out_scale is not None:
-                y = y * self.out_scale.view(1, -1, 1, 1)
-                if self.bias is not None:
-                    y = y + self.bias.float().view(1, -1, 1, 1)
+            y = _RecomputedInputConv.apply(x.float(), wq, conv_bias, self, *self.input_quantizer.parameters())
         else:
-            y = self._forward_quantized(x.float(), wq)
+            y = self._conv_forward(self.input_quantizer(x.float()), wq, conv_bias)
+        if folded:
+            y = y * self.out_scale.view(1, -1, 1, 1)
+            if self.bias is not None:
+                y = y + self.bias.float().view(1, -1, 1, 1)
         return y if dtype == torch.float32 else y.to(dtype)
 
     def _recomputes(self, x: torch.Tensor) -> bool:
@@ -139,16 +140,6 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and not _autocast_on(x.device.type) and not torch.jit.is_tracing()
                 and not torch.jit.is_scripting())
-
-    def _forward_quantized(self, x: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-        xq = self.input_quantizer(x)
-        if self.out_scale is None:
-            y = self._conv_forward(xq, wq, None if self.bias is None else self.bias.float())
-        else:
-            y = self._conv_forward(xq, wq, None) * self.out_scale.view(1, -1, 1, 1)
-            if self.bias is not None:
-                y = y + self.bias.float().view(1, -1, 1, 1)
-        return y
 
     @torch.no_grad()
     def fold_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
