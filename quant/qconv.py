@@ -66,8 +66,8 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
     there (``_RecomputedInputConv``), instead of keeping both the input (for the quantizer's
     gradient) and the quantized input (for the convolution's). One activation-sized tensor less
     per quantized conv: about the peak memory of the FP model (benchmarks/speed.py: 1.03x instead
-    of 1.50x) for one more elementwise pass per conv (benchmarks/step_time.py: 1.28x FP instead of
-    1.16x). Outputs and gradients are bit-identical (tests/test_qconv_recompute.py). Not under
+    of 1.50x) for one more elementwise pass per conv (benchmarks/step_time.py: 1.28-1.35x FP instead of
+    1.16-1.20x). Outputs and gradients are bit-identical (tests/test_qconv_recompute.py). Not under
     autocast (the convolution would run in half precision there): such layers keep both tensors.
     """
 
