@@ -525,7 +525,8 @@ def main(argv=None) -> int:
             failed.append(f"{c.key}: {type(e).__name__}: {str(e).splitlines()[0]}")
     text = report(results, cells, a, fp, wall_s=time.time() - t_start)
     names = output_names(a)
-    if a.ablation != "qc" and results:
+    plotted = a.ablation != "qc" and bool(results)  # the QC ablation is a table of variants, not bars
+    if plotted:
         from benchmarks.plots import plot_results_table
 
         plot_results_table(results, list(dict.fromkeys(c.column for c in cells)), a.bits,
@@ -534,7 +535,7 @@ def main(argv=None) -> int:
         text += "\n\nFailed cells (no result written; a re-run retries them):\n" + "\n".join(f"- {f}" for f in failed)
     write_outputs(results, text, out, names)
     print("\n" + text)
-    written = ("table_md", "summary_json", "summary_csv") + (("table_png",) if a.ablation != "qc" and results else ())
+    written = ("table_md", "summary_json", "summary_csv") + (("table_png",) if plotted else ())
     print("\nWritten: " + ", ".join(str(out / names[k]) for k in written)
           + f", {out / 'diagnostics'}/*/*.png")
     return 1 if failed else 0
