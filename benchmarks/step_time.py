@@ -55,7 +55,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--no-variants", action="store_true",
-                    help="time FP and W4A4 only (not the reference LSQ and the keep-input variants)")
+                    help="time FP and W4A4 only (not the recompute and reference-LSQ variants)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from ultralytics.cfg import get_cfg
