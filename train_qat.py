@@ -2,7 +2,7 @@
 
     python train_qat.py                                   # offline demo: embedded data, FP training, W4A4 EMA QAT
     python train_qat.py --weights fp.pt --data coco-seg.yaml --config configs/ema_w4a4.yaml --epochs 100
-    python train_qat.py --cfg yolov5n --fp-epochs 50 --w-bits 3 --a-bits 3 --method dampen
+    python train_qat.py --cfg yolov5nu --fp-epochs 50 --w-bits 3 --a-bits 3 --method dampen
     python train_qat.py --resume runs/qat/exp/weights/last.pt
 
 Every flag can also be set in a recipe yaml (``--config``; keys are the flag names with '_');

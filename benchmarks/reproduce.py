@@ -1,7 +1,7 @@
 """Reproduction benchmark of METHOD.md section 5 at CPU scale: one FP model, then every cell (method x
 bit width x with/without QC x seed), box and mask mAP50-95 by pycocotools, mean and spread over seeds.
 
-    python benchmarks/reproduce.py --model yolov5n-seg --bits 4 --methods lsq ema --qc --fp-epochs 15 \
+    python benchmarks/reproduce.py --model yolov5nu-seg --bits 4 --methods lsq ema --qc --fp-epochs 15 \
         --qat-epochs 4 --seeds 0 1 --imgsz 128 --batch 16 --out runs/reproduce/w4
     python benchmarks/reproduce.py ... --ablation qc          # QC granularity x scale/shift (Table 2)
     python benchmarks/reproduce.py ... --ablation ema-decay   # EMA decay 0 .. 0.9999 (Table 3)
@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--data", help="dataset yaml (default: the embedded offline dataset)")
-    a("--model", default="yolov5n-seg", help="model yaml / short name (FP trained here) or an FP .pt")
+    a("--model", default="yolov5nu-seg", help="model yaml / short name (FP trained here) or an FP .pt")
     a("--bits", type=int, nargs="+", default=[4])
     a("--methods", nargs="+", default=["lsq", "ema"], choices=list(LABELS))
     a("--qc", action="store_true", help="also evaluate every method after QC")

@@ -11,8 +11,8 @@ import yaml
 # The no-argument demo, sized for ~10 minutes on 2 CPU cores: 16 optimizer steps per epoch, so the
 # EMA warm-up tau is counted in steps accordingly (the paper's tau=2000 assumes COCO-length runs).
 # FP stage of the demo: short runs (~250 optimizer steps) learn far more with AdamW at 4e-3 than with
-# optimizer=auto's choice (measured on the embedded set, yolov5n 10 epochs: mAP50 0.34 vs 0.15).
-DEMO = {"cfg": "yolov5n-seg", "fp_epochs": 16, "fp_optimizer": "AdamW", "fp_lr0": 0.004, "epochs": 4, "imgsz": 128, "batch": 16, "ema_decay": 0.99,
+# optimizer=auto's choice (measured on the embedded set, yolov5nu 10 epochs: mAP50 0.34 vs 0.15).
+DEMO = {"cfg": "yolov5nu-seg", "fp_epochs": 16, "fp_optimizer": "AdamW", "fp_lr0": 0.004, "epochs": 4, "imgsz": 128, "batch": 16, "ema_decay": 0.99,
         "ema_tau": 16.0, "lr0": 0.002, "warmup_epochs": 0.0, "workers": 0}
 
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = ap.add_argument
     a("--config", help="recipe yaml whose keys are any of these flags (e.g. configs/ema_w4a4.yaml)")
     a("--weights", help="FP (or QAT) checkpoint to start from: any Ultralytics .pt, or a model yaml")
-    a("--cfg", help="model yaml or short name (yolov5n, yolov5s, yolov7-tiny, *-seg) when there are no --weights")
+    a("--cfg", help="model yaml or short name (yolov5nu, yolov5su, yolov7-tinyu, *-seg) when there are no --weights")
     a("--data", help="dataset yaml (default: the embedded offline dataset, generated on first use)")
     a("--epochs", type=int, default=10, help="QAT epochs")
     a("--fp-epochs", type=int, default=0, help="train the FP model first for this many epochs (no --weights)")

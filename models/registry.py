@@ -7,8 +7,11 @@ _DIR = Path(__file__).resolve().parent
 
 MODEL_CFGS = {
     name: str(_DIR / f"{name}.yaml")
-    for name in ("yolov5n", "yolov5s", "yolov7-tiny", "yolov5n-seg", "yolov5s-seg", "yolov7-tiny-seg")
+    for name in ("yolov7-tinyu", "yolov5nu-seg", "yolov5su-seg", "yolov7-tinyu-seg")
 }
+# Ultralytics ships the anchor-free YOLOv5 detectors itself; a file of ours named 'yolov5nu.yaml' would be
+# renamed to 'yolov5n.yaml' by its loader (check_yolov5u_filename), so these names go to its own copies.
+MODEL_CFGS.update({"yolov5nu": "yolov5nu.yaml", "yolov5su": "yolov5su.yaml"})
 
 
 def _is_ultralytics_cfg(name: str) -> bool:
@@ -24,7 +27,7 @@ def _is_ultralytics_cfg(name: str) -> bool:
 
 
 def resolve_model_cfg(name_or_path: str | Path) -> str:
-    """Return the yaml path for a short name ('yolov5n', 'yolov7-tiny-seg.yaml'), an existing file, or an
+    """Return the yaml path for a short name ('yolov5nu', 'yolov7-tinyu-seg.yaml'), an existing file, or an
     Ultralytics model yaml name ('yolo11n.yaml'); raise ValueError otherwise."""
     s = str(name_or_path)
     key = s[:-5] if s.endswith(".yaml") else s

@@ -32,25 +32,27 @@ def test_builds_and_forwards(name):
         assert out[0].shape[:2] == (1, 4 + 80)
 
 
-def test_yolov5n_equals_ultralytics_v5nu():
-    ours = DetectionModel(MODEL_CFGS["yolov5n"], nc=80, verbose=False)
-    ref = DetectionModel("yolov5nu.yaml", nc=80, verbose=False)
-    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+def test_yolov5nu_seg_has_the_yolov5nu_backbone():
+    seg = SegmentationModel(MODEL_CFGS["yolov5nu-seg"], nc=80, verbose=False)
+    det = DetectionModel(MODEL_CFGS["yolov5nu"], nc=80, verbose=False)
+    n = len(det.model) - 1  # everything but the head
+    assert [type(m).__name__ for m in seg.model[:n]] == [type(m).__name__ for m in det.model[:n]]
+    assert sum(p.numel() for p in seg.model[:n].parameters()) == sum(p.numel() for p in det.model[:n].parameters())
 
 
 def test_yolov7_tiny_uses_leaky_relu():
-    model, _ = _build("yolov7-tiny")
+    model, _ = _build("yolov7-tinyu")
     acts = {type(m.act) for m in model.modules() if hasattr(m, "act") and isinstance(m.act, torch.nn.Module)}
     assert acts == {torch.nn.LeakyReLU}
 
 
 def test_resolve_model_cfg(tmp_path):
-    assert resolve_model_cfg("yolov5n") == MODEL_CFGS["yolov5n"]
-    assert resolve_model_cfg("yolov7-tiny-seg.yaml") == MODEL_CFGS["yolov7-tiny-seg"]
+    assert resolve_model_cfg("yolov5nu") == MODEL_CFGS["yolov5nu"]
+    assert resolve_model_cfg("yolov7-tinyu-seg.yaml") == MODEL_CFGS["yolov7-tinyu-seg"]
     assert resolve_model_cfg("yolov8n-seg.yaml") == "yolov8n-seg.yaml"
     assert resolve_model_cfg("yolo11n.yaml") == "yolo11n.yaml"
     own = tmp_path / "mine.yaml"
     own.write_text("nc: 1\n")
     assert resolve_model_cfg(own) == str(own)
-    with pytest.raises(ValueError, match="yolov7-tiny"):
+    with pytest.raises(ValueError, match="yolov7-tinyu"):
         resolve_model_cfg("no-such-model")

@@ -19,7 +19,7 @@ def data(tmp_path_factory):
 
 
 def reproduce(data, out, *extra):
-    args = ["--data", str(data), "--model", "yolov5n-seg", "--bits", "4", "--methods", "lsq", "ema", "--qc",
+    args = ["--data", str(data), "--model", "yolov5nu-seg", "--bits", "4", "--methods", "lsq", "ema", "--qc",
             "--fp-epochs", "1", "--qat-epochs", "1", "--seeds", "0", "--imgsz", "64", "--batch", "4",
             "--calib-batches", "1", "--qc-steps", "2", "--out", str(out), *extra]
     env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
@@ -64,7 +64,7 @@ def test_reproduce_writes_outputs_and_resumes(data, tmp_path):
 
     # The decay sweep reuses the runs it shares with the main table (a=0 is LSQ, a=0.99 is EMA).
     sweep = subprocess.run([sys.executable, str(ROOT / "benchmarks/reproduce.py"), "--data", str(data),
-                            "--model", "yolov5n-seg", "--bits", "4", "--ablation", "ema-decay", "--decays", "0",
+                            "--model", "yolov5nu-seg", "--bits", "4", "--ablation", "ema-decay", "--decays", "0",
                             "0.99", "--fp-epochs", "1", "--qat-epochs", "1", "--seeds", "0", "--imgsz", "64",
                             "--batch", "4", "--calib-batches", "1", "--out", str(out)],
                            capture_output=True, text=True, timeout=400, cwd=ROOT,

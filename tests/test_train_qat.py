@@ -59,7 +59,7 @@ def test_detect_cli_ema_off_with_a_corrupt_image(data, tmp_path):
     cfg = yaml.safe_load(data.read_text())
     cfg["path"] = str(ds)
     (ds / "d.yaml").write_text(yaml.safe_dump(cfg))
-    r = cli(["--data", str(ds / "d.yaml"), "--cfg", "yolov5n", "--epochs", "2", "--ema-decay", "0", "--method", "lsq",
+    r = cli(["--data", str(ds / "d.yaml"), "--cfg", "yolov5nu", "--epochs", "2", "--ema-decay", "0", "--method", "lsq",
              "--project", str(tmp_path / "runs"), "--name", "det", *TINY], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout + r.stderr
@@ -75,7 +75,7 @@ def test_detect_cli_ema_off_with_a_corrupt_image(data, tmp_path):
 
 
 def test_segment_cli_freeze_with_ema(data, tmp_path):
-    r = cli(["--data", str(data), "--cfg", "yolov5n-seg", "--epochs", "2", "--ema-decay", "0.9", "--ema-tau", "2",
+    r = cli(["--data", str(data), "--cfg", "yolov5nu-seg", "--epochs", "2", "--ema-decay", "0.9", "--ema-tau", "2",
              "--method", "freeze", "--recompute-input", "--project", str(tmp_path / "runs"), "--name", "seg", *TINY],
             tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -109,7 +109,7 @@ sys.exit(main({args!r}, callbacks={{"on_train_batch_end": [crash]}}))
 
 def test_crash_mid_epoch_then_resume(data, tmp_path):
     run = tmp_path / "runs/crash"
-    args = ["--data", str(data), "--cfg", "yolov5n", "--epochs", "2", "--ema-decay", "0.9", "--ema-tau", "2",
+    args = ["--data", str(data), "--cfg", "yolov5nu", "--epochs", "2", "--ema-decay", "0.9", "--ema-tau", "2",
             "--method", "dampen", "--project", str(tmp_path / "runs"), "--name", "crash", *TINY]
     script = CRASH_SCRIPT.format(root=str(ROOT), args=args)
     r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=240)
@@ -158,7 +158,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("case", ["missing_data", "no_labels", "bits", "not_a_checkpoint", "bad_config"])
 def test_bad_input_messages(case, data, tmp_path, monkeypatch, capsys):
-    base = ["--cfg", "yolov5n", "--epochs", "1", "--project", str(tmp_path / "runs"), *TINY]
+    base = ["--cfg", "yolov5nu", "--epochs", "1", "--project", str(tmp_path / "runs"), *TINY]
     if case == "missing_data":
         args, expect = ["--data", str(tmp_path / "nope.yaml"), *base], "dataset yaml"
     elif case == "no_labels":
