@@ -1,0 +1,315 @@
+"""The YOLOv5 loss for the anchor-based heads (Detect, Segment, IDetect), as a criterion for Ultralytics' trainer.
+
+Written from the definition in ultralytics/yolov5 v7.0 (utils/loss.py and utils/segment/loss.py `ComputeLoss`,
+the gain scaling of train.py and data/hyps/hyp.scratch-low.yaml):
+- assignment: a label goes to every anchor of every level whose width and height ratios (label/anchor and
+  anchor/label) stay under `anchor_t`, in the cell holding its centre and in the two neighbour cells nearest to
+  the centre (one along x, one along y), never across the image border;
+- box: 1 - CIoU of the decoded prediction (xy = 2 sig - 0.5 in the cell, wh = (2 sig)^2 anchor);
+- objectness: BCE over every cell with the detached IoU (clamped at 0) as the positive cells' target,
+  level weights 4.0 / 1.0 / 0.4;
+- class: BCE on the positives, only when there is more than one class;
+- masks: per positive, proto x its coefficients, BCE inside the label box (in proto pixels) normalised by the
+  box area; averaged per image and level, summed, times the box gain / batch size.
+The gains are scaled as train.py does: box x 3/nl, cls x nc/80 x 3/nl, obj x (imgsz/640)^2 x 3/nl.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from ultralytics.utils.metrics import bbox_iou
+
+# data/hyps/hyp.scratch-low.yaml of ultralytics/yolov5 v7.0, plus train.py's `--label-smoothing` default
+DEFAULT_HYP = {
+    "lr0": 0.01, "lrf": 0.01, "momentum": 0.937, "weight_decay": 0.0005,
+    "warmup_epochs": 3.0, "warmup_momentum": 0.8, "warmup_bias_lr": 0.1,
+    "box": 0.05, "cls": 0.5, "cls_pw": 1.0, "obj": 1.0, "obj_pw": 1.0, "iou_t": 0.20, "anchor_t": 4.0,
+    "fl_gamma": 0.0, "label_smoothing": 0.0,
+    "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4, "degrees": 0.0, "translate": 0.1, "scale": 0.5, "shear": 0.0,
+    "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5, "mosaic": 1.0, "mixup": 0.0, "copy_paste": 0.0,
+}
+# Keys a checkpoint's pickled `model.hyp` may set. Not box/cls/obj: yolov5 and yolov7 train.py pickle the gains
+# after scaling them by that run's nl, nc and imgsz, so reading them back would scale them a second time.
+MODEL_HYP_KEYS = ("cls_pw", "obj_pw", "anchor_t", "fl_gamma", "label_smoothing")
+LEVEL_BALANCE = {3: [4.0, 1.0, 0.4]}
+LEVEL_BALANCE_OTHER = [4.0, 1.0, 0.25, 0.06, 0.02]  # P3-P7
+FOCAL_ALPHA = 0.25
+NEIGHBOUR_BIAS = 0.5  # a neighbour cell is taken when the centre lies in the half of its cell facing it
+
+
+def resolve_hyp(model, hyp: dict | None = None) -> dict:
+    """DEFAULT_HYP, updated by the loss keys of a yolov5-style `model.hyp` dict, then by `hyp`."""
+    out = dict(DEFAULT_HYP)
+    model_hyp = getattr(model, "hyp", None)
+    if isinstance(model_hyp, dict):
+        out.update({k: model_hyp[k] for k in MODEL_HYP_KEYS if model_hyp.get(k) is not None})
+    out.update(hyp or {})
+    return out
+
+
+@dataclass
+class LevelTargets:
+    """The positives of one level: prediction index (img, anchor, gj, gi), the target box (xy offset from
+    the cell's corner, wh, in grid units), the matched anchor's wh, the class and the label's row in the batch."""
+    img: torch.Tensor
+    anchor: torch.Tensor
+    gj: torch.Tensor
+    gi: torch.Tensor
+    box: torch.Tensor
+    anchor_wh: torch.Tensor
+    cls: torch.Tensor
+    label: torch.Tensor
+
+    def __len__(self):
+        return self.img.shape[0]
+
+
+def build_targets(labels: torch.Tensor, anchors: torch.Tensor, grid_hw: tuple[int, int],
+                  anchor_t: float = 4.0) -> LevelTargets:
+    """Assign labels (n, 6) = [img, cls, x, y, w, h] (normalised xywh) to one level with anchors (na, 2) in
+    grid units and a grid of grid_hw = (H, W) cells.
+
+    Order of the positives: own cells first, then left, up, right, down neighbours; inside each group anchor by
+    anchor, labels in batch order (as upstream, which matters only when two positives share one prediction).
+    """
+    h, w = grid_hw
+    size = labels.new_tensor([w, h])
+    gxy, gwh = labels[:, 2:4] * size, labels[:, 4:6] * size
+    ratio = gwh[None] / anchors[:, None]  # (na, n, 2)
+    fits = torch.maximum(ratio, 1 / ratio).amax(2) < anchor_t
+    anchor, label = fits.nonzero(as_tuple=True)  # anchor-major, as the (na, n) mask is laid out
+
+    xy = gxy[label]
+    to_far_edge = size - xy
+    # Centre in the left/top half of its cell (and not in the first cell) -> the left/upper neighbour; the same
+    # test from the far edge -> the right/lower one. An integer centre passes both tests; its "right" cell
+    # is then the own cell again, exactly as upstream computes it.
+    near_start = (xy % 1 < NEIGHBOUR_BIAS) & (xy > 1)
+    near_end = (to_far_edge % 1 < NEIGHBOUR_BIAS) & (to_far_edge > 1)
+    taken = torch.cat((torch.ones_like(near_start[:, :1]), near_start, near_end), 1).T  # (5, m): own, l, u, r, d
+    shifts = labels.new_tensor([[0, 0], [-1, 0], [0, -1], [1, 0], [0, 1]]) * NEIGHBOUR_BIAS
+    group, pos = taken.nonzero(as_tuple=True)
+
+    # The neighbour is the cell holding the centre moved half a cell towards it.
+    xy_pos = xy[pos]
+    cell = (xy_pos + shifts[group]).floor()
+    box = torch.cat((xy_pos - cell, gwh[label][pos]), 1)
+    cell = cell.long()
+    lab = label[pos]
+    return LevelTargets(img=labels[lab, 0].long(), anchor=anchor[pos], gj=cell[:, 1].clamp(0, h - 1),
+                        gi=cell[:, 0].clamp(0, w - 1), box=box, anchor_wh=anchors[anchor[pos]],
+                        cls=labels[lab, 1].long(), label=lab)
+
+
+def bce_with_logits(logits, target, pos_weight: float = 1.0, gamma: float = 0.0) -> torch.Tensor:
+    """Mean BCE; with gamma > 0 the focal form of yolov5's FocalLoss (alpha 0.25)."""
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none",
+                                              pos_weight=logits.new_tensor([pos_weight]))
+    if gamma > 0:
+        p = logits.sigmoid()
+        p_t = target * p + (1 - target) * (1 - p)
+        alpha = target * FOCAL_ALPHA + (1 - target) * (1 - FOCAL_ALPHA)
+        loss = loss * alpha * (1 - p_t) ** gamma
+    return loss.mean()
+
+
+def _detect_head(model):
+    layers = getattr(model, "model", None)
+    head = layers[-1] if layers is not None and len(layers) else None
+    missing = [a for a in ("nc", "nl", "na", "anchors") if not hasattr(head, a)]
+    if head is None or missing:
+        raise TypeError(
+            f"The YOLOv5 loss needs an anchor-based model whose last layer (model.model[-1]) is a Detect, Segment or "
+            f"IDetect head with nc, nl, na and an `anchors` buffer (nl, na, 2) in grid units; "
+            f"{type(head).__name__} lacks {', '.join(missing) or 'them'}. Anchor-free Ultralytics models "
+            f"(yolov5nu, yolov8, yolo11) train with Ultralytics' own v8DetectionLoss instead.")
+    return head
+
+
+def _split_preds(preds):
+    """(maps, proto) from a training output (maps | (maps, proto)) or an eval output ((pred, maps) |
+    (pred, proto, maps)); maps = nl tensors (B, na, H, W, no)."""
+    if isinstance(preds, (list, tuple)) and preds and all(torch.is_tensor(p) and p.dim() == 5 for p in preds):
+        return list(preds), None
+    if isinstance(preds, (list, tuple)):
+        maps = [p for p in preds if isinstance(p, (list, tuple))]
+        protos = [p for p in preds if torch.is_tensor(p) and p.dim() == 4]
+        if len(maps) == 1 and all(torch.is_tensor(p) and p.dim() == 5 for p in maps[0]):
+            return list(maps[0]), (protos[0] if protos else None)
+    raise TypeError(
+        "The YOLOv5 loss takes the head's output: in training a list of nl maps (B, na, H, W, 5+nc[+nm]) (with the "
+        "proto (B, nm, Hp, Wp) after it for Segment), in eval (pred, maps) or (pred, proto, maps); got "
+        f"{type(preds).__name__}. Pass the model's raw output, not the post-processed detections.")
+
+
+class YOLOv5DetLoss:
+    """YOLOv5 detection loss. `loss(preds, batch)` -> (total x batch size, {box_loss, obj_loss, cls_loss}).
+
+    batch: Ultralytics' collated dict ('img', 'batch_idx', 'cls', 'bboxes' normalised xywh). imgsz (for the
+    objectness gain) is the batch's max(H, W) unless given. Anchors are read from the head at every call, so an
+    anchor update (autoanchor) or a device move after construction is seen.
+    """
+    item_names = ("box_loss", "obj_loss", "cls_loss")
+
+    def __init__(self, model, hyp: dict | None = None, imgsz: int | None = None):
+        self.head = _detect_head(model)
+        self.nc, self.nl, self.na = int(self.head.nc), int(self.head.nl), int(self.head.na)
+        self.nm = 0
+        self.hyp = resolve_hyp(model, hyp)
+        self.imgsz = imgsz
+        self.balance = LEVEL_BALANCE.get(self.nl, LEVEL_BALANCE_OTHER)
+        if self.nl > len(self.balance):
+            raise ValueError(f"The YOLOv5 loss has level weights for at most {len(self.balance)} levels; this head "
+                             f"has nl={self.nl}. Use a model with 3 to 5 detection levels.")
+        eps = self.hyp["label_smoothing"]
+        self.cls_pos, self.cls_neg = 1.0 - 0.5 * eps, 0.5 * eps
+
+    def gains(self, imgsz: int) -> tuple[float, float, float]:
+        """(box, obj, cls) gains as yolov5 train.py scales them for nl levels, nc classes and image size."""
+        levels = 3 / self.nl
+        return (self.hyp["box"] * levels, self.hyp["obj"] * (imgsz / 640) ** 2 * levels,
+                self.hyp["cls"] * self.nc / 80 * levels)
+
+    def _labels(self, batch, device) -> torch.Tensor:
+        missing = [k for k in ("img", "batch_idx", "cls", "bboxes") if k not in batch]
+        if missing:
+            raise KeyError(f"The YOLOv5 loss takes Ultralytics' collated batch dict; it lacks {missing}. Pass the "
+                           f"batch as the trainer's preprocess_batch returns it.")
+        return torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"].view(-1, 4)),
+                         1).to(device=device, dtype=torch.float32)
+
+    def _check_maps(self, maps):
+        no = 5 + self.nc + self.nm
+        if len(maps) != self.nl or any(m.shape[1] != self.na or m.shape[-1] != no for m in maps):
+            shapes = [tuple(m.shape) for m in maps]
+            raise ValueError(f"The head has nl={self.nl}, na={self.na}, {no} outputs per anchor (5 + nc={self.nc}"
+                             f" + nm={self.nm}), but the predictions have shapes {shapes}. Build the loss from the "
+                             f"model that produced them.")
+
+    def detection_terms(self, maps, labels):
+        """Unscaled (lbox, lobj, lcls) summed over levels, and the positives of each level."""
+        anchors = self.head.anchors.detach().to(device=maps[0].device, dtype=torch.float32)
+        zero = maps[0].new_zeros((), dtype=torch.float32)
+        lbox, lobj, lcls = zero, zero, zero
+        positives = []
+        for i, pi in enumerate(maps):
+            t = build_targets(labels, anchors[i], pi.shape[2:4], self.hyp["anchor_t"])
+            positives.append(t)
+            tobj = torch.zeros(pi.shape[:4], device=pi.device)
+            if len(t):
+                ps = pi[t.img, t.anchor, t.gj, t.gi].float()
+                pxy = ps[:, :2].sigmoid() * 2 - 0.5
+                pwh = (ps[:, 2:4].sigmoid() * 2) ** 2 * t.anchor_wh
+                iou = bbox_iou(torch.cat((pxy, pwh), 1), t.box, xywh=True, CIoU=True).squeeze(-1)
+                lbox = lbox + (1.0 - iou).mean()
+                tobj[t.img, t.anchor, t.gj, t.gi] = iou.detach().clamp(0)  # gr = 1: the IoU itself
+                if self.nc > 1:
+                    target = torch.full_like(ps[:, 5:5 + self.nc], self.cls_neg)
+                    target[torch.arange(len(t), device=pi.device), t.cls] = self.cls_pos
+                    lcls = lcls + bce_with_logits(ps[:, 5:5 + self.nc], target, self.hyp["cls_pw"],
+                                                  self.hyp["fl_gamma"])
+            lobj = lobj + self.balance[i] * bce_with_logits(pi[..., 4].float(), tobj, self.hyp["obj_pw"],
+                                                            self.hyp["fl_gamma"])
+        return lbox, lobj, lcls, positives
+
+    def _imgsz(self, batch) -> int:
+        return self.imgsz or max(batch["img"].shape[-2:])
+
+    def __call__(self, preds, batch):
+        maps, _ = _split_preds(preds)
+        self._check_maps(maps)
+        labels = self._labels(batch, maps[0].device)
+        lbox, lobj, lcls, _ = self.detection_terms(maps, labels)
+        gbox, gobj, gcls = self.gains(self._imgsz(batch))
+        items = torch.stack((lbox * gbox, lobj * gobj, lcls * gcls))
+        return items.sum() * maps[0].shape[0], dict(zip(self.item_names, items.detach()))
+
+
+class YOLOv5SegLoss(YOLOv5DetLoss):
+    """YOLOv5 segmentation loss: the detection terms plus the mask term of every positive.
+    -> (total x batch size, {box_loss, seg_loss, obj_loss, cls_loss}).
+
+    batch['masks']: with overlap_mask (Ultralytics' default, read from model.args unless `overlap` is given)
+    (B, h, w) holding 1..k for the k labels of each image in batch order, else (n, h, w) one mask per label.
+    Masks of another size than the proto are resized to it (nearest), as yolov5 does.
+    """
+    item_names = ("box_loss", "seg_loss", "obj_loss", "cls_loss")
+
+    def __init__(self, model, hyp: dict | None = None, imgsz: int | None = None, overlap: bool | None = None):
+        super().__init__(model, hyp, imgsz)
+        if not hasattr(self.head, "nm"):
+            raise TypeError(f"The YOLOv5 segmentation loss needs a Segment head with `nm` mask coefficients; "
+                            f"{type(self.head).__name__} has none. Use YOLOv5DetLoss for detection models.")
+        self.nm = int(self.head.nm)
+        if overlap is None:
+            args = getattr(model, "args", None)
+            overlap = args.get("overlap_mask", True) if isinstance(args, dict) else getattr(args, "overlap_mask", True)
+        self.overlap = bool(overlap)
+
+    def __call__(self, preds, batch):
+        maps, proto = _split_preds(preds)
+        if proto is None:
+            raise TypeError("The YOLOv5 segmentation loss needs the proto (B, nm, Hp, Wp) beside the maps: "
+                            "(maps, proto) in training, (pred, proto, maps) in eval.")
+        self._check_maps(maps)
+        if "masks" not in batch:
+            raise KeyError("The YOLOv5 segmentation loss needs batch['masks'] (Ultralytics' segment dataset).")
+        labels = self._labels(batch, maps[0].device)
+        lbox, lobj, lcls, positives = self.detection_terms(maps, labels)
+        lseg = self.mask_term(positives, maps, proto, batch["masks"], labels)
+        bs = maps[0].shape[0]
+        gbox, gobj, gcls = self.gains(self._imgsz(batch))
+        items = torch.stack((lbox * gbox, lseg * gbox / bs, lobj * gobj, lcls * gcls))
+        return items.sum() * bs, dict(zip(self.item_names, items.detach()))
+
+    def _gt_masks(self, masks, labels, hp, wp):
+        masks = masks.to(labels.device).float()
+        if tuple(masks.shape[-2:]) != (hp, wp):
+            masks = F.interpolate(masks[None], (hp, wp), mode="nearest")[0]
+        if not self.overlap:
+            if masks.shape[0] != labels.shape[0]:
+                raise ValueError(f"With overlap_mask=False batch['masks'] holds one mask per label; it has "
+                                 f"{masks.shape[0]} masks for {labels.shape[0]} labels.")
+            return lambda img, lab: masks[lab]
+        # The i-th label of an image (batch order) is drawn as value i + 1 in that image's mask.
+        one_hot = F.one_hot(labels[:, 0].long(), masks.shape[0])
+        value = (one_hot.cumsum(0) * one_hot).sum(1).float()
+        return lambda img, lab: (masks[img] == value[lab, None, None]).float()
+
+    def mask_term(self, positives, maps, proto, masks, labels):
+        """Sum over levels and images of the mean mask loss of that image's positives at that level."""
+        proto = proto.float()
+        bs, nm, hp, wp = proto.shape
+        gt_of = self._gt_masks(masks, labels, hp, wp)
+        per_positive, group = [], []
+        for i, (t, pi) in enumerate(zip(positives, maps)):
+            if not len(t):
+                continue
+            coef = pi[t.img, t.anchor, t.gj, t.gi][:, 5 + self.nc:].float()
+            xywh = labels[t.label, 2:6]
+            x1y1 = (xywh[:, :2] - xywh[:, 2:] / 2) * xywh.new_tensor([wp, hp])
+            x2y2 = (xywh[:, :2] + xywh[:, 2:] / 2) * xywh.new_tensor([wp, hp])
+            loss = torch.zeros(len(t), device=proto.device)
+            # One image at a time: gathering the proto per positive would cost nm times the masks' memory.
+            for img in t.img.unique():
+                j = (t.img == img).nonzero().squeeze(1)
+                logits = (coef[j] @ proto[img].view(nm, -1)).view(-1, hp, wp)
+                bce = F.binary_cross_entropy_with_logits(logits, gt_of(img, t.label[j]), reduction="none")
+                cols = torch.arange(wp, device=proto.device, dtype=x1y1.dtype)[None, None, :]
+                rows = torch.arange(hp, device=proto.device, dtype=x1y1.dtype)[None, :, None]
+                a, b = x1y1[j, :, None, None], x2y2[j, :, None, None]
+                inside = (cols >= a[:, 0]) & (cols < b[:, 0]) & (rows >= a[:, 1]) & (rows < b[:, 1])
+                area = xywh[j, 2] * xywh[j, 3]  # normalised, so mean over all pixels / area = mean inside box
+                loss = loss.index_put((j,), (bce * inside).mean((1, 2)) / area)
+            per_positive.append(loss)
+            group.append(i * bs + t.img)
+        # No positive: a zero that still reaches the proto, so DDP sees every parameter used.
+        lseg = proto.sum() * 0
+        if per_positive:
+            loss, group = torch.cat(per_positive), torch.cat(group)
+            sums = torch.zeros(len(maps) * bs, device=proto.device).index_add(0, group, loss)
+            counts = torch.bincount(group, minlength=len(maps) * bs)
+            lseg = lseg + (sums[counts > 0] / counts[counts > 0]).sum()
+        return lseg
