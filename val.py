@@ -15,12 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def parse_args(argv=None):
+    from engine.device import DEFAULT_HELP as DEVICE_HELP, device_arg
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", nargs="+", required=True, help="one or more .pt checkpoints (FP, QAT or QC)")
     p.add_argument("--data", default=None, help="dataset yaml (default: the embedded offline dataset)")
     p.add_argument("--imgsz", type=int, default=None, help="default: the checkpoint's training size, else 640")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="", type=device_arg("val.py"), help=DEVICE_HELP)
     p.add_argument("--conf", type=float, default=0.001, help="confidence threshold of the predictions scored")
     p.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
     p.add_argument("--project", default="runs/val", help="predictions go to <project>/<name>/<checkpoint stem>")

@@ -27,6 +27,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, **extra) -> Path:
     m = copy.deepcopy(getattr(model, "module", model)).float()
     for p in m.parameters():
         p.requires_grad_(False)
+    # 'ema' stays empty: the model given is what is validated and deployed (the EMA, for a QAT run). Ultralytics'
+    # loaders fall back to 'model'; its NaN recovery, which reads 'ema', is replaced in engine/trainer.py.
     ckpt = {"model": m, "ema": None, "quant_recipe": getattr(m, "quant_recipe", None),
             "date": datetime.now().isoformat(), "version": __version__, **extra}
     ckpt.setdefault("train_args", dict(getattr(m, "args", {}) or {}))
@@ -44,6 +46,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # pickle errors, truncated files, not-a-zip ...
+        from .original import missing_class_message  # a class of another YOLO release: say which, not a traceback
+
+        msg = missing_class_message(path, e)
+        if msg:
+            raise ValueError(msg) from None
         raise ValueError(f"'{path}' is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); "
                          f"pass a YOLO .pt checkpoint saved by Ultralytics or by this repo") from None
     model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None

@@ -1,6 +1,7 @@
 """quantize_model: swap nn.Conv2d for QuantConv2d by a recipe; calibration of activations."""
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Iterable
 
 import torch
@@ -18,6 +19,13 @@ from .recipe import QuantRecipe
 # never=[...]) of module names, or None when the model is not of its family.
 _POLICIES: list[Callable[[nn.Module], dict | None]] = []
 
+# A policy registered by importing its package is skipped by a user who imported quant alone
+# (Ultralytics' DFL conv got quantized, the head stayed at 4 bits). So the packages that register
+# policies are also named here, by the module prefix of the model classes they handle, and
+# imported on demand: only names, so quant/ imports no model library, and only for a model whose
+# class (or a base class: user subclasses count) comes from that library.
+POLICY_PROVIDERS: dict[str, str] = {"ultralytics.": "models.policy"}
+
 
 def register_policy(policy: Callable[[nn.Module], dict | None]) -> Callable:
     if policy not in _POLICIES:
@@ -30,12 +38,74 @@ def default_policy(model: nn.Module) -> dict:
     return {"first": convs[:1], "last": convs[-1:], "never": []}
 
 
-def layer_roles(model: nn.Module) -> dict:
+def _registered_roles(model: nn.Module) -> dict | None:
     for policy in _POLICIES:
         roles = policy(model)
         if roles is not None:
             return roles
-    return default_policy(model)
+    return None
+
+
+def _import_providers(model: nn.Module) -> bool:
+    """Import the policy packages named for the model's class hierarchy; True if any was imported."""
+    wanted = [mod for cls in type(model).__mro__ for prefix, mod in POLICY_PROVIDERS.items()
+              if cls.__module__.startswith(prefix)]
+    imported = False
+    for mod in dict.fromkeys(wanted):
+        try:
+            importlib.import_module(mod)
+            imported = True
+        except ModuleNotFoundError as e:
+            # The provider package is not importable here (quant/ used without it): the fixed-
+            # operator check in quantize_model still stands guard. A missing dependency *inside*
+            # the provider is a real error and propagates.
+            if e.name is None or not (mod == e.name or mod.startswith(e.name + ".")):
+                raise
+    return imported
+
+
+def policy_roles(model: nn.Module) -> dict | None:
+    """Layer roles from the first policy that claims the model (registered, or registered by a
+    provider imported now for the model's class), or None when none does."""
+    roles = _registered_roles(model)
+    if roles is None and _import_providers(model):
+        roles = _registered_roles(model)
+    return roles
+
+
+def layer_roles(model: nn.Module) -> dict:
+    return policy_roles(model) or default_policy(model)
+
+
+def fixed_operators(model: nn.Module) -> dict[str, str]:
+    """{conv name: why} for convs that look like fixed operators rather than learned layers: those
+    inside a module of class DFL (YOLO's distribution-focal-loss integral), and convs whose weight
+    is frozen while other convs' weights train. A model loaded from a checkpoint often has every
+    parameter frozen, so frozen-ness counts only when it sets a conv apart."""
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    found = {}
+    for name, m in model.named_modules():
+        if type(m).__name__ == "DFL":
+            found.update({f"{name}.{n}" if n else name: "inside a DFL module"
+                          for n, c in m.named_modules() if isinstance(c, nn.Conv2d)})
+    trains = [n for n, c in convs.items() if c.weight.requires_grad]
+    if trains:
+        found.update({n: "weight frozen (requires_grad=False) while other convs train"
+                      for n, c in convs.items() if not c.weight.requires_grad and n not in found})
+    return found
+
+
+def _refuse_fixed_operators(model: nn.Module, exclude) -> None:
+    fixed = {n: why for n, why in fixed_operators(model).items() if n not in set(exclude)}
+    if not fixed:
+        return
+    shown = "; ".join(f"{n} ({why})" for n, why in list(fixed.items())[:5]) + ("; ..." if len(fixed) > 5 else "")
+    raise ValueError(
+        f"quantize_model: no layer policy claims this {type(model).__name__}, and it holds fixed operator(s) that "
+        f"must not be quantized: {shown}. Without a policy they would be quantized and the first/last layers guessed. "
+        f"Pass the policy of its model family (policy=...), or import the package that registers it (for "
+        f"Ultralytics YOLO models this repo's 'models'; pass the YOLO object's .model, not the YOLO wrapper), or "
+        f"list these convs in the recipe's 'exclude', or pass policy=quant.default_policy to quantize them anyway")
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -48,13 +118,19 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe | dict, policy: Callabl
                    finalize: bool = True) -> nn.Module:
     """Replace every nn.Conv2d by a QuantConv2d (in place; the model is returned).
 
-    Layer roles come from ``policy`` or the registered policies; a registered policy may also
-    provide ``finalize(model)`` (e.g. to make the model's own ``fuse()`` quantization-aware).
+    Layer roles come from ``policy``, else from the policy that claims the model (registered, or
+    imported now through ``POLICY_PROVIDERS``); a model no policy claims gets ``default_policy``,
+    unless it holds fixed operators (``fixed_operators``) not in the recipe's ``exclude``: then
+    ValueError. A policy may also provide ``finalize(model)`` (e.g. to make the model's own
+    ``fuse()`` quantization-aware).
     The report of what was done is ``layer_bits(model)``; the recipe is kept as
     ``model.quant_recipe`` (a plain dict) so that checkpoints carry it.
     """
     recipe = QuantRecipe.from_any(recipe)
-    roles = (policy or layer_roles)(model)
+    roles = policy(model) if policy is not None else policy_roles(model)
+    if roles is None:
+        _refuse_fixed_operators(model, recipe.exclude)
+        roles = default_policy(model)
     convs = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
     if not convs and not any(isinstance(m, QuantConv2d) for m in model.modules()):
         raise ValueError("quantize_model: the model has no nn.Conv2d to quantize")

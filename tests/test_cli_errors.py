@@ -1,0 +1,40 @@
+"""Values that Ultralytics' own argument check rejects end in train_qat.py's one-paragraph error (exit 2),
+found before the dataset is touched or a model built (issue 12, item 3)."""
+import pytest
+
+import engine.cli as cli
+
+BASE = ["--cfg", "yolov5nu", "--epochs", "1", "--imgsz", "64", "--batch", "4", "--workers", "0"]
+
+
+@pytest.fixture
+def no_slow_work(monkeypatch, tmp_path):
+    """Fail the test if the run gets as far as the dataset (the first slow step)."""
+    def reached(opt):
+        raise AssertionError("the argument error was not caught before the dataset step")
+
+    monkeypatch.setattr(cli, "resolve_data", reached)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("args,flag,expect", [
+    (["--lr0", "1e6"], "--lr0", "between 0.0 and 1.0"),
+    (["--epochs", "0"], "--epochs", "must be >= 1"),
+    (["--seed", "-3"], "--seed", "must be >= 0"),
+    (["--batch", "0"], "--batch", "'nbs' must be >= 1"),  # --nbs defaults to --batch
+    (["--fp-epochs", "2", "--fp-lr0", "5"], "--fp-lr0", "(FP stage)"),
+    ("config:lr0: [0.1, 0.2]", "--lr0", "invalid type list"),  # a wrong type that argparse lets through
+])
+def test_ultralytics_argument_errors_are_one_paragraph(args, flag, expect, no_slow_work, capsys):
+    if isinstance(args, str):
+        recipe = no_slow_work / "r.yaml"
+        recipe.write_text(args.split(":", 1)[1] + "\n")
+        args = ["--config", str(recipe)]
+    code = cli.main([*BASE, *args, "--project", str(no_slow_work / "runs")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith(f"train_qat.py: error: {flag} "), err
+    assert "rejected by Ultralytics' argument check" in err and expect in err, err
+    assert "Traceback" not in err
