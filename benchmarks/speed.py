@@ -165,7 +165,10 @@ def peak_memory(a) -> dict[str, dict]:
     for kind in ("fp", "q", "q-recompute"):
         cmd = [sys.executable, __file__, "--memory-child", kind, "--cfg", a.cfg, "--imgsz", str(a.imgsz),
                "--batch", str(a.batch), "--bits", str(a.bits), "--threads", str(a.threads)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode != 0:  # its traceback, not only an exit code
+            raise RuntimeError(f"the peak-memory measurement of '{kind}' failed in its subprocess (exit code "
+                               f"{res.returncode}); its error output ends with:\n{res.stderr.strip()[-2000:]}")
         out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
 

@@ -42,12 +42,22 @@ def extension():
     return _state["ext"]
 
 
+def _extension_name() -> str:
+    # torch caches builds by name in ~/.cache/torch_extensions and rebuilds whenever the build command
+    # changes; two checkouts (another path) or torch versions sharing one name rebuilt each other's
+    # copy on every alternation (40-165 s each). One name per source path and torch version.
+    import hashlib
+
+    key = f"{_SOURCE.resolve()}|{torch.__version__}".encode()
+    return f"qat_lsq_cpu_{hashlib.sha1(key).hexdigest()[:10]}"
+
+
 def _build():
     t0 = time.perf_counter()
     try:
         from torch.utils.cpp_extension import load
 
-        ext = load(name="qat_lsq_cpu", sources=[str(_SOURCE)],
+        ext = load(name=_extension_name(), sources=[str(_SOURCE)],
                    extra_cflags=["-O3", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
                    verbose=False)
         if time.perf_counter() - t0 > 5:  # a compile, not a cache hit: say where the minute went

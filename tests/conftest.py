@@ -5,7 +5,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# OpenMP's default busy-waiting makes 2 threads 36-100x slower than 1 on a loaded 2-core machine
+# (measured at load 9): CI runs beside other jobs. Must be set before torch loads libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # what Ultralytics' select_device sets on a 2-core machine

@@ -49,7 +49,7 @@ def expected_8bit(head: int, seg: bool) -> set[str]:
 
 
 def test_yolo_policy_applies_in_a_process_that_imports_only_quant():
-    env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
     r = subprocess.run([sys.executable, "-c", FRESH], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -22,7 +22,7 @@ def reproduce(data, out, *extra):
     args = ["--data", str(data), "--model", "yolov5nu-seg", "--bits", "4", "--methods", "lsq", "ema", "--qc",
             "--fp-epochs", "1", "--qat-epochs", "1", "--seeds", "0", "--imgsz", "64", "--batch", "4",
             "--calib-batches", "1", "--qc-steps", "2", "--out", str(out), *extra]
-    env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / "benchmarks/reproduce.py"), *args], capture_output=True,
                           text=True, timeout=400, cwd=ROOT, env=env)
 
