@@ -3,14 +3,22 @@
 "first" = the stem conv (it sees the image); "last" = the final prediction conv of every head
 branch (box, class, mask coefficients, also the one-to-one branches of end-to-end heads) and the
 proto output conv; the DFL conv is a fixed integral operator and is never quantized.
+The original anchor-based YOLOv5 / YOLOv7 models (models.yolo) have one prediction conv per level
+(``Detect.m[i]``, also in Segment and IDetect) and no DFL, so nothing there is "never".
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 from ultralytics.nn.modules import Conv, Detect
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel
+from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from quant import QuantConv2d, register_policy
+from quant.qc import fold_qc
+
+from . import yolo as original
+from .common import RepConv
 
 HEAD_BRANCHES = ("cv2", "cv3", "cv4", "one2one_cv2", "one2one_cv3", "one2one_cv4")
 
@@ -20,14 +28,35 @@ def _last_conv(module: nn.Module, prefix: str) -> str | None:
     return names[-1] if names else None
 
 
+def _stem_conv(model: nn.Module) -> list[str]:
+    # the first Conv2d of layer 0: its conv, or Focus's conv.conv (yolov5 < v6.0)
+    first = [n for n, m in model.model[0].named_modules() if isinstance(m, nn.Conv2d)][:1]
+    return [f"model.0.{n}" for n in first]
+
+
+def original_roles(model: nn.Module) -> dict | None:
+    """Layer roles of an original anchor-based YOLOv5 / YOLOv7 model (models.yolo DetectionModel or
+    SegmentationModel with a Detect / Segment / IDetect head); None for other models."""
+    if not isinstance(model, original.DetectionModel) or not isinstance(model.model[-1], original.Detect):
+        return None
+    head_idx = len(model.model) - 1
+    head = model.model[-1]
+    last = [f"model.{head_idx}.m.{i}" for i in range(len(head.m))]
+    if isinstance(head, original.Segment):
+        last.append(_last_conv(head.proto, f"model.{head_idx}.proto"))
+    return {"first": _stem_conv(model), "last": last, "never": [], "finalize": make_fuse_quant_aware}
+
+
 def yolo_roles(model: nn.Module) -> dict | None:
-    """Layer roles of an Ultralytics DetectionModel (or subclass); None for other models."""
+    """Layer roles of an Ultralytics DetectionModel (or subclass), anchor-free or (models.yolo) the
+    original anchor-based one; None for other models."""
+    if isinstance(model, original.DetectionModel):
+        return original_roles(model)
     if not isinstance(model, DetectionModel) or not isinstance(model.model[-1], Detect):
         return None
     head_idx = len(model.model) - 1
     head = model.model[-1]
-    first = [n for n, m in model.model[0].named_modules() if isinstance(m, nn.Conv2d)][:1]
-    first = [f"model.0.{n}" for n in first]
+    first = _stem_conv(model)
     last = []
     for attr in HEAD_BRANCHES:
         branches = getattr(head, attr, None)
@@ -70,6 +99,9 @@ class _QuantFuseMixin:
     were, which silently changes the integer weights. Fold quantized convs our way first."""
 
     def fuse(self, verbose=True, imgsz=640):
+        # A QC checkpoint saved before folding (qc_unfolded.pt) still wraps convs in QCConv: fold the
+        # corrections first, or Ultralytics' fuse would turn those layers into plain float convs.
+        fold_qc(self)
         fold_bn_into_quant_convs(self)
         return super().fuse(verbose=verbose, imgsz=imgsz)
 
@@ -82,16 +114,55 @@ class QuantSegmentationModel(_QuantFuseMixin, SegmentationModel):
     pass
 
 
-_QUANT_CLASSES = {DetectionModel: QuantDetectionModel, SegmentationModel: QuantSegmentationModel}
+# After the BN fold above, the original models' own fuse() runs: RepConv.fuse_repvgg_block (QuantRepConv's
+# for a quantized block) and IDetect.fuse_implicit, which puts ImplicitM into a quantized conv's output scale
+# and keeps ImplicitA in front of its input quantizer.
+class QuantOriginalDetectionModel(_QuantFuseMixin, original.DetectionModel):
+    pass
+
+
+class QuantOriginalSegmentationModel(_QuantFuseMixin, original.SegmentationModel):
+    pass
+
+
+class QuantRepConv(RepConv):
+    """yolov7's RepConv with quantized branch convs. Its three branches cannot be merged into one
+    integer conv (the sum of two integer-weight convs on differently quantized grids is not one), so
+    fuse keeps them and folds each branch's BN into its conv instead: the output scale of a quantized
+    conv (integer weights unchanged), the weights of a float one. The identity branch (a BN of the
+    input) stays as it is."""
+
+    @torch.no_grad()
+    def fuse_repvgg_block(self):
+        for branch in (self.rbr_dense, self.rbr_1x1):
+            conv, bn = branch[0], branch[1]
+            if not isinstance(bn, nn.BatchNorm2d):
+                continue  # folded already
+            if isinstance(conv, QuantConv2d):
+                k = bn.weight / (bn.running_var + bn.eps).sqrt()
+                conv.fold_affine(k, bn.bias - bn.running_mean * k)
+            else:
+                branch[0] = fuse_conv_and_bn(conv, bn)
+            branch[1] = nn.Identity()
+
+
+_QUANT_CLASSES = {DetectionModel: QuantDetectionModel, SegmentationModel: QuantSegmentationModel,
+                  original.DetectionModel: QuantOriginalDetectionModel,
+                  original.SegmentationModel: QuantOriginalSegmentationModel}
 
 
 def make_fuse_quant_aware(model: nn.Module) -> None:
     """Give a quantized model a class whose fuse() keeps the quantization (pickles by name, so
-    checkpoints load wherever this package is importable)."""
+    checkpoints load wherever this package is importable); also its quantized RepConv blocks."""
+    for m in model.modules():
+        if type(m) is RepConv and not hasattr(m, "rbr_reparam") and \
+                any(isinstance(c, QuantConv2d) for c in m.modules()):
+            m.__class__ = QuantRepConv
     if isinstance(model, _QuantFuseMixin):
         return
     cls = _QUANT_CLASSES.get(type(model))
     if cls is None:  # Pose/OBB/...: a class made on the fly would not pickle
         raise ValueError(f"quantize_model: no quantization-aware fuse() for {type(model).__name__}; "
-                         f"supported model classes: DetectionModel, SegmentationModel")
+                         f"supported model classes: Ultralytics' DetectionModel and SegmentationModel, and the "
+                         f"original YOLOv5 / YOLOv7 ones of models.yolo (DetectionModel alias Model, SegmentationModel)")
     model.__class__ = cls
