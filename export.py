@@ -7,7 +7,11 @@
 ONNX: BN and folded QC corrections become per-output-channel scales (Mul) after each integer conv;
 weights are integer initializers + DequantizeLinear, activations QuantizeLinear/DequantizeLinear;
 outputs are those of Ultralytics' own ONNX export (output0 [, output1]), so its NMS applies.
-A float (non-quantized) checkpoint is refused with exit code 2: use `yolo export` for those.
+Original anchor-based YOLOv5 / YOLOv7 checkpoints (theirs as they are, or ours after QAT / QC) export
+with yolov5's output layout instead: output0 (batch, anchors, 5+nc[+nm]) [, output1 protos
+(batch, nm, h/4, w/4)], which the NMS of those repositories takes unchanged; a float one exports
+as a fused float ONNX (Ultralytics' exporter does not take them). Any other float checkpoint is
+refused with exit code 2: use `yolo export` for those.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", required=True, help="quantized checkpoint (.pt from train_qat.py / correct_qc.py)")
+    ap.add_argument("--weights", required=True,
+                    help="quantized checkpoint (.pt from train_qat.py / correct_qc.py), or an original YOLOv5/YOLOv7 .pt")
     ap.add_argument("--format", choices=("onnx", "packed"), default="onnx")
     ap.add_argument("--opset", type=int, default=21, help="ONNX opset; >= 21 stores <= 4-bit weights as INT4")
     ap.add_argument("--imgsz", type=int, nargs="+", default=[640], help="export image size (h [w])")
@@ -49,6 +54,8 @@ def main(argv=None) -> int:
     import models  # noqa: F401  (registers the YOLO policy, so checkpoints unpickle)
     from deploy.verify import compare_onnxruntime
     from models.checkpoint import load_checkpoint
+    from models.original import is_original_model, prepare_original
+    from quant import is_quantized
 
     weights = Path(args.weights)
     try:
@@ -56,6 +63,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"export.py: {e}", file=sys.stderr)
         return 2
+    if is_original_model(model):
+        model = prepare_original(model)  # names, stride, channels as the rest of the project reads them
     imgsz = tuple(args.imgsz * 2 if len(args.imgsz) == 1 else args.imgsz[:2])
     out = Path(args.output or weights.with_suffix(".onnx" if args.format == "onnx" else ".qpk"))
     warnings.simplefilter("always", deploy.ExportWarning)
@@ -70,14 +79,17 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"export.py: {e}", file=sys.stderr)
         return 2
-    print(f"export.py: wrote {out} ({_mb(out)}); fp32 checkpoint {weights} is {_mb(weights)} "
-          f"({weights.stat().st_size / out.stat().st_size:.1f}x larger)")
+    ratio = weights.stat().st_size / out.stat().st_size  # a float ONNX of an fp16 checkpoint is the larger one
+    print(f"export.py: wrote {out} ({_mb(out)}); checkpoint {weights} is {_mb(weights)} "
+          f"({f'{ratio:.1f}x larger' if ratio >= 1 else f'{1 / ratio:.1f}x smaller'})")
     if args.verify:
         x = torch.rand(1, 3, *imgsz, generator=torch.Generator().manual_seed(0))
         if args.format == "onnx":
             r = compare_onnxruntime(model, out, x)
-            print(f"export.py: onnxruntime vs PyTorch fake-quant on a random image: max |diff| {r['max_abs']:.3g} "
-                  f"(outputs up to {r['max_ref']:.3g}); activation codes differing: {r['code_flips']} of {r['codes']}")
+            codes = (f"; activation codes differing: {r['code_flips']} of {r['codes']}" if is_quantized(model)
+                     else " (float model)")
+            print(f"export.py: onnxruntime vs PyTorch{' fake-quant' if is_quantized(model) else ''} on a random image: "
+                  f"max |diff| {r['max_abs']:.3g} (outputs up to {r['max_ref']:.3g}){codes}")
         else:
             with torch.no_grad():
                 same = _first(deploy.load_packed(out)(x)).equal(_first(model(x)))

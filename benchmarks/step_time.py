@@ -6,7 +6,11 @@ model runs as training runs it by default (fused LSQ CPU kernel, quant/fused.py)
 ``--no-variants``, with the input quantization recomputed in the backward ("recompute",
 ``--recompute-input`` of train_qat.py: less memory) and with the plain-PyTorch reference LSQ ("ref").
 
-    python benchmarks/step_time.py --cfg yolov5nu.yaml --imgsz 320 --batch 8 --steps 10
+Each ``--cfg`` is timed in turn (by default Ultralytics' anchor-free yolov5nu, with its own loss, and
+the original anchor-based yolov5n, with the YOLOv5 loss of models/loss.py), then the W4A4/FP ratios
+are printed side by side.
+
+    python benchmarks/step_time.py --cfg yolov5nu.yaml yolov5n --imgsz 320 --batch 8 --steps 10
 """
 from __future__ import annotations
 
@@ -46,24 +50,29 @@ def train_step(model, opt, batch):
     opt.step()
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cfg", default="yolov5nu.yaml")
-    ap.add_argument("--imgsz", type=int, default=320)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--no-variants", action="store_true",
-                    help="time FP and W4A4 only (not the recompute and reference-LSQ variants)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def build_fp(cfg: str) -> torch.nn.Module:
+    """An FP detection model from an Ultralytics yaml or an original-format one (models/registry.py)."""
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.tasks import DetectionModel
 
+    from models.registry import is_original_yaml
+    from models.yolo import DetectionModel as OriginalDetectionModel, Segment
+
     torch.manual_seed(0)
-    fp = DetectionModel(args.cfg, nc=3, verbose=False)
+    if is_original_yaml(cfg):
+        fp = OriginalDetectionModel(cfg, nc=3, verbose=False)
+        if isinstance(fp.model[-1], Segment):
+            raise ValueError(f"--cfg {cfg}: step_time.py times detection models (its batch has no masks); "
+                             f"pass a detection yaml such as yolov5n or yolov7-tiny")
+    else:
+        fp = DetectionModel(cfg, nc=3, verbose=False)
     fp.args = get_cfg()
+    return fp
+
+
+def time_cfg(cfg: str, args) -> dict[str, float]:
+    """Median step time (s) of FP, W<b>A<b> and its variants for one model config; prints them."""
+    fp = build_fp(cfg)
     q = quantize_model(copy.deepcopy(fp), {"w_bits": args.bits, "a_bits": args.bits})
     batch = make_batch(args.batch, args.imgsz, 3)
     calibrate(q, [batch["img"]], num_batches=1)
@@ -94,13 +103,45 @@ def main(argv=None):
             step(k)
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
+    from models.original import is_original_model
+
+    kind = "original anchor-based, YOLOv5 loss" if is_original_model(fp) else "Ultralytics, its own loss"
+    print(f"{cfg} ({kind}, {type(fp.model[-1]).__name__} head):")
     for k, v in med.items():
         print(f"{k:>14}: median step {v * 1000:8.1f} ms  (min {min(times[k]) * 1000:.1f}, "
               f"max {max(times[k]) * 1000:.1f})  ratio to fp {v / med['fp']:.3f}")
     lsq = "fused LSQ kernel" if fused_on else "reference LSQ (fused kernel unavailable)"
-    print(f"ratio {qk}/fp = {med[qk] / med['fp']:.3f} with the {lsq}  ({args.cfg}, imgsz {args.imgsz}, "
+    print(f"ratio {qk}/fp = {med[qk] / med['fp']:.3f} with the {lsq}  ({cfg}, imgsz {args.imgsz}, "
           f"batch {args.batch}, threads {args.threads}, {args.steps} steps)")
-    return med[qk] / med["fp"]
+    return med
+
+
+def main(argv=None) -> float:
+    """Returns the W<b>A<b>/FP step-time ratio of the first ``--cfg``."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cfg", nargs="+", default=["yolov5nu.yaml", "yolov5n"],
+                    help="detection model yamls, timed in turn: Ultralytics ones (yolov5nu.yaml, yolov8n.yaml) or "
+                         "original anchor-based ones (yolov5n, yolov5s, yolov7-tiny)")
+    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--no-variants", action="store_true",
+                    help="time FP and W4A4 only (not the recompute and reference-LSQ variants)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    qk = "w%da%d" % (args.bits, args.bits)
+    ratios = {}
+    for cfg in args.cfg:
+        med = time_cfg(cfg, args)
+        ratios[cfg] = med[qk] / med["fp"]
+    if len(ratios) > 1:
+        width = max(map(len, ratios))
+        print(f"{qk}/fp step-time ratios (imgsz {args.imgsz}, batch {args.batch}, threads {args.threads}):")
+        for cfg, r in ratios.items():
+            print(f"  {cfg:<{width}}  {r:.3f}")
+    return ratios[args.cfg[0]]
 
 
 if __name__ == "__main__":

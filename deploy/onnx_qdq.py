@@ -1,9 +1,16 @@
-"""ONNX Q/DQ export of quantized (QAT / QC) Ultralytics YOLO models.
+"""ONNX Q/DQ export of quantized (QAT / QC) YOLO models.
 
-The graph keeps Ultralytics' ONNX interface (input ``images``; ``output0`` [+ ``output1`` protos for
-segmentation], same shapes and metadata keys as ``yolo export format=onnx``), so Ultralytics' NMS
-and ``YOLO('model.onnx')`` apply unchanged. Inside, every quantized conv is
-Q/DQ(activation) -> Conv(DequantizeLinear(integer weight)) -> Mul(out_scale) -> Add(bias).
+Ultralytics' (anchor-free) models keep Ultralytics' ONNX interface (input ``images``; ``output0``
+[+ ``output1`` protos for segmentation], same shapes and metadata keys as ``yolo export
+format=onnx``), so Ultralytics' NMS and ``YOLO('model.onnx')`` apply unchanged.
+The original anchor-based YOLOv5 / YOLOv7 models (models.yolo) keep the interface of yolov5's
+``export.py``: ``output0`` (B, N, 5+nc[+nm]) = xywh in pixels, objectness, class scores [, mask
+coefficients], and for segmentation ``output1`` the protos (B, nm, H/4, W/4), so the NMS and the
+deployment code written for those files take ours unchanged. These are also exported in float
+(fused: BN and the implicit layers folded), since Ultralytics' exporter does not take them.
+Inside, every quantized conv is Q/DQ(activation) -> Conv(DequantizeLinear(integer weight)) ->
+Mul(out_scale) -> Add(bias); an IDetect's ImplicitA stays an Add in front of its head conv's
+activation quantizer (no exact fold exists there), its ImplicitM is in the Mul.
 """
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper, version_converter
 from torch import nn
 
+from models.original import is_original_model
+from models.yolo import Detect as AnchorDetect
 from quant import is_quantized
 
 from .qdq_conv import QDQConv2d, swap_quant_convs
@@ -44,7 +53,9 @@ def _set_export_mode(model: nn.Module, imgsz: tuple[int, int], dynamic: bool) ->
     from ultralytics.nn.modules import C2f, Detect
 
     for m in model.modules():
-        if isinstance(m, Detect):
+        if isinstance(m, AnchorDetect):  # yolov5's export switches: (pred,) / (pred, proto), grids per shape
+            m.dynamic, m.export = dynamic, True
+        elif isinstance(m, Detect):
             m.dynamic, m.export, m.format = dynamic, True, "onnx"
             m.max_det = min(300, sum(int(imgsz[0] / s) * int(imgsz[1] / s) for s in model.stride.tolist()))
             m.agnostic_nms, m.xyxy, m.shape = False, False, None
@@ -54,10 +65,12 @@ def _set_export_mode(model: nn.Module, imgsz: tuple[int, int], dynamic: bool) ->
 
 def prepare_export_model(model: nn.Module, imgsz=(640, 640), dynamic: bool = False,
                          offset_mode: str = "exact") -> tuple[nn.Module, dict[str, QDQConv2d]]:
-    """A fused, export-mode copy of ``model`` with QDQConv2d in place of every QuantConv2d."""
-    from models import fold_bn_into_quant_convs
+    """A fused, export-mode copy of ``model`` with QDQConv2d in place of every QuantConv2d (none for a
+    float original YOLOv5 / YOLOv7 model, the only float models exported here)."""
+    from models import fold_bn_into_quant_convs, make_fuse_quant_aware
 
-    if not is_quantized(model):
+    quantized = is_quantized(model)
+    if not quantized and not is_original_model(model):
         raise NothingQuantizedError(
             "the model has no quantized layer (no QuantConv2d): there is nothing quantized to export. "
             "Export a QAT or QC checkpoint (train_qat.py / correct_qc.py output), or use Ultralytics' own "
@@ -65,9 +78,12 @@ def prepare_export_model(model: nn.Module, imgsz=(640, 640), dynamic: bool = Fal
     m = copy.deepcopy(getattr(model, "module", model)).float().eval()
     for p in m.parameters():
         p.requires_grad_(False)
-    # BN -> out_scale/bias of the quantized convs first (exact, integer weights unchanged), whatever
-    # the model's class; then the model's fuse() for any float conv left.
-    fold_bn_into_quant_convs(m)
+    if quantized:
+        if is_original_model(m):
+            make_fuse_quant_aware(m)  # a quantized RepConv must keep its branches (in case finalize was skipped)
+        # BN -> out_scale/bias of the quantized convs first (exact, integer weights unchanged), whatever
+        # the model's class; then the model's fuse() for any float conv left.
+        fold_bn_into_quant_convs(m)
     m = m.fuse(verbose=False)
     _set_export_mode(m, imgsz, dynamic)
     return m, swap_quant_convs(m, offset_mode)
@@ -79,8 +95,9 @@ def _output_names(model: nn.Module) -> list[str]:
     return ["output0", "output1"] if isinstance(model, SegmentationModel) else ["output0"]
 
 
-def _dynamic_axes(names: list[str]) -> dict:
-    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}}
+def _dynamic_axes(names: list[str], original: bool) -> dict:
+    # Ultralytics' output0 is (B, 4+nc[+nm], N), the original one (B, N, 5+nc[+nm])
+    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 1 if original else 2: "anchors"}}
     if "output1" in names:
         axes["output1"] = {0: "batch", 2: "mask_height", 3: "mask_width"}
     return axes
@@ -101,7 +118,14 @@ def _metadata(model: nn.Module, imgsz, batch: int, layers: dict) -> dict:
     from ultralytics import __version__
     from ultralytics.nn.tasks import guess_model_task
 
-    return {"description": "Ultralytics YOLO, quantized (QAT/QC), ONNX Q/DQ", "author": "qat-yolo export.py",
+    if is_original_model(model):
+        what = "quantized (QAT/QC), ONNX Q/DQ" if layers else "float, fused"
+        protos = "; output1 protos" if len(_output_names(model)) > 1 else ""
+        desc = (f"original anchor-based YOLOv5/YOLOv7, {what}; output0 (batch, anchors, 5+nc[+nm]): xywh pixels, "
+                f"objectness, class scores[, mask coefficients]{protos}")
+    else:
+        desc = "Ultralytics YOLO, quantized (QAT/QC), ONNX Q/DQ"
+    return {"description": desc, "author": "qat-yolo export.py",
             "date": datetime.now().astimezone().isoformat(), "version": __version__,
             "stride": int(max(model.stride)), "task": getattr(model, "task", None) or guess_model_task(model), "head": type(model.model[-1]).__name__,
             "batch": batch, "imgsz": list(imgsz), "names": model.names, "channels": model.yaml.get("channels", 3),
@@ -111,14 +135,15 @@ def _metadata(model: nn.Module, imgsz, batch: int, layers: dict) -> dict:
 
 def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int] = 640, opset: int = INT4_OPSET,
                 dynamic: bool = False, offset_mode: str = "exact", batch: int = 1) -> Path:
-    """Export a quantized YOLO model to ONNX with QuantizeLinear/DequantizeLinear; returns the path.
+    """Export a quantized YOLO model to ONNX with QuantizeLinear/DequantizeLinear (or a float original
+    YOLOv5 / YOLOv7 model, fused, without them); returns the path.
 
     ``opset >= 21`` stores weights of <= 4 bits as INT4 initializers; older opsets keep them in an
     int8 container clipped to their b-bit range (with an ExportWarning). ``offset_mode``: see
     ``qdq_conv.activation_grid``. ``model.quant_recipe`` and a per-layer table
     (``quant_layers``: weight initializer, bits, zero point) go into the ONNX metadata.
     """
-    if opset < MIN_OPSET:
+    if opset < MIN_OPSET and is_quantized(model):
         raise ValueError(f"opset={opset}: quantized export needs opset >= {MIN_OPSET} (per-channel DequantizeLinear)")
     imgsz = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
     m, convs = prepare_export_model(model, imgsz, dynamic, offset_mode)
@@ -126,13 +151,14 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
     with torch.no_grad():
         m(im)  # dry run: Detect caches anchors for the static shape, as in Ultralytics' exporter
     names = _output_names(m)
+    axes = _dynamic_axes(names, is_original_model(m)) if dynamic else None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # dynamo=False is deprecated, still supported
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(m, (im,), str(path), opset_version=min(opset, TS_MAX_OPSET), input_names=["images"],
-                          output_names=names, dynamic_axes=_dynamic_axes(names) if dynamic else None,
+                          output_names=names, dynamic_axes=axes,
                           do_constant_folding=True, dynamo=False)
     model_onnx = onnx.load(str(path))
     if opset > TS_MAX_OPSET:

@@ -25,17 +25,22 @@ FORMAT, VERSION = "qyolo-packed", 1
 
 
 def _model_classes() -> dict:
+    """Stored name -> class that rebuilds the model from its yaml, most specific first (the original
+    models subclass Ultralytics' classes, SegmentationModel subclasses DetectionModel)."""
     from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
-    return {"DetectionModel": DetectionModel, "SegmentationModel": SegmentationModel}
+    from models import yolo
+
+    return {"OriginalSegmentationModel": yolo.SegmentationModel, "OriginalDetectionModel": yolo.DetectionModel,
+            "SegmentationModel": SegmentationModel, "DetectionModel": DetectionModel}
 
 
 def _base_class_name(model: nn.Module) -> str:
-    # Most specific supported base (SegmentationModel before DetectionModel: it subclasses it).
-    for name in ("SegmentationModel", "DetectionModel"):
-        if isinstance(model, _model_classes()[name]):
+    for name, cls in _model_classes().items():
+        if isinstance(model, cls):
             return name
-    raise ValueError(f"save_packed: unsupported model class {type(model).__name__}; supported: DetectionModel, SegmentationModel")
+    raise ValueError(f"save_packed: unsupported model class {type(model).__name__}; supported: Ultralytics' "
+                     f"DetectionModel, SegmentationModel and the original YOLOv5 / YOLOv7 ones of models.yolo")
 
 
 def _is_fused(model: nn.Module) -> bool:
@@ -91,6 +96,8 @@ def _rebuild(payload: dict) -> nn.Module:
     if payload["model_class"] not in classes:
         raise ValueError(f"load_packed: unknown model class {payload['model_class']!r}")
     yaml = copy.deepcopy(payload["yaml"])
+    # An original model's anchors come back with the state dict (the `anchors` buffer, and IDetect's
+    # `anchor_grid`), so anchors changed by AutoAnchor after the yaml was written are kept.
     model = classes[payload["model_class"]](yaml, ch=yaml.get("channels", 3), nc=yaml.get("nc"), verbose=False)
     # The LSQ-formula init is instant; the stored scales overwrite whatever it computes anyway.
     quantize_model(model, {**payload["recipe"], "weight_init": "lsq"})

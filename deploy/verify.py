@@ -8,6 +8,7 @@ import onnx
 import torch
 from torch import nn
 
+from models.yolo import Detect as AnchorDetect
 from quant import QuantConv2d
 
 
@@ -25,7 +26,17 @@ def run_onnx(path: str | Path, x: torch.Tensor) -> list[np.ndarray]:
 
 
 def reference_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The eval-mode outputs the ONNX graph reproduces: Detect -> [y], Segment -> [y, protos]."""
+    """The eval-mode outputs the ONNX graph reproduces: Detect -> [y], Segment -> [y, protos]; for the
+    original anchor-based heads those of their export mode, [pred] / [pred, protos]."""
+    head = model.model[-1] if isinstance(getattr(model, "model", None), nn.Sequential) else None
+    if isinstance(head, AnchorDetect):
+        export = head.export
+        head.export = True
+        try:
+            with torch.no_grad():
+                return list(model.eval()(x))
+        finally:
+            head.export = export
     with torch.no_grad():
         y = model.eval()(x)[0]
     return [y] if isinstance(y, torch.Tensor) else list(y)

@@ -17,7 +17,7 @@ from ultralytics.utils.torch_utils import fuse_conv_and_bn
 from quant import QuantConv2d, register_policy
 from quant.qc import fold_qc
 
-from . import yolo as original
+from . import yolo
 from .common import RepConv
 
 HEAD_BRANCHES = ("cv2", "cv3", "cv4", "one2one_cv2", "one2one_cv3", "one2one_cv4")
@@ -37,12 +37,12 @@ def _stem_conv(model: nn.Module) -> list[str]:
 def original_roles(model: nn.Module) -> dict | None:
     """Layer roles of an original anchor-based YOLOv5 / YOLOv7 model (models.yolo DetectionModel or
     SegmentationModel with a Detect / Segment / IDetect head); None for other models."""
-    if not isinstance(model, original.DetectionModel) or not isinstance(model.model[-1], original.Detect):
+    if not isinstance(model, yolo.DetectionModel) or not isinstance(model.model[-1], yolo.Detect):
         return None
     head_idx = len(model.model) - 1
     head = model.model[-1]
     last = [f"model.{head_idx}.m.{i}" for i in range(len(head.m))]
-    if isinstance(head, original.Segment):
+    if isinstance(head, yolo.Segment):
         last.append(_last_conv(head.proto, f"model.{head_idx}.proto"))
     return {"first": _stem_conv(model), "last": last, "never": [], "finalize": make_fuse_quant_aware}
 
@@ -50,7 +50,7 @@ def original_roles(model: nn.Module) -> dict | None:
 def yolo_roles(model: nn.Module) -> dict | None:
     """Layer roles of an Ultralytics DetectionModel (or subclass), anchor-free or (models.yolo) the
     original anchor-based one; None for other models."""
-    if isinstance(model, original.DetectionModel):
+    if isinstance(model, yolo.DetectionModel):
         return original_roles(model)
     if not isinstance(model, DetectionModel) or not isinstance(model.model[-1], Detect):
         return None
@@ -117,11 +117,11 @@ class QuantSegmentationModel(_QuantFuseMixin, SegmentationModel):
 # After the BN fold above, the original models' own fuse() runs: RepConv.fuse_repvgg_block (QuantRepConv's
 # for a quantized block) and IDetect.fuse_implicit, which puts ImplicitM into a quantized conv's output scale
 # and keeps ImplicitA in front of its input quantizer.
-class QuantOriginalDetectionModel(_QuantFuseMixin, original.DetectionModel):
+class QuantOriginalDetectionModel(_QuantFuseMixin, yolo.DetectionModel):
     pass
 
 
-class QuantOriginalSegmentationModel(_QuantFuseMixin, original.SegmentationModel):
+class QuantOriginalSegmentationModel(_QuantFuseMixin, yolo.SegmentationModel):
     pass
 
 
@@ -147,8 +147,8 @@ class QuantRepConv(RepConv):
 
 
 _QUANT_CLASSES = {DetectionModel: QuantDetectionModel, SegmentationModel: QuantSegmentationModel,
-                  original.DetectionModel: QuantOriginalDetectionModel,
-                  original.SegmentationModel: QuantOriginalSegmentationModel}
+                  yolo.DetectionModel: QuantOriginalDetectionModel,
+                  yolo.SegmentationModel: QuantOriginalSegmentationModel}
 
 
 def make_fuse_quant_aware(model: nn.Module) -> None:
@@ -164,5 +164,6 @@ def make_fuse_quant_aware(model: nn.Module) -> None:
     if cls is None:  # Pose/OBB/...: a class made on the fly would not pickle
         raise ValueError(f"quantize_model: no quantization-aware fuse() for {type(model).__name__}; "
                          f"supported model classes: Ultralytics' DetectionModel and SegmentationModel, and the "
-                         f"original YOLOv5 / YOLOv7 ones of models.yolo (DetectionModel alias Model, SegmentationModel)")
+                         f"original YOLOv5 / YOLOv7 ones of models.yolo (DetectionModel alias Model, "
+                         f"SegmentationModel)")
     model.__class__ = cls

@@ -87,3 +87,71 @@ def test_cli_packed_and_bad_input(tmp_path):
     torch.save({"format": "other"}, tmp_path / "other.qpk")
     with pytest.raises(ValueError, match="not a packed quantized checkpoint"):
         deploy.load_packed(tmp_path / "other.qpk")
+
+
+# The original anchor-based YOLOv5 / YOLOv7 models (models.yolo)
+from models.original import load_original  # noqa: E402
+from models.yolo import DetectionModel as OriginalDetectionModel  # noqa: E402
+from test_original_quant import FIX, FIXTURES, needs_fixtures  # noqa: E402
+
+
+def quantized_original(model, bits=4, per_channel=True):
+    q = quantize_model(model, {"w_bits": bits, "a_bits": bits, "first_last_bits": 8, "per_channel": per_channel,
+                               "weight_init": "lsq"}).eval()
+    calibrate(q, [images(4, 64, s) for s in range(2)], num_batches=2)
+    return q
+
+
+def assert_round_trip(q, path):
+    deploy.save_packed(q, path)
+    r = deploy.load_packed(path)
+    assert type(r) is type(q) and r.quant_recipe == q.quant_recipe and r.names == q.names
+    x = images(2, 64, seed=9)
+    with torch.no_grad():
+        for a, b in zip(flat(q(x)), flat(r(x)), strict=True):  # pred, (proto), raw maps
+            assert torch.equal(a, b)
+    for n, m in quant_convs(r).items():
+        qm = quant_convs(q)[n]
+        assert torch.equal(m.weight_quantizer(m.weight), qm.weight_quantizer(qm.weight)), n
+    assert torch.equal(r.model[-1].anchors, q.model[-1].anchors) and torch.equal(r.stride, q.stride)
+    return r
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name,bits,per_channel", [("yolov5n", 4, False), ("yolov5n-seg", 3, True),
+                                                   ("yolov7-tiny", 4, True)])
+def test_original_checkpoints_round_trip(tmp_path, name, bits, per_channel):
+    q = quantized_original(load_original(FIX / FIXTURES[name])[0], bits, per_channel)
+    assert_round_trip(q, tmp_path / "q.qpk")
+    # fused (BN and, for IDetect, ImplicitM in output scales; ImplicitA kept) with QC-style head corrections
+    g = torch.Generator().manual_seed(0)
+    for m in q.model[-1].m:
+        c = m.out_channels
+        m.fold_affine(1 + 0.1 * torch.randn(c, generator=g), 0.1 * torch.randn(c, generator=g))
+    q.fuse(verbose=False)
+    r = assert_round_trip(q, tmp_path / "f.qpk")
+    assert r.is_fused()
+
+
+def test_original_anchors_come_from_the_state_dict(tmp_path):
+    """Anchors AutoAnchor set after the build (here placeholders from `anchors=3`) are restored from the
+    packed tensors, not rebuilt from the yaml."""
+    m = OriginalDetectionModel("yolov5n", nc=3, anchors=3, verbose=False)
+    with torch.no_grad():
+        m.model[-1].anchors.copy_(torch.tensor([[[1.2, 1.6], [2.0, 3.7], [4.1, 2.9]],
+                                                [[1.9, 3.8], [3.9, 2.8], [3.7, 7.4]],
+                                                [[3.6, 2.8], [4.9, 6.2], [11.6, 10.2]]]))
+    q = quantized_original(m)
+    r = assert_round_trip(q, tmp_path / "a.qpk")
+    assert r.yaml["anchors"] == 3
+
+
+@needs_fixtures
+def test_cli_packs_a_quantized_original_checkpoint(tmp_path, capsys):
+    import export
+
+    q = quantized_original(load_original(FIX / FIXTURES["yolov7-tiny"])[0])
+    ckpt = save_checkpoint(tmp_path / "v7.pt", q)
+    assert export.main(["--weights", str(ckpt), "--format", "packed", "--imgsz", "64"]) == 0
+    assert "identical outputs" in capsys.readouterr().out
+    assert type(deploy.load_packed(tmp_path / "v7.qpk")).__name__ == "QuantOriginalDetectionModel"
