@@ -1,7 +1,10 @@
 """Glue between the QAT machinery (quant/, models/) and the Ultralytics trainer."""
 from .config import QATConfig
 from .ema import QATModelEMA
-from .trainer import QATDetectionTrainer, QATSegmentationTrainer, QATTrainerMixin, qat_trainer_class
+from .original import OriginalDetectionTrainer, OriginalSegmentationTrainer
+from .trainer import (QATDetectionTrainer, QATOriginalDetectionTrainer, QATOriginalSegmentationTrainer,
+                      QATSegmentationTrainer, QATTrainerMixin, qat_trainer_class)
 
 __all__ = ["QATConfig", "QATModelEMA", "QATDetectionTrainer", "QATSegmentationTrainer", "QATTrainerMixin",
-           "qat_trainer_class"]
+           "qat_trainer_class", "OriginalDetectionTrainer", "OriginalSegmentationTrainer",
+           "QATOriginalDetectionTrainer", "QATOriginalSegmentationTrainer"]

@@ -3,6 +3,7 @@ one-paragraph messages, the optional FP stage, the QAT run and the FP-vs-QAT sum
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--imgsz", type=int, default=640)
     a("--batch", type=int, default=16)
     a("--nbs", type=int, help="nominal batch size (default: --batch, i.e. one optimizer step per batch)")
-    a("--device", default="cpu", help="cpu, 0, or 0,1 (multi-GPU goes through Ultralytics' DDP launcher)")
+    a("--device", default="", help="cpu, mps, 0, or 0,1 (multi-GPU goes through Ultralytics' DDP launcher); default: "
+                                   "Ultralytics' choice, the first GPU when there is one, else the CPU")
     a("--workers", type=int, default=2)
     a("--w-bits", type=int, default=4)
     a("--a-bits", type=int, default=4)
@@ -79,9 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             bad = sorted(set(values) - dests) if isinstance(values, dict) else values
             raise InputError(f"recipe file '{path}' has unknown key(s) {bad}: allowed keys are {sorted(dests)}")
         ap.set_defaults(**values)
-    if list(sys.argv[1:] if argv is None else argv) == []:
+    demo = list(sys.argv[1:] if argv is None else argv) == []
+    if demo:
         ap.set_defaults(**DEMO)  # no arguments at all: the offline demo
-    return ap.parse_args(argv)
+    opt = ap.parse_args(argv)
+    opt.demo = demo
+    return opt
 
 
 def qat_config(opt):
@@ -116,6 +121,8 @@ def model_task(source: str) -> str:
     """'detect' or 'segment' for a .pt checkpoint or a model yaml; InputError for anything else."""
     from ultralytics.nn.tasks import SegmentationModel, guess_model_task
 
+    from models.registry import is_original_yaml
+
     if source.endswith(".pt"):
         from models.checkpoint import load_checkpoint
 
@@ -124,6 +131,10 @@ def model_task(source: str) -> str:
         except (ValueError, FileNotFoundError) as e:
             raise InputError(str(e)) from None
         task = "segment" if isinstance(model, SegmentationModel) else guess_model_task(model)
+    elif is_original_yaml(source):  # Ultralytics' guess reads the file name only; the head says it
+        from engine.original import original_yaml_task
+
+        task = original_yaml_task(source)
     else:
         task = guess_model_task(source)
     if task not in {"detect", "segment"}:
@@ -153,27 +164,58 @@ def common_overrides(opt, data: str) -> dict:
             "exist_ok": opt.exist_ok, "project": str(Path(opt.project).resolve())}
 
 
-def train_fp(opt, model_src: str, task: str, data: str) -> tuple[str, dict]:
-    """Train the FP model with the plain Ultralytics trainer; return its best.pt and metrics."""
-    from ultralytics.models.yolo.detect import DetectionTrainer
-    from ultralytics.models.yolo.segment import SegmentationTrainer
-
-    cls = SegmentationTrainer if task == "segment" else DetectionTrainer
+def fp_overrides(opt, data, model_src) -> dict:
     # Plain Ultralytics training (its optimizer=auto choice included); validated at the end only.
-    ov = {**common_overrides(opt, data), "model": model_src, "epochs": opt.fp_epochs, "name": f"{opt.name}-fp",
-          "close_mosaic": min(10, opt.fp_epochs // 4), "val": False, "optimizer": opt.fp_optimizer,
-          "lr0": opt.fp_lr0, "warmup_epochs": min(3, max(1, opt.fp_epochs // 10))}
-    trainer = cls(overrides=ov)
+    return {**common_overrides(opt, data), "model": model_src, "epochs": opt.fp_epochs, "name": f"{opt.name}-fp",
+            "close_mosaic": min(10, opt.fp_epochs // 4), "val": False, "optimizer": opt.fp_optimizer,
+            "lr0": opt.fp_lr0, "warmup_epochs": min(3, max(1, opt.fp_epochs // 10))}
+
+
+def qat_overrides(opt, data, model_src, qat: dict) -> dict:
+    return {**common_overrides(opt, data), "model": model_src, "epochs": opt.epochs, "name": opt.name,
+            "optimizer": "SGD", "lr0": opt.lr0, "warmup_epochs": opt.warmup_epochs, "qat": qat}
+
+
+def runs_fp_stage(opt) -> bool:
+    return opt.fp_epochs > 0 and not str(opt.weights or "").endswith(".pt")
+
+
+# The flags behind the FP stage's Ultralytics arguments (elsewhere 'warmup_epochs' comes from '--warmup-epochs').
+FP_FLAGS = {"epochs": "--fp-epochs", "lr0": "--fp-lr0", "optimizer": "--fp-optimizer", "close_mosaic": "--fp-epochs",
+            "warmup_epochs": "--fp-epochs"}
+
+
+def check_ultralytics_args(ov: dict, flags: dict, stage: str = "") -> None:
+    """Run Ultralytics' own argument check (types and ranges, e.g. lr0 in [0, 1]) on the overrides a
+    trainer will get, before any data or training, and name the flag behind a rejected value."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
+
+    try:
+        get_cfg(DEFAULT_CFG_DICT, {k: v for k, v in ov.items() if k != "qat"})
+    except (ValueError, TypeError, SyntaxError) as e:
+        msg = " ".join(str(e).split())
+        key = m.group(1) if (m := re.match(r"'(\w+)=", msg)) else None
+        flag = flags.get(key) or (f"--{key.replace('_', '-')}" if key else "an argument")
+        raise InputError(f"{flag} {ov.get(key)!r} is rejected by Ultralytics' argument check{stage}: {msg} "
+                         f"Pass a value of the type and range it names") from None
+
+
+def train_fp(opt, model_src: str, task: str, data: str) -> tuple[str, dict]:
+    """Train the FP model with the plain Ultralytics trainer (engine/original.py's subclass for the original
+    anchor-based models); return its best.pt and metrics."""
+    from engine.original import is_original_source, trainer_class
+
+    cls = trainer_class(task, original=is_original_source(model_src))
+    trainer = cls(overrides=fp_overrides(opt, data, model_src))
     trainer.train()
     return str(trainer.best), dict(trainer.metrics or {})
 
 
 def validate(weights: str, task: str, opt, data: str) -> dict:
     """Box (and mask) metrics of a checkpoint on the val split, with Ultralytics' validator."""
-    from ultralytics.models.yolo.detect import DetectionValidator
-    from ultralytics.models.yolo.segment import SegmentationValidator
+    from engine.original import is_original_source, validator_class
 
-    cls = SegmentationValidator if task == "segment" else DetectionValidator
+    cls = validator_class(task, original=is_original_source(weights))
     v = cls(args={"model": weights, "data": data, "imgsz": opt.imgsz, "batch": opt.batch, "device": opt.device,
                   "plots": False, "task": task, "workers": 0})
     metrics = v(model=weights)
@@ -196,6 +238,15 @@ def run(opt, callbacks: dict | None = None) -> dict:
     if opt.resume:
         return resume(opt, callbacks)
     qat = qat_config(opt)  # checks bits and method before anything slow
+    flags = {"nbs": "--nbs" if opt.nbs else "--batch"}
+    check_ultralytics_args(qat_overrides(opt, None, None, {}), flags)
+    if runs_fp_stage(opt):
+        check_ultralytics_args(fp_overrides(opt, None, None), {**flags, **FP_FLAGS}, " (FP stage)")
+    use_device(opt)
+    if getattr(opt, "demo", False):
+        from engine.demo import pin_threads
+
+        pin_threads()  # the thread count changes the numbers: the demo's reference is for 1 thread
     data = resolve_data(opt)
     model_src = resolve_model(opt)
     task = model_task(model_src)
@@ -204,9 +255,10 @@ def run(opt, callbacks: dict | None = None) -> dict:
         model_src, rows["FP (trained here)"] = train_fp(opt, model_src, task, data)
     elif model_src.endswith(".pt"):
         rows["FP (--weights)"] = validate(model_src, task, opt, data)
-    ov = {**common_overrides(opt, data), "model": model_src, "epochs": opt.epochs, "name": opt.name,
-          "optimizer": "SGD", "lr0": opt.lr0, "warmup_epochs": opt.warmup_epochs, "qat": qat.to_dict()}
-    trainer = qat_trainer_class(task)(overrides=ov)
+    from engine.original import is_original_source
+
+    trainer = qat_trainer_class(task, original=is_original_source(model_src))(
+        overrides=qat_overrides(opt, data, model_src, qat.to_dict()))
     for event, fns in (callbacks or {}).items():
         for fn in fns:
             trainer.add_callback(event, fn)
@@ -215,6 +267,10 @@ def run(opt, callbacks: dict | None = None) -> dict:
     rows[f"QAT {bits} {qat.method}" + (f"+EMA" if qat.ema_decay else "")] = dict(trainer.metrics or {})
     rows.update(getattr(trainer, "extra_rows", {}))
     print("\n" + summary(rows))
+    if getattr(opt, "demo", False):
+        from engine.demo import reference_lines
+
+        print(reference_lines())
     print(f"\nQAT run: {trainer.save_dir}  (weights/last.pt, weights/best.pt, results.csv, oscillations.csv, args.yaml)")
     return rows
 
@@ -242,8 +298,12 @@ def resume(opt, callbacks=None) -> dict:
     task = ckpt["train_args"].get("task", "detect")
     if ckpt.get("epoch", -1) + 1 >= ckpt["train_args"]["epochs"]:
         raise InputError(f"--resume '{path}': the run already finished all {ckpt['train_args']['epochs']} epochs")
-    trainer = qat_trainer_class(task)(overrides={"model": path, "resume": path, "device": opt.device,
-                                                 "workers": opt.workers})
+    check_ultralytics_args({"workers": opt.workers}, {})
+    use_device(opt, ckpt["train_args"].get("device"))
+    ov = {"model": path, "resume": path, "device": opt.device, "workers": opt.workers}
+    from engine.original import is_original
+
+    trainer = qat_trainer_class(task, original=is_original(ckpt["model"]))(overrides=ov)
     for event, fns in (callbacks or {}).items():
         for fn in fns:
             trainer.add_callback(event, fn)
@@ -251,6 +311,21 @@ def resume(opt, callbacks=None) -> dict:
     rows = {"QAT (resumed)": dict(trainer.metrics or {})}
     print("\n" + summary(rows))
     return rows
+
+
+def use_device(opt, resumed_device=None) -> None:
+    """Resolve --device before anything slow and say which it is. Left out: Ultralytics' choice, or on
+    --resume the run's own device (as Ultralytics resumes every argument not given)."""
+    from engine.device import announce, default_note, resolve_device
+
+    request, note = opt.device, default_note(opt.device)
+    if request in (None, "") and resumed_device not in (None, ""):
+        request, note = resumed_device, "the resumed run's device; --device to change it"
+    try:
+        opt.device = resolve_device(request, multi=True)
+    except ValueError as e:
+        raise InputError(f"--device: {e}") from None
+    announce("train_qat.py", opt.device, note)
 
 
 def main(argv=None, callbacks: dict | None = None) -> int:
@@ -261,6 +336,11 @@ def main(argv=None, callbacks: dict | None = None) -> int:
         print(f"train_qat.py: error: {e}", file=sys.stderr)
         return 2
     except (RuntimeError, ValueError, FileNotFoundError) as e:
+        from engine.trainer import TrainingDiverged
+
+        if isinstance(e, TrainingDiverged):
+            print(f"train_qat.py: error: {e}", file=sys.stderr)
+            return 1
         msg = str(e).strip()
         if "No labels found" in msg or "No valid images" in msg or "Dataset" in msg or "images not found" in msg:
             print(f"train_qat.py: error: the dataset could not be used: {msg.splitlines()[0]} -- check that the "

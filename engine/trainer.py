@@ -10,7 +10,8 @@ What changes against plain Ultralytics training, each in the smallest override t
 - ``optimizer_step``: dampening gradient, both optimizers, frozen-weight re-application,
   oscillation tracking, iterative freezing, then the EMA.
 - ``resume_training`` / ``_load_checkpoint_state`` / ``save_model`` / ``final_eval``: fp32
-  checkpoints that carry the recipe, QAT args and the complete training state.
+  checkpoints that carry the recipe, QAT args and the complete training state;
+  ``_handle_nan_recovery`` goes back to that state when the loss turns NaN.
 The class is importable by module path and built from plain overrides, as the DDP launcher needs.
 """
 from __future__ import annotations
@@ -24,8 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.models.yolo.segment import SegmentationTrainer
-from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, YAML
-from ultralytics.utils.torch_utils import unwrap_model
+from ultralytics.utils import DEFAULT_CFG, LOCAL_RANK, LOGGER, RANK, YAML
+from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
 
 import models  # noqa: F401  (registers the YOLO layer policy)
 from models.checkpoint import load_checkpoint, save_checkpoint
@@ -34,10 +35,25 @@ from quant.oscillation import Dampening, DelayedCosine, OscillationTracker
 
 from .config import QATConfig
 from .ema import QATModelEMA
+from .original import OriginalDetectionTrainer, OriginalSegmentationTrainer
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, LSQQuantizer) for p in m.parameters(recurse=False)]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss went NaN/Inf and the run cannot recover: reported as one paragraph, no traceback."""
+
+
+_NAN_ATTEMPTS = 3  # reloads of last.pt per epoch before giving up, as Ultralytics does
+_DIVERGED_FIX = ("Lower --lr0 or --scale-lr, or check the data for degenerate labels; to go on from an intact "
+                 "last.pt with other settings, start a new run with --weights <last.pt> (--resume would reuse the "
+                 "settings that diverged)")
+
+
+def _all_finite(state: dict) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
 
 
 class QATTrainerMixin:
@@ -155,6 +171,60 @@ class QATTrainerMixin:
         self.best_fitness = ckpt.get("best_fitness")
         self.stopper.__dict__.update(ckpt.get("stopper") or {})
 
+    def _handle_nan_recovery(self, epoch):
+        """A NaN/Inf loss (or fitness) at the end of an epoch: go back to last.pt and redo the epoch.
+
+        Ultralytics' version reloads ``ckpt["ema"]``, which our checkpoints leave empty (the EMA is
+        ``ckpt["model"]``), and would restore the weights but not the scales' Adam, the oscillation
+        tracker or the step counter. Ours restores the complete training state saved in last.pt, or
+        stops with a TrainingDiverged message when there is nothing sound to go back to."""
+        loss_nan = self.loss is not None and not bool(torch.isfinite(self.loss).all())
+        fitness_nan = self.fitness is not None and not math.isfinite(float(self.fitness))
+        corrupted = RANK in {-1, 0} and (loss_nan or fitness_nan)
+        if RANK != -1:  # every rank must take the same branch
+            flag = [corrupted if RANK == 0 else None]
+            dist.broadcast_object_list(flag, 0)
+            corrupted = flag[0]
+        if not corrupted:
+            return False
+        what = "the training loss" if loss_nan else "the validation fitness"
+        model = unwrap_model(self.model)
+        if epoch == self.start_epoch and not self.resume:  # nothing saved yet (a last.pt there is a stale one)
+            if _all_finite(model.state_dict()):  # e.g. one AMP step skipped by the grad scaler: harmless
+                LOGGER.warning(f"QAT: {what} was NaN/Inf in epoch {epoch + 1}, the weights are finite: continuing")
+                return False
+            raise TrainingDiverged(f"{what} became NaN/Inf in epoch {epoch + 1}, the first of this run, and the "
+                                   f"weights are no longer finite; there is no checkpoint of this run to go back "
+                                   f"to. {_DIVERGED_FIX}")
+        self.nan_recovery_attempts += 1
+        ckpt = self._recovery_checkpoint(epoch, what)
+        LOGGER.warning(f"QAT: {what} was NaN/Inf in epoch {epoch + 1}: reloading {self.last} (epoch {epoch}) and "
+                       f"redoing the epoch (attempt {self.nan_recovery_attempts}/{_NAN_ATTEMPTS})")
+        self._model_train()
+        model.load_state_dict(ckpt["train_state"]["model"])
+        self._load_checkpoint_state(ckpt)
+        self.scale_optimizer.zero_grad()  # the optimizer's own grads are cleared by Ultralytics' loop
+        self._damp_sum, self._damp_n = 0.0, 0
+        self.scheduler.last_epoch = epoch - 1
+        return True
+
+    def _recovery_checkpoint(self, epoch: int, what: str) -> dict:
+        """last.pt as written at the end of the previous epoch, or TrainingDiverged."""
+        last = f"{self.last} (epoch {epoch}) is intact" if self.last.exists() else "no last.pt was written"
+        if self.nan_recovery_attempts > _NAN_ATTEMPTS:
+            raise TrainingDiverged(f"{what} was NaN/Inf in epoch {epoch + 1} again after {_NAN_ATTEMPTS} reloads of "
+                                   f"last.pt; {last}. {_DIVERGED_FIX}")
+        try:
+            _, ckpt = load_checkpoint(self.last)
+        except (FileNotFoundError, ValueError) as e:
+            raise TrainingDiverged(f"{what} became NaN/Inf in epoch {epoch + 1} and last.pt cannot be reloaded "
+                                   f"({e}). {_DIVERGED_FIX}") from None
+        state = ckpt.get("train_state")
+        if state is None or ckpt.get("epoch") != epoch - 1 or not _all_finite(state["model"]):
+            raise TrainingDiverged(f"{what} became NaN/Inf in epoch {epoch + 1} and {self.last} is not the sound "
+                                   f"end-of-epoch-{epoch} training state of this run. {_DIVERGED_FIX}")
+        return ckpt
+
     # -- one optimizer step ---------------------------------------------------------------------
     @property
     def progress(self) -> float:
@@ -253,21 +323,25 @@ class QATTrainerMixin:
         self.epoch += 1
         self.run_callbacks("on_fit_epoch_end")
         self.epoch -= 1
-        if self.qat.bn_reestimate and RANK in {-1, 0}:
-            self.extra_rows = {"QAT + BN re-estimation": self.reestimate_bn_of_best()}
+        if self.qat.bn_reestimate:  # on every rank: under DDP, validation is sharded and gathered on rank 0
+            metrics = self.reestimate_bn_of_best()
+            if RANK in {-1, 0}:
+                self.extra_rows = {"QAT + BN re-estimation": metrics}
 
     def reestimate_bn_of_best(self) -> dict:
         """BN statistics of best.pt recomputed with the quantized forward -> weights/best_bn.pt, validated."""
         from quant.bn_reestimate import reestimate_bn
 
-        model, ckpt = load_checkpoint(self.best, device=self.device)
-        loader = self.get_dataloader(self.data["train"], batch_size=self.batch_size, rank=-1, mode="train")
-        n = reestimate_bn(model, loader, num_batches=self.qat.bn_batches,
-                          forward=lambda m, b: m(self.preprocess_batch(b)["img"]))
         path = self.wdir / "best_bn.pt"
-        keep = {k: v for k, v in ckpt.items() if k not in {"model", "ema", "quant_recipe", "date", "version"}}
-        save_checkpoint(path, model, bn_reestimated_batches=n, **keep)
-        LOGGER.info(f"QAT: BN statistics re-estimated on {n} batches -> {path}")
+        with torch_distributed_zero_first(LOCAL_RANK):  # DDP: rank 0 writes the file, the others wait for it
+            if RANK in {-1, 0}:
+                model, ckpt = load_checkpoint(self.best, device=self.device)
+                loader = self.get_dataloader(self.data["train"], batch_size=self.batch_size, rank=-1, mode="train")
+                n = reestimate_bn(model, loader, num_batches=self.qat.bn_batches,
+                                  forward=lambda m, b: m(self.preprocess_batch(b)["img"]))
+                keep = {k: v for k, v in ckpt.items() if k not in {"model", "ema", "quant_recipe", "date", "version"}}
+                save_checkpoint(path, model, bn_reestimated_batches=n, **keep)
+                LOGGER.info(f"QAT: BN statistics re-estimated on {n} batches -> {path}")
         metrics = self.validator(model=path)
         metrics.pop("fitness", None)
         return metrics
@@ -281,10 +355,22 @@ class QATSegmentationTrainer(QATTrainerMixin, SegmentationTrainer):
     pass
 
 
+# The original anchor-based YOLOv5 / YOLOv7 models: the same QAT over engine/original.py's trainers.
+class QATOriginalDetectionTrainer(QATTrainerMixin, OriginalDetectionTrainer):
+    pass
+
+
+class QATOriginalSegmentationTrainer(QATTrainerMixin, OriginalSegmentationTrainer):
+    pass
+
+
 TRAINERS = {"detect": QATDetectionTrainer, "segment": QATSegmentationTrainer}
+ORIGINAL_TRAINERS = {"detect": QATOriginalDetectionTrainer, "segment": QATOriginalSegmentationTrainer}
 
 
-def qat_trainer_class(task: str):
+def qat_trainer_class(task: str, original: bool = False):
+    """The QAT trainer for a task; ``original`` for the anchor-based models of models/yolo.py
+    (``engine.original.is_original_source`` tells them apart)."""
     if task not in TRAINERS:
         raise ValueError(f"task {task!r} is not supported for QAT: allowed values are {sorted(TRAINERS)}")
-    return TRAINERS[task]
+    return (ORIGINAL_TRAINERS if original else TRAINERS)[task]

@@ -132,7 +132,9 @@ def validate(weights_or_model, data=None, imgsz: int | None = None, batch: int =
     args = {"data": data, "imgsz": imgsz, "batch": batch, "device": device, "task": task, "mode": "val",
             "split": "val", "save_json": True, "plots": False, "conf": conf, "iou": iou, "rect": True,
             "verbose": verbose}
-    cls = PredictionsOnlySegmentationValidator if task == "segment" else PredictionsOnlyDetectionValidator
+    from .original import is_original, validator_class  # anchor-based models: their output turned first
+
+    cls = validator_class(task, original=is_original(model), predictions_only=True)
     validator = cls(save_dir=save_dir, args=args)
     stats = validator(model=model)
     labels = validator.dataloader.dataset.labels

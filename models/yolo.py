@@ -44,6 +44,7 @@ class Detect(nn.Module):
     stride = None  # set by the model build
     dynamic = False  # rebuild the grids on every call
     export = False  # eval returns the predictions only
+    max_det = 300  # set by Ultralytics' trainer on every head; NMS (outside the model) applies it here
     inplace = True  # yolov5 attribute, kept for checkpoints and Ultralytics' loader (decoding is out of place)
 
     def __init__(self, nc=80, anchors=(), ch=(), inplace=True):
@@ -359,6 +360,16 @@ def initialize_weights(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------- models
 
+def _apply_to_cache(fn, t: torch.Tensor) -> torch.Tensor:
+    """``fn`` (a dtype / device move) on a grid cache of the head, or an empty cache (rebuilt by the next
+    forward) when ``fn`` does not apply to it: ``model.to(memory_format=torch.channels_last)``, which
+    Ultralytics' AutoBackend calls on CPU, rejects the 5-D caches."""
+    try:
+        return fn(t)
+    except RuntimeError:
+        return torch.empty(0)
+
+
 class DetectionModel(tasks.DetectionModel):
     """yolov5's DetectionModel / yolov7's Model, on Ultralytics' DetectionModel (its forward, predict,
     loss and load). ``DetectionModel(cfg, ch, nc, anchors)``: cfg an original-format yaml (path, name in
@@ -421,9 +432,9 @@ class DetectionModel(tasks.DetectionModel):
         if isinstance(m, Detect):  # plain attributes, not buffers: move them too
             if isinstance(m.stride, torch.Tensor):
                 m.stride = fn(m.stride)
-            m.grid = list(map(fn, m.grid))
+            m.grid = [_apply_to_cache(fn, g) for g in m.grid]
             if isinstance(m.anchor_grid, list):
-                m.anchor_grid = list(map(fn, m.anchor_grid))
+                m.anchor_grid = [_apply_to_cache(fn, g) for g in m.anchor_grid]
         return self
 
     def _initialize_biases(self, cf=None):

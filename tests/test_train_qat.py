@@ -23,7 +23,7 @@ def data(tmp_path_factory):
 
 
 def cli(args, cwd, env_extra=None):
-    env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / "train_qat.py"), *args], cwd=cwd, capture_output=True,
                           text=True, env=env, timeout=240)
 
@@ -191,3 +191,104 @@ def test_bad_input_messages(case, data, tmp_path, monkeypatch, capsys):
     assert code != 0
     assert "train_qat.py: error:" in err and expect in err, err[-2000:]
     assert "Traceback" not in err
+
+
+NAN_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import train_qat  # noqa: F401  (sets YOLO_OFFLINE, sys.path)
+from engine.cli import main
+from ultralytics.utils.torch_utils import unwrap_model
+
+MODE = {mode!r}  # once: one NaN loss in epoch 2; always: every loss of epoch 2 on; first: from epoch 1 on
+starts = []
+
+
+def same(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.equal(a.cpu(), b.cpu())
+    return a == b
+
+
+def restored(trainer):
+    # at the start of the redone epoch the whole training state must be last.pt's, bit for bit
+    ckpt = torch.load(trainer.last, map_location="cpu", weights_only=False)
+    st = ckpt["train_state"]
+    checks = {{"raw weights": same(unwrap_model(trainer.model).state_dict(), st["model"]),
+              "ema": same(trainer.ema.ema.state_dict(), ckpt["model"].state_dict()),
+              "optimizer": same(trainer.optimizer.state_dict(), st["optimizer"]),
+              "scale optimizer": same(trainer.scale_optimizer.state_dict(), st["scale_optimizer"]),
+              "oscillation tracker": same(trainer.tracker.state_dict(), st["oscillation"]),
+              "qat_step": trainer.qat_step == st["qat_step"], "ema updates": trainer.ema.updates == ckpt["updates"]}}
+    print("RESTORED", sorted(k for k, ok in checks.items() if ok),
+          "NOT", sorted(k for k, ok in checks.items() if not ok))
+
+
+def poison(trainer):
+    starts.append(trainer.epoch)
+    first_bad = 0 if MODE == "first" else 1
+    if trainer.epoch == 1 and starts.count(1) == 2:
+        restored(trainer)
+    if trainer.epoch < first_bad or (MODE == "once" and starts.count(1) > 1):
+        return
+    m = unwrap_model(trainer.model)
+
+    def nan_loss(batch, preds=None):
+        if MODE == "once":
+            del m.loss  # one NaN batch, then the model's own loss again
+        total, items = type(m).loss(m, batch, preds)
+        return total * float("nan"), items
+
+    m.loss = nan_loss
+
+
+sys.exit(main({args!r}, callbacks={{"on_train_epoch_start": [poison]}}))
+"""
+
+
+def finite(ckpt) -> bool:
+    tensors = list(ckpt["model"].state_dict().values())
+    if "train_state" in ckpt:
+        st = ckpt["train_state"]
+        tensors += list(st["model"].values()) + list(st["oscillation"].values())
+        for opt in (st["optimizer"], st["scale_optimizer"]):
+            tensors += [v for s in opt["state"].values() for v in s.values() if torch.is_tensor(v)]
+    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+@pytest.mark.parametrize("mode", ["once", "always", "first"])
+def test_nan_loss_recovers_from_last_pt_or_stops_with_a_message(mode, data, tmp_path):
+    run = tmp_path / "runs/nan"
+    args = ["--data", str(data), "--cfg", "yolov5nu", "--epochs", "2", "--ema-decay", "0.9", "--ema-tau", "2",
+            "--method", "freeze", "--project", str(tmp_path / "runs"), "--name", "nan", *TINY]
+    script = NAN_SCRIPT.format(root=str(ROOT), args=args, mode=mode)
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    out = r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    if mode == "once":  # epoch 2 is redone from last.pt, and the run finishes as if nothing happened
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "reloading" in out and "attempt 1/3" in out
+        restored = [line for line in r.stdout.splitlines() if line.startswith("RESTORED")]
+        assert restored == ["RESTORED ['ema', 'ema updates', 'optimizer', 'oscillation tracker', 'qat_step', "
+                            "'raw weights', 'scale optimizer'] NOT []"], restored
+        last, best = load(run / "weights/last.pt"), load(run / "weights/best.pt")
+        assert last["epoch"] == 1 and finite(last) and finite(best)
+        assert last["train_state"]["qat_step"] == last["updates"] == 4  # the lost pass is not counted
+        rows = (run / "results.csv").read_text().strip().splitlines()
+        assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"] and "nan" not in rows[-1].lower()
+    else:  # no recovery possible: one paragraph, exit 1, and what was saved before stays intact
+        assert r.returncode == 1, r.stderr[-3000:]
+        err = [line for line in r.stderr.splitlines() if line.startswith("train_qat.py: error:")]
+        assert len(err) == 1 and "NaN" in err[0] and "--lr0" in err[0], r.stderr[-3000:]
+        if mode == "always":
+            assert "again after 3 reloads" in err[0] and "attempt 3/3" in out
+            last = load(run / "weights/last.pt")
+            assert last["epoch"] == 0 and finite(last)
+        else:
+            assert "the first of this run" in err[0] and not (run / "weights/last.pt").exists()

@@ -1,0 +1,251 @@
+"""The original anchor-based YOLOv5 / YOLOv7 models (models/yolo.py) on Ultralytics' trainer and validator.
+
+Trainers (``OriginalDetectionTrainer``, ``OriginalSegmentationTrainer``): Ultralytics' DetectionTrainer /
+SegmentationTrainer with
+- ``get_model``: models.yolo.DetectionModel / SegmentationModel from an original-format yaml (path, registry name
+  or a checkpoint's ``model.yaml`` dict) with nc from the data, weights transferred by Ultralytics' ``model.load``
+  (every tensor of matching name and shape, anchors included);
+- the YOLOv5 hyper-parameters (hyp.scratch-low) where the user set nothing: ``TRAIN_DEFAULTS``;
+- the AutoAnchor check of yolov5's train.py after the data is loaded (engine/autoanchor.py): anchors are refitted
+  only for a model built from a yaml; trained weights keep theirs (the check is logged);
+- the YOLOv5 loss items (box, [seg,] obj, cls) and the validators below.
+Validators: Ultralytics' DetectionValidator / SegmentationValidator (and the predictions-only ones of
+engine/validate.py) whose ``postprocess`` first turns the original output into Ultralytics' layout, so its NMS,
+metrics and predictions.json (and pycocotools after it) run unchanged.
+"""
+from __future__ import annotations
+
+from copy import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+from ultralytics.cfg import cfg2dict
+from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
+from ultralytics.models.yolo.segment import SegmentationTrainer, SegmentationValidator
+from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK
+from ultralytics.utils.torch_utils import unwrap_model
+
+from models.loss import DEFAULT_HYP, YOLOv5DetLoss, YOLOv5SegLoss, resolve_hyp
+from models.registry import is_original_yaml
+
+from .autoanchor import broadcast_anchors, check_anchors
+from .validate import PredictionsOnlyDetectionValidator, PredictionsOnlySegmentationValidator
+
+# hyp.scratch-low keys that Ultralytics' trainer and data pipeline read under the same name and meaning (its
+# box / cls gains mean other losses: the YOLOv5 gains stay in models/loss.py). Ultralytics' defaults equal most
+# of them; the ones that differ are the optimizer (auto -> SGD) and close_mosaic (yolov5 keeps mosaic to the end).
+_SHARED_HYP = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
+               "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud",
+               "fliplr", "mosaic", "mixup", "copy_paste")
+TRAIN_DEFAULTS = {**{k: DEFAULT_HYP[k] for k in _SHARED_HYP}, "optimizer": "SGD", "close_mosaic": 0}
+
+
+def is_original(model) -> bool:
+    """True for a model whose head is one of models.yolo's anchor-based heads (FP or quantized, any wrapper)."""
+    from models.yolo import Detect
+
+    layers = getattr(unwrap_model(model), "model", None)
+    return isinstance(layers, nn.Sequential) and len(layers) > 0 and isinstance(layers[-1], Detect)
+
+
+def is_original_source(src) -> bool:
+    """True for an original model, an original-format yaml (path, registry name, dict) or a .pt checkpoint
+    holding an original model (a yolov5 / yolov7 checkpoint, or one this project wrote from such a model).
+    Unreadable files give False: the caller's own loading reports them."""
+    if isinstance(src, nn.Module):
+        return is_original(src)
+    if isinstance(src, (str, Path)) and str(src).endswith(".pt"):
+        if not Path(src).is_file():
+            return False
+        from models.checkpoint import load_checkpoint
+
+        try:
+            model, _ = load_checkpoint(src)
+        except (ValueError, FileNotFoundError):
+            return False
+        return is_original(model)
+    return is_original_yaml(src)
+
+
+def original_yaml_task(cfg) -> str:
+    """'segment' for an original yaml whose head is Segment, else 'detect'."""
+    from models.yolo import load_original_yaml
+
+    head = load_original_yaml(cfg)["head"][-1][2]
+    return "segment" if head == "Segment" else "detect"
+
+
+def loss_names(task: str) -> tuple[str, ...]:
+    return YOLOv5SegLoss.item_names if task == "segment" else YOLOv5DetLoss.item_names
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def to_ultralytics_preds(preds):
+    """The original eval output -> the input of Ultralytics' postprocess.
+
+    (pred, maps) / (pred,) / pred, with pred (B, N, 5 + nc) = decoded xywh pixels, objectness, class
+    probabilities -> (B, 4 + nc, N) with class scores objectness x probability (yolov5's NMS score);
+    (pred, proto, maps) / (pred, proto) with nm mask coefficients after the classes -> [(B, 4 + nc + nm, N),
+    proto], the coefficients passed through."""
+    proto = None
+    if isinstance(preds, (list, tuple)):
+        if len(preds) > 1 and torch.is_tensor(preds[1]) and preds[1].dim() == 4:
+            proto = preds[1]
+        pred = preds[0] if preds else None
+    else:
+        pred = preds
+    nm = proto.shape[1] if proto is not None else 0
+    if not torch.is_tensor(pred) or pred.dim() != 3 or pred.shape[-1] - 5 - nm < 1:
+        shape = tuple(pred.shape) if torch.is_tensor(pred) else type(pred).__name__
+        raise TypeError(f"expected the eval output of an anchor-based YOLOv5/YOLOv7 model, (pred, ...) with pred "
+                        f"(batch, anchors, 5 + nc{' + nm' if nm else ''}); got {shape}. Anchor-free Ultralytics "
+                        f"models validate with Ultralytics' own validators.")
+    nc = pred.shape[-1] - 5 - nm
+    scores = pred[..., 5:5 + nc] * pred[..., 4:5]
+    out = torch.cat((pred[..., :4], scores, pred[..., 5 + nc:]), -1).transpose(1, 2)
+    return out if proto is None else [out, proto]
+
+
+class OriginalValidatorMixin:
+    """Put before an Ultralytics detection / segmentation validator class."""
+
+    def postprocess(self, preds):
+        return super().postprocess(to_ultralytics_preds(preds))
+
+
+class OriginalDetectionValidator(OriginalValidatorMixin, DetectionValidator):
+    pass
+
+
+class OriginalSegmentationValidator(OriginalValidatorMixin, SegmentationValidator):
+    pass
+
+
+class OriginalPredictionsOnlyDetectionValidator(OriginalValidatorMixin, PredictionsOnlyDetectionValidator):
+    pass
+
+
+class OriginalPredictionsOnlySegmentationValidator(OriginalValidatorMixin, PredictionsOnlySegmentationValidator):
+    pass
+
+
+def validator_class(task: str, original: bool, predictions_only: bool = False):
+    """The validator class for a task, for original or Ultralytics models, Ultralytics' or engine/validate.py's."""
+    table = {(False, False): (DetectionValidator, SegmentationValidator),
+             (False, True): (PredictionsOnlyDetectionValidator, PredictionsOnlySegmentationValidator),
+             (True, False): (OriginalDetectionValidator, OriginalSegmentationValidator),
+             (True, True): (OriginalPredictionsOnlyDetectionValidator, OriginalPredictionsOnlySegmentationValidator)}
+    det, seg = table[(bool(original), bool(predictions_only))]
+    return seg if task == "segment" else det
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _user_defaults(cfg, overrides: dict) -> dict:
+    """TRAIN_DEFAULTS for the keys the user left at Ultralytics' default (in ``cfg`` and ``overrides``)."""
+    base = cfg2dict(cfg) if cfg is not None else {}
+    return {k: v for k, v in TRAIN_DEFAULTS.items()
+            if k not in overrides and base.get(k, DEFAULT_CFG_DICT[k]) == DEFAULT_CFG_DICT[k]}
+
+
+def _implicit_without_decay(optimizer, model) -> None:
+    """yolov7's ImplicitA / ImplicitM vectors train without weight decay, as its train.py groups them (decay would
+    pull the multiplicative ImplicitM towards 0); Ultralytics' grouping puts them with the decayed weights."""
+    from models.common import ImplicitA, ImplicitM
+
+    implicit = {id(p) for m in unwrap_model(model).modules() if isinstance(m, (ImplicitA, ImplicitM))
+                for p in m.parameters(recurse=False)}
+    groups = {g.get("param_group"): g for g in optimizer.param_groups}
+    if not implicit or "weight" not in groups or "bn" not in groups:
+        return
+    moved = [p for p in groups["weight"]["params"] if id(p) in implicit]
+    groups["weight"]["params"] = [p for p in groups["weight"]["params"] if id(p) not in implicit]
+    groups["bn"]["params"] = list(groups["bn"]["params"]) + moved
+
+
+class OriginalTrainerMixin:
+    """Put before Ultralytics' DetectionTrainer / SegmentationTrainer (see the two classes below)."""
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None):
+        overrides = dict(overrides or {})
+        if not overrides.get("resume"):  # a resumed run keeps its own settings
+            overrides.update(_user_defaults(cfg, overrides))
+        super().__init__(cfg, overrides, _callbacks)
+        self.loss_names = loss_names(self.args.task)
+        self.anchors_trained = True  # get_model() says otherwise for a model built from a yaml alone
+        self.anchor_report: dict | None = None
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        from models.yolo import DetectionModel, SegmentationModel
+
+        cfg = cfg if cfg is not None else self.args.model
+        if not is_original_yaml(cfg):
+            raise ValueError(f"{type(self).__name__} trains the original anchor-based YOLOv5/YOLOv7 models; "
+                             f"'{cfg if isinstance(cfg, (str, Path)) else self.args.model}' is not an original-format "
+                             f"model (no 'anchors'). Train Ultralytics models with Ultralytics' own trainers "
+                             f"(ultralytics.models.yolo.detect.DetectionTrainer, ...).")
+        task = original_yaml_task(cfg)
+        if task != self.args.task:
+            raise ValueError(f"the model is a {task} model (its head is "
+                             f"{'Segment' if task == 'segment' else 'Detect/IDetect'}) but the trainer's task is "
+                             f"'{self.args.task}': use the {task} trainer (engine.original.trainer_class('{task}'))")
+        cls = SegmentationModel if task == "segment" else DetectionModel
+        model = cls(cfg, ch=self.data.get("channels", 3), nc=self.data["nc"], verbose=verbose and RANK == -1)
+        if weights is not None:
+            model.load(weights)
+            hyp = getattr(unwrap_model(weights) if isinstance(weights, nn.Module) else None, "hyp", None)
+            if isinstance(hyp, dict):
+                model.hyp = hyp  # the loss keys of the run that trained them (anchor_t, ...): models/loss.py
+        self.anchors_trained = weights is not None
+        return model
+
+    def get_validator(self):
+        self.loss_names = loss_names(self.args.task)
+        cls = validator_class(self.args.task, original=True)
+        return cls(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
+
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        if str(name).lower() == "auto":  # Ultralytics' pick by run length; the YOLOv5 recipe is SGD
+            LOGGER.info("optimizer=auto: SGD for the original anchor-based model (the YOLOv5 recipe)")
+            name = self.args.optimizer = "SGD"
+        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        _implicit_without_decay(optimizer, model)
+        return optimizer
+
+    def _build_train_pipeline(self):
+        super()._build_train_pipeline()
+        if self.anchor_report is None:  # once: an OOM retry rebuilds the pipeline
+            self.anchor_report = self.check_anchors()
+
+    def check_anchors(self) -> dict:
+        """yolov5 train.py's AutoAnchor on the training labels: refit for a model built from a yaml, check only
+        for trained weights (or a resumed run)."""
+        model = unwrap_model(self.model)
+        anchor_t = resolve_hyp(model)["anchor_t"]
+        refit = not self.anchors_trained and not self.resume
+        reason = ("the weights were trained with these anchors; train from the model yaml to refit them"
+                  if not refit else "")
+        report = check_anchors(model, self.train_loader.dataset.labels, self.args.imgsz, anchor_t=anchor_t,
+                               refit=refit, seed=self.args.seed, reason=reason)
+        if report["replaced"] and self.world_size > 1:
+            broadcast_anchors(model)
+        return report
+
+
+class OriginalDetectionTrainer(OriginalTrainerMixin, DetectionTrainer):
+    pass
+
+
+class OriginalSegmentationTrainer(OriginalTrainerMixin, SegmentationTrainer):
+    pass
+
+
+def trainer_class(task: str, original: bool = True):
+    """The FP trainer class for a task: the original-model trainers above, or Ultralytics' own."""
+    if task not in {"detect", "segment"}:
+        raise ValueError(f"task {task!r} is not supported: allowed values are 'detect', 'segment'")
+    if original:
+        return OriginalSegmentationTrainer if task == "segment" else OriginalDetectionTrainer
+    return SegmentationTrainer if task == "segment" else DetectionTrainer
