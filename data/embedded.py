@@ -143,13 +143,16 @@ def _label_line(cls: int, poly: np.ndarray, imgsz: int) -> str:
     return f"{cls} " + " ".join(f"{v:.6f}" for v in xy)
 
 
-def _write_split(root: Path, split: str, split_id: int, n: int, imgsz: int, seed: int) -> None:
+def write_split(root: Path, split: str, split_id: int, n: int, imgsz: int, seed: int, scene=None) -> None:
+    """Write ``n`` images and their segmentation labels of ``scene(rng, imgsz) -> (img, [(cls, polygon)])``
+    (default: the procedural scenes) under ``root/images/<split>`` and ``root/labels/<split>``."""
+    scene = scene or _scene
     (root / "images" / split).mkdir(parents=True)
     (root / "labels" / split).mkdir(parents=True)
     for i in range(n):
         # one generator per image: image i is the same whatever n is
         rng = np.random.default_rng([seed, split_id, i])
-        img, labels = _scene(rng, imgsz)
+        img, labels = scene(rng, imgsz)
         stem = f"{split}_{i:06d}"
         cv2.imwrite(str(root / "images" / split / f"{stem}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
         lines = [_label_line(c, p, imgsz) for c, p in labels]
@@ -192,8 +195,8 @@ def ensure_embedded_dataset(root: str | Path | None = None, n_train: int = 256, 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _write_split(tmp, "train", 0, n_train, imgsz, seed)
-        _write_split(tmp, "val", 1, n_val, imgsz, seed)
+        write_split(tmp, "train", 0, n_train, imgsz, seed)
+        write_split(tmp, "val", 1, n_val, imgsz, seed)
         (tmp / YAML_NAME).write_text(_yaml_text(root, params))
         (tmp / MARKER).write_text(json.dumps(params))
         if root.exists() and not _is_complete(root, params):

@@ -25,7 +25,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-VERSION = 1  # bump when the scenes change, so cached copies are rebuilt
+from data.embedded import write_split  # the file layout only: the scenes are this module's own
+
+VERSION = 2  # bump when the scenes change, so cached copies are rebuilt
 MARKER = ".complete"
 YAML_NAME = "real_photos.yaml"
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "coins", "camera", "hubble_deep_field",
@@ -115,23 +117,6 @@ def _scene(rng: np.random.Generator, imgsz: int) -> tuple[np.ndarray, list[tuple
     return img, [(c, p) for c, p, _, _ in placed]
 
 
-def _label_line(cls: int, poly: np.ndarray, imgsz: int) -> str:
-    xy = np.clip(poly / imgsz, 0.0, 1.0).reshape(-1)
-    return f"{cls} " + " ".join(f"{v:.6f}" for v in xy)
-
-
-def _write_split(root: Path, split: str, split_id: int, n: int, imgsz: int, seed: int) -> None:
-    (root / "images" / split).mkdir(parents=True)
-    (root / "labels" / split).mkdir(parents=True)
-    for i in range(n):
-        rng = np.random.default_rng([seed, split_id, i])  # image i is the same whatever n is
-        img, labels = _scene(rng, imgsz)
-        stem = f"{split}_{i:04d}"
-        cv2.imwrite(str(root / "images" / split / f"{stem}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
-        (root / "labels" / split / f"{stem}.txt").write_text("".join(_label_line(c, p, imgsz) + "\n"
-                                                                     for c, p in labels))
-
-
 def real_photo_dataset(root: str | Path, n_train: int = 48, n_val: int = 16, imgsz: int = 128,
                        seed: int = 0) -> Path:
     """Build (once) the dataset under ``root`` and return its yaml; a complete copy made with the same
@@ -145,8 +130,8 @@ def real_photo_dataset(root: str | Path, n_train: int = 48, n_val: int = 16, img
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _write_split(tmp, "train", 0, n_train, imgsz, seed)
-        _write_split(tmp, "val", 1, n_val, imgsz, seed)
+        write_split(tmp, "train", 0, n_train, imgsz, seed, scene=_scene)
+        write_split(tmp, "val", 1, n_val, imgsz, seed, scene=_scene)
         names = "\n".join(f"  {k}: {v}" for k, v in class_names().items())
         (tmp / YAML_NAME).write_text(f"# real-photo test dataset (tests/real_photos.py) {json.dumps(params)}\n"
                                      f"path: {root}\ntrain: images/train\nval: images/val\n\nnames:\n{names}\n")
