@@ -138,8 +138,8 @@ def threshold_distances(model: nn.Module) -> np.ndarray:
     out = []
     for m in quant_convs(getattr(model, "module", model)).values():
         q = m.weight_quantizer
-        s = q.scale.reshape(-1, 1, 1, 1) if q.per_channel else q.scale
-        x = (m.weight.detach().float() / s).flatten()
+        w = m.weight.detach().float()
+        x = (w / q.scale_for(w)).flatten()
         x = x[(x >= q.qmin - 0.5) & (x <= q.qmax + 0.5)]
         out.append((x - torch.floor(x) - 0.5).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)

@@ -1,9 +1,5 @@
 """Dataset yamls (COCO, COCO-seg) and the embedded offline dataset generator."""
-from pathlib import Path
-
-DATA_DIR = Path(__file__).resolve().parent
-
-__all__ = ["DATA_DIR", "ensure_embedded_dataset"]
+__all__ = ["ensure_embedded_dataset"]
 
 
 def __getattr__(name):

@@ -19,7 +19,6 @@ from quant import is_quantized, quant_convs, quantize_model
 
 from .bitpack import pack_codes, unpack_codes
 from .onnx_qdq import NothingQuantizedError
-from .qdq_conv import deployed_codes
 
 FORMAT, VERSION = "qyolo-packed", 1
 
@@ -62,7 +61,7 @@ def save_packed(model: nn.Module, path: str | Path) -> Path:
     int_index, chunks, pos = {}, [], 0
     for name, m in quant_convs(model).items():
         wq = m.weight_quantizer
-        data = pack_codes(deployed_codes(m), wq.bits, wq.qmin)
+        data = pack_codes(m.integer_weight(), wq.bits, wq.qmin)
         int_index[f"{name}.weight"] = {"bits": wq.bits, "qmin": wq.qmin, "shape": list(m.weight.shape), "per_channel": wq.per_channel,
                                        "start": pos, "nbytes": data.numel()}
         chunks.append(data)
@@ -124,12 +123,21 @@ def load_packed(path: str | Path) -> nn.Module:
     state = {k: payload["float_blob"][i["start"]:i["start"] + torch.Size(i["shape"]).numel()].reshape(i["shape"]).clone()
              for k, i in payload["float_index"].items()}
     state.update(payload["other"])
-    for k, i in payload["int_index"].items():
-        blob = payload["int_blob"][i["start"]:i["start"] + i["nbytes"]]
-        codes = unpack_codes(blob, i["bits"], i["qmin"], torch.Size(i["shape"]).numel()).reshape(i["shape"]).float()
-        scale = state[k[: -len("weight")] + "weight_quantizer._scale"]
-        state[k] = codes * (scale.reshape(-1, 1, 1, 1) if i["per_channel"] else scale)
-    model.load_state_dict(state, strict=True)
+    # The latent weights are not stored: load everything else first, so each conv's weight quantizer holds
+    # its step sizes, then write code * step into the weight (it fake-quantizes back to the same code).
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != set(payload["int_index"]):
+        raise RuntimeError(f"load_packed: '{path}' does not match the model rebuilt from its yaml and recipe "
+                           f"(missing {sorted(set(missing) - set(payload['int_index']))[:5]}, unexpected "
+                           f"{sorted(unexpected)[:5]}): the file was written by another version of this code or "
+                           f"edited; export it again from its checkpoint with export.py --format packed")
+    convs = quant_convs(model)
+    with torch.no_grad():
+        for k, i in payload["int_index"].items():
+            blob = payload["int_blob"][i["start"]:i["start"] + i["nbytes"]]
+            codes = unpack_codes(blob, i["bits"], i["qmin"], torch.Size(i["shape"]).numel()).reshape(i["shape"]).float()
+            conv = convs[k[: -len(".weight")]]
+            conv.weight.copy_(codes * conv.weight_quantizer.scale_for(codes))
     model.names, model.args = payload["names"], payload["args"]
     for p in model.parameters():
         p.requires_grad_(False)

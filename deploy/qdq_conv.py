@@ -1,8 +1,8 @@
 """QDQConv2d: the export-time form of a (fused) QuantConv2d.
 
 Activation Q/DQ -> Conv with DequantizeLinear(integer weight) -> Mul(out_scale) -> Add(bias).
-BN and folded QC corrections live in ``out_scale`` / ``bias``; the integer weights are exactly
-``QuantConv2d.integer_weight()``.
+BN and folded QC corrections live in ``out_scale`` / ``bias``; the integer weights are
+``QuantConv2d.integer_weight()``, the codes the fake-quant forward uses.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant import QuantConv2d
+from quant import QuantConv2d, replace_module
 
 from .qdq_ops import DequantizeWeight, QDQActivation
 
@@ -42,7 +42,7 @@ def activation_grid(q, offset_mode: str = "exact") -> ActivationGrid:
     """
     if offset_mode not in OFFSET_MODES:
         raise ValueError(f"offset_mode={offset_mode!r}: allowed values are {OFFSET_MODES}")
-    if not bool(q.initialized):
+    if not q.is_initialized:
         raise ValueError("activation quantizer was never calibrated (run quant.calibrate before exporting)")
     s = float(q.scale.reshape(-1)[0])
     b = float(q.offset.reshape(-1)[0]) if q.offset is not None else 0.0
@@ -61,18 +61,6 @@ def activation_grid(q, offset_mode: str = "exact") -> ActivationGrid:
     return ActivationGrid(s, zp, b, lo, hi, q.signed, shift)
 
 
-@torch.no_grad()
-def deployed_codes(qconv: QuantConv2d) -> torch.Tensor:
-    """The integer weight codes the fake-quant forward actually uses (float tensor of integers).
-
-    Read back from the fake-quantized weight (= code * s exactly) rather than recomputed as
-    round(w / s): LSQ multiplies by 1/s, and at an exact half-step tie the two roundings can differ.
-    """
-    wq = qconv.weight_quantizer
-    s = wq.scale.reshape(-1, 1, 1, 1) if wq.per_channel else wq.scale
-    return (wq(qconv.weight.detach().float()) / s).round().clamp(wq.qmin, wq.qmax)
-
-
 class QDQConv2d(nn.Module):
     """Inference-only conv built from a QuantConv2d; forward == the ONNX graph it exports to."""
 
@@ -86,7 +74,7 @@ class QDQConv2d(nn.Module):
         if qconv.padding_mode != "zeros" or isinstance(qconv.padding, str):
             raise ValueError("QDQConv2d exports zero padding with explicit pads only")
         # int8 is the container of every width 2..8; the ONNX post-pass may narrow it to INT4.
-        self.register_buffer("weight_int", deployed_codes(qconv).to(torch.int8))
+        self.register_buffer("weight_int", qconv.integer_weight().to(torch.int8))
         scale = wq.scale.float().clone()
         self.register_buffer("weight_scale", scale if wq.per_channel else scale.reshape(()))
         self.register_buffer("out_scale", None if qconv.out_scale is None else qconv.out_scale.float().view(1, -1, 1, 1).clone())
@@ -121,8 +109,6 @@ def swap_quant_convs(model: nn.Module, offset_mode: str = "exact") -> dict[str, 
     swapped = {}
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantConv2d):
-            new = QDQConv2d(m, offset_mode)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
-            swapped[name] = new
+            swapped[name] = QDQConv2d(m, offset_mode)
+            replace_module(model, name, swapped[name])
     return swapped

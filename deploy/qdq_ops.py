@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from quant import broadcast_scale
+
 
 class QDQActivation(torch.autograd.Function):
     """y = DQ(Q(clip(x - offset, lo, hi), s, zp), s, zp) + offset.
@@ -48,8 +50,7 @@ class DequantizeWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w_int, scale):
-        s = scale if scale.dim() == 0 else scale.view(-1, *([1] * (w_int.dim() - 1)))
-        return w_int.float() * s
+        return w_int.float() * broadcast_scale(scale, w_int, 0 if scale.dim() == 1 else None)
 
     @staticmethod
     def symbolic(g, w_int, scale):

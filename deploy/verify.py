@@ -60,7 +60,7 @@ def fake_quant_codes(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tens
         q = mod.input_quantizer
         x = args[0].float()
         b = q.offset.detach() if q.offset is not None else torch.zeros(1)
-        codes.append(((q(x) - b) / q.scale).round())  # q(x) = code * s + b exactly
+        codes.append(q.codes(x))
         z.append((x.double() - b.double()) / q.scale.double())
 
     hooks = [m.register_forward_pre_hook(hook) for m in model.modules()

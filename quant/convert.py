@@ -10,7 +10,7 @@ from torch import nn
 from .batches import run_batches
 from .lsq import LSQQuantizer
 from .qconv import QuantConv2d
-from .range_init import _sample, init_activation_quantizer
+from .range_init import flat_sample
 from .recipe import QuantRecipe
 
 # A policy tells, for one family of models, which convs are "first" / "last" (kept at
@@ -108,9 +108,18 @@ def _refuse_fixed_operators(model: nn.Module, exclude) -> None:
         f"list these convs in the recipe's 'exclude', or pass policy=quant.default_policy to quantize them anyway")
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule called ``name`` (dotted, as ``named_modules`` gives it)."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    try:
+        parent = model.get_submodule(parent_name)
+    except AttributeError:
+        parent = None
+    if not child or not isinstance(getattr(parent, child, None), nn.Module):
+        sample = ", ".join([n for n, _ in model.named_modules() if n][:5])
+        raise ValueError(f"replace_module: {type(model).__name__} has no submodule {name!r} to replace: allowed "
+                         f"values are the dotted names of model.named_modules() (e.g. {sample}, ...), not the "
+                         f"model itself ('')")
     setattr(parent, child, new)
 
 
@@ -157,7 +166,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe | dict, policy: Callabl
         q = QuantConv2d.from_conv(conv, w_bits, a_bits, recipe.per_channel, act_signed, act_offset,
                                   recipe.weight_init)
         q.train(conv.training)
-        _set_module(model, name, q)
+        replace_module(model, name, q)
     model.quant_recipe = recipe.to_dict()
     fin = roles.get("finalize")
     if finalize and fin is not None:
@@ -211,7 +220,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
     hooks = []
     for name, m in quant_convs(model).items():
         def hook(mod, args, name=name):
-            samples[name].append(_sample(args[0], sample_per_layer).cpu())
+            samples[name].append(flat_sample(args[0], sample_per_layer).cpu())
         hooks.append(m.register_forward_pre_hook(hook))
     was_training = model.training
     model.eval()
@@ -232,5 +241,5 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
         s = torch.cat(samples[name])
         if s.numel() > sample_per_layer:
             s = s[torch.randperm(s.numel())[:sample_per_layer]]
-        init_activation_quantizer(q, s)
+        q.init_from_samples(s)
     return used

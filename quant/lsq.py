@@ -6,8 +6,8 @@ Gradient convention: the straight-through mask is taken on the *rounded* value, 
 differ only for inputs within half a step outside the clipping range. Matching PyTorch's kernel
 lets the tests compare against it bit for bit (tests/test_lsq.py).
 
-The step size is clamped to ``min_scale`` inside the op with a straight-through gradient, so a
-scale an optimizer pushed to zero or below still quantizes sanely and can recover.
+The step size is clamped to ``MIN_SCALE`` (quant/grid.py) inside the op with a straight-through
+gradient, so a scale an optimizer pushed to zero or below still quantizes sanely and can recover.
 """
 from __future__ import annotations
 
@@ -18,16 +18,8 @@ from torch import nn
 
 from . import fused as fused_lsq
 from .fp32 import KeepFP32
-
-MIN_SCALE = 1e-8
-
-
-def _broadcast_shape(x: torch.Tensor, axis: int | None) -> list[int]:
-    if axis is None:
-        return [1] * x.dim()
-    shape = [1] * x.dim()
-    shape[axis] = x.shape[axis]
-    return shape
+from .grid import MIN_SCALE, broadcast_scale, qrange
+from .range_init import activation_range, flat_sample, weight_scale
 
 
 def _reduce_to(t: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -48,15 +40,14 @@ class _LSQFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, offset, qmin, qmax, grad_factor, axis):
-        shape = _broadcast_shape(x, axis)
-        s = scale.clamp_min(MIN_SCALE).reshape(shape)
+        s = broadcast_scale(scale.clamp_min(MIN_SCALE), x, axis)
         # x * (1 / s), not x / s: the same float arithmetic as PyTorch's kernel, so the rounding
         # decisions agree bit for bit at exact half-steps.
         inv_s = 1.0 / s
         if offset is None:
             z = torch.mul(x, inv_s)
         else:  # (x - b) / s as x / s - b / s: one pass over x instead of two
-            z = torch.addcmul(-offset.reshape(shape) * inv_s, x, inv_s)
+            z = torch.addcmul(-broadcast_scale(offset, x, axis) * inv_s, x, inv_s)
         # Three buffers in all (z, r, c), reused in place: each fresh activation-sized allocation
         # costs page faults that weigh as much as the arithmetic on CPU.
         r = torch.round(z)
@@ -64,7 +55,7 @@ class _LSQFunction(torch.autograd.Function):
         mask = torch.eq(c, r, out=r)  # float mask: 1 where not clipped
         # d y / d s = round(z) - z inside the range, the clipped level outside: c - z * mask.
         err = torch.addcmul(c, z, mask, value=-1, out=z) if ctx.needs_input_grad[1] else None
-        y = c.mul_(s) if offset is None else c.mul_(s).add_(offset.reshape(shape))
+        y = c.mul_(s) if offset is None else c.mul_(s).add_(broadcast_scale(offset, x, axis))
         ctx.save_for_backward(mask, err)
         ctx.consts = (grad_factor, axis, offset is not None)
         return y
@@ -108,12 +99,6 @@ def lsq_fake_quant(x, scale, qmin, qmax, grad_factor=1.0, axis=None, offset=None
     return y if dtype == torch.float32 else y.to(dtype)
 
 
-def qrange(bits: int, signed: bool) -> tuple[int, int]:
-    if signed:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
 class LSQQuantizer(KeepFP32, nn.Module):
     """Learned-step-size fake quantizer.
 
@@ -147,7 +132,40 @@ class LSQQuantizer(KeepFP32, nn.Module):
     # -- public state ---------------------------------------------------------------------------
     @property
     def scale(self) -> torch.Tensor:
+        """The step size in use (one value, or one per channel), floored at ``MIN_SCALE``, detached."""
         return self._scale.detach().clamp_min(MIN_SCALE)
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the step size was set (by ``set_scale``, a range estimate, a state dict or the
+        first forward); an uninitialised quantizer initialises itself from its first input."""
+        return self._is_init
+
+    def scale_for(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """The step size (as ``scale``) shaped to broadcast against ``x``: per channel along
+        ``axis``, or a single step. ``grad=True`` keeps it attached to the learnable step size,
+        for a loss that trains it (oscillation dampening)."""
+        s = self._scale.clamp_min(MIN_SCALE) if grad else self.scale
+        return broadcast_scale(s, x, self.axis if self.per_channel else None)
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes of ``x`` on this grid (a float tensor of integers):
+        ``clamp(round((x - b) / s), qmin, qmax)``, ``b`` the LSQ+ offset (0 without one).
+
+        Computed with the forward's float arithmetic (``x * (1 / s)``, the offset as
+        ``x / s - b / s``), so a value on a half-step tie rounds as it does in the fake-quant
+        forward: ``forward(x) == codes(x) * s + b`` bit for bit. It uses the current step size and,
+        unlike the forward, never initialises the quantizer nor looks at ``enabled``.
+        """
+        xf = x.detach().float()
+        inv_s = 1.0 / self.scale_for(xf)
+        if self.offset is None:
+            z = xf * inv_s
+        else:
+            b = broadcast_scale(self.offset.detach(), xf, self.axis if self.per_channel else None)
+            z = torch.addcmul(-b * inv_s, xf, inv_s)
+        return z.round_().clamp_(self.qmin, self.qmax)
 
     @torch.no_grad()
     def set_scale(self, value, offset=None) -> None:
@@ -166,6 +184,16 @@ class LSQQuantizer(KeepFP32, nn.Module):
         self.initialized.fill_(True)
         self._is_init = True
 
+    def init_from_weight(self, w: torch.Tensor, method: str = "mse") -> None:
+        """Step size(s) from the weight itself: ``mse`` (search over clipping ranges) or ``lsq``
+        (Esser et al.'s formula)."""
+        self.set_scale(weight_scale(w, self.qmin, self.qmax, self.axis if self.per_channel else None, method))
+
+    def init_from_samples(self, samples: torch.Tensor) -> None:
+        """Step size (and LSQ+ offset) from a flat sample of calibration activations."""
+        scale, offset = activation_range(samples, self.qmin, self.qmax, self.offset is not None)
+        self.set_scale(scale, offset=offset)
+
     def _resize(self, n: int) -> None:
         self._scale = nn.Parameter(torch.ones(n, device=self._scale.device))
         if self.offset is not None:
@@ -180,9 +208,12 @@ class LSQQuantizer(KeepFP32, nn.Module):
         if not self.enabled:
             return x
         if not self._is_init:
-            from .range_init import init_quantizer_from_tensor  # local: avoids an import cycle
-
-            init_quantizer_from_tensor(self, x.detach())
+            # Fallback when a quantizer runs uninitialised: a weight gets its MSE range, activations
+            # the statistics of this one batch (`quant.calibrate` is the intended path for those).
+            if self.is_activation:
+                self.init_from_samples(flat_sample(x))
+            else:
+                self.init_from_weight(x)
         return lsq_fake_quant(x, self._scale, self.qmin, self.qmax, self._grad_factor(x),
                               self.axis if self.per_channel else None, self.offset)
 

@@ -51,9 +51,7 @@ def dampening_loss(convs: dict[str, QuantConv2d] | list[QuantConv2d]) -> torch.T
     for m in layers:
         q = m.weight_quantizer
         w = m.weight.float()
-        s = q._scale.clamp_min(1e-8)
-        if q.per_channel:
-            s = s.reshape(-1, *([1] * (w.dim() - 1)))
+        s = q.scale_for(w, grad=True)
         target = (w.detach() / s.detach()).round().clamp(q.qmin, q.qmax) * s.detach()
         clipped = torch.minimum(torch.maximum(w, q.qmin * s), q.qmax * s)
         total = total + (target - clipped).pow(2).sum()
@@ -72,8 +70,6 @@ class OscillationTracker(nn.Module):
     however the optimizer moves them or the scale.
     All state is in buffers: the trainer re-enables ``requires_grad`` on every float Parameter.
     """
-
-    _FIELDS = ("prev_int", "last_dir", "freq", "int_ema", "frozen", "frozen_int")
 
     def __init__(self, convs: dict[str, QuantConv2d], momentum: float = 0.01):
         super().__init__()
@@ -136,8 +132,7 @@ class OscillationTracker(nn.Module):
             frozen = self._buf("frozen", i)
             if not frozen.any():
                 continue
-            q = conv.weight_quantizer
-            s = q.scale.reshape(-1, 1, 1, 1) if q.per_channel else q.scale
+            s = conv.weight_quantizer.scale_for(conv.weight)
             conv.weight.data.copy_(torch.where(frozen, self._buf("frozen_int", i).float() * s, conv.weight.data))
 
     # -- reporting --------------------------------------------------------------------------------

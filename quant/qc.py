@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .convert import _set_module, quant_convs
+from .convert import quant_convs, replace_module
 from .qconv import QuantConv2d
 
 GRANULARITIES = ("channel", "tensor")
@@ -84,7 +84,7 @@ def insert_qc(model: nn.Module, granularity: str = "channel", scale: bool = True
         raise ValueError("insert_qc: QC needs a quantized model (no QuantConv2d found; run QAT first)")
     for name, conv in convs.items():
         qc = QCAffine(conv.out_channels, granularity, scale, shift).to(conv.weight.device)
-        _set_module(model, name, QCConv(conv, qc))
+        replace_module(model, name, QCConv(conv, qc))
     return len(convs)
 
 
@@ -123,7 +123,8 @@ def default_bn_pairs(model: nn.Module) -> dict[str, str]:
     child (the QCConv) and a ``bn`` child (the BatchNorm that normalises its output)."""
     pairs = {}
     for name, m in model.named_modules():
-        conv, bn = getattr(m, "_modules", {}).get("conv"), getattr(m, "_modules", {}).get("bn")
+        children = dict(m.named_children())
+        conv, bn = children.get("conv"), children.get("bn")
         if isinstance(conv, QCConv) and isinstance(bn, _BatchNorm):
             prefix = f"{name}." if name else ""
             pairs[f"{prefix}conv"] = f"{prefix}bn"
@@ -176,7 +177,7 @@ def fold_qc(model: nn.Module, bn_pairs: dict[str, str] | Callable[[nn.Module], d
         else:
             w.conv.fold_affine(gamma, beta)
             counts["into_conv"] += 1
-        _set_module(model, name, w.conv)
+        replace_module(model, name, w.conv)
     return counts
 
 
@@ -237,7 +238,7 @@ def layer_output_f64(conv: QuantConv2d, qc: QCAffine | None, bn: _BatchNorm | No
 
     if conv_out is None:
         xq, wq = _quantized_operands(conv, x)
-        conv_out = conv._conv_forward(f(xq.double()), f(wq.double()), None)
+        conv_out = conv.convolve(f(xq.double()), f(wq.double()))
     y = conv_out
     if conv.out_scale is not None:
         y = y * ch(conv.out_scale)
@@ -272,8 +273,8 @@ def check_folded_layer(before: tuple, after: tuple, x: torch.Tensor) -> dict:
     (xb, wb), (xa, wa) = _quantized_operands(before[0], x), _quantized_operands(after[0], x)
     shared = {}
     if torch.equal(xb, xa) and torch.equal(wb, wa):  # as folding must leave them: one float64 conv for both
-        shared = {m: before[0]._conv_forward(xb.double().abs() if m else xb.double(),
-                                             wb.double().abs() if m else wb.double(), None) for m in (False, True)}
+        shared = {m: before[0].convolve(xb.double().abs() if m else xb.double(),
+                                        wb.double().abs() if m else wb.double()) for m in (False, True)}
     ref, mag_ref = (layer_output_f64(*before, x, m, shared.get(m)) for m in (False, True))
     out, mag_out = (layer_output_f64(*after, x, m, shared.get(m)) for m in (False, True))
     diff = (out - ref).abs()

@@ -7,7 +7,7 @@ from torch import nn
 
 from .fp32 import KeepFP32
 from .lsq import LSQQuantizer
-from .range_init import init_weight_quantizer
+
 
 def _autocast_on(device_type: str) -> bool:
     try:
@@ -96,7 +96,7 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
             if conv.bias is not None:
                 q.bias.copy_(conv.bias.float())
         q.weight.requires_grad_(conv.weight.requires_grad)
-        init_weight_quantizer(q.weight_quantizer, q.weight, weight_init)
+        q.weight_quantizer.init_from_weight(q.weight, weight_init)
         return q
 
     @property
@@ -111,11 +111,14 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
         return self.weight_quantizer(self.weight)
 
     def integer_weight(self) -> torch.Tensor:
-        """The integer codes the deployed layer stores."""
-        q = self.weight_quantizer
-        s = q.scale.reshape(-1, 1, 1, 1) if q.per_channel else q.scale
-        # w * (1 / s), as the fake-quant forward computes it, so a tie rounds the same way in both.
-        return (self.weight.detach().float() * (1.0 / s)).round().clamp(q.qmin, q.qmax)
+        """``weight_quantizer.codes(weight)``: the integer weight the forward uses and the deployed
+        layer stores (deploy/: ONNX initializers, packed checkpoints)."""
+        return self.weight_quantizer.codes(self.weight)
+
+    def convolve(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """This conv's geometry (stride, padding and its mode, dilation, groups) applied to the given
+        operands, in their dtype: what the forward runs on the quantized input and weight."""
+        return self._conv_forward(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -125,7 +128,7 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
         if self._recomputes(x):
             y = _RecomputedInputConv.apply(x.float(), wq, conv_bias, self, *self.input_quantizer.parameters())
         else:
-            y = self._conv_forward(self.input_quantizer(x.float()), wq, conv_bias)
+            y = self.convolve(self.input_quantizer(x.float()), wq, conv_bias)
         if folded:
             y = y * self.out_scale.view(1, -1, 1, 1)
             if self.bias is not None:
@@ -136,7 +139,7 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
         q = self.input_quantizer
         # An uninitialised quantizer initialises itself from its first input: that must run once, not twice.
         # Under autocast the convolution would run in half precision: not recomputed there (same maths).
-        return (self.recompute_input and torch.is_grad_enabled() and q.enabled and q._is_init
+        return (self.recompute_input and torch.is_grad_enabled() and q.enabled and q.is_initialized
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and not _autocast_on(x.device.type) and not torch.jit.is_tracing()
                 and not torch.jit.is_scripting())

@@ -1,12 +1,15 @@
 """Range estimation for LSQ quantizers (kept apart from the quantizer, as torch.ao separates
-observers from fake-quantizers): the LSQ formula, an MSE search, and activation statistics."""
+observers from fake-quantizers): the LSQ formula, an MSE search, and activation statistics.
+
+Plain functions of tensors and grid bounds that return step sizes; the quantizer applies them
+(``LSQQuantizer.init_from_weight`` / ``init_from_samples``), so this module never imports it."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .lsq import MIN_SCALE, LSQQuantizer
+from .grid import MIN_SCALE
 
 MSE_GRID = torch.linspace(0.2, 1.0, 41)  # candidate clipping ranges, as fractions of the max
 
@@ -41,19 +44,17 @@ def mse_scale(x: torch.Tensor, qmin: int, qmax: int, axis: int | None = None,
     return best
 
 
-@torch.no_grad()
-def init_weight_quantizer(q: LSQQuantizer, w: torch.Tensor, method: str = "mse") -> None:
-    axis = q.axis if q.per_channel else None
+def weight_scale(w: torch.Tensor, qmin: int, qmax: int, axis: int | None = None, method: str = "mse") -> torch.Tensor:
+    """Step size(s) of a weight by ``method``: ``mse`` (``mse_scale``) or ``lsq`` (``lsq_formula_scale``)."""
     if method == "lsq":
-        s = lsq_formula_scale(w, q.qmax, axis)
-    elif method == "mse":
-        s = mse_scale(w, q.qmin, q.qmax, axis)
-    else:
-        raise ValueError(f"weight_init={method!r}: allowed values are 'mse', 'lsq'")
-    q.set_scale(s)
+        return lsq_formula_scale(w, qmax, axis)
+    if method == "mse":
+        return mse_scale(w, qmin, qmax, axis)
+    raise ValueError(f"weight_init={method!r}: allowed values are 'mse', 'lsq'")
 
 
-def _sample(x: torch.Tensor, limit: int = 1 << 20) -> torch.Tensor:
+def flat_sample(x: torch.Tensor, limit: int = 1 << 20) -> torch.Tensor:
+    """``x`` flattened to fp32, or a random sample of ``limit`` of its values when it is larger."""
     flat = x.detach().float().flatten()
     if flat.numel() > limit:
         idx = torch.randint(0, flat.numel(), (limit,), device=flat.device)
@@ -62,21 +63,11 @@ def _sample(x: torch.Tensor, limit: int = 1 << 20) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_activation_quantizer(q: LSQQuantizer, samples: torch.Tensor) -> None:
-    """From a flat sample of calibration activations: the offset (LSQ+) at the minimum, then an
-    MSE search of the step size over clipping ranges."""
+def activation_range(samples: torch.Tensor, qmin: int, qmax: int,
+                     with_offset: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(step, offset) from a flat sample of calibration activations: the offset (LSQ+, when
+    ``with_offset``; else None) at the minimum, then an MSE search of the step size over clipping
+    ranges."""
     samples = samples.float()
-    offset = None
-    if q.offset is not None:
-        offset = samples.min().clamp_max(0).reshape(1)
-    s = mse_scale(samples, q.qmin, q.qmax, None, offset)
-    q.set_scale(s, offset=offset)
-
-
-def init_quantizer_from_tensor(q: LSQQuantizer, x: torch.Tensor) -> None:
-    """Fallback when a quantizer runs uninitialised: weights get the MSE formula, activations the
-    statistics of this one batch. `quant.calibrate` is the intended path for activations."""
-    if q.is_activation:
-        init_activation_quantizer(q, _sample(x))
-    else:
-        init_weight_quantizer(q, x)
+    offset = samples.min().clamp_max(0).reshape(1) if with_offset else None
+    return mse_scale(samples, qmin, qmax, None, offset), offset
