@@ -5,7 +5,8 @@ quantized conv's output (BN statistics frozen), then folds it away. Optionally B
     python correct_qc.py --weights QAT.pt --bn-reestimate --steps 0      # BN re-estimation only
     python correct_qc.py --weights runs/qc/exp/weights/qc_unfolded.pt --steps 0   # fold saved corrections
 
-Writes, under <project>/<name>/:
+Every flag can also be set in a --config yaml (keys: the flag names with '_'). Writes, under
+<project>/<name>/ (runs/qc/exp, or exp-2, ... when it exists, unless --exist-ok):
   weights/qc_unfolded.pt  the trained corrections still as modules (QCConv), written before folding;
                           loads with models.checkpoint.load_checkpoint, folds later with the command
                           above (or quant.qc.fold_qc); not for val.py / export.py until folded
@@ -27,45 +28,52 @@ os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing may be downloaded at run t
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="quantized (QAT) checkpoint .pt")
-    p.add_argument("--data", default=None, help="dataset yaml (default: the embedded offline dataset)")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--calib-images", type=int, default=None, help="calibration subset size (default: all)")
-    size.add_argument("--calib-fraction", type=float, default=None, help="calibration subset as a share of train")
-    p.add_argument("--seed", type=int, default=0, help="chooses the calibration subset and the batch order")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--steps", type=int, default=None,
-                   help="budget in optimizer steps (overrides --epochs; 0: no QC training, and the corrections of a "
-                        "qc_unfolded.pt are just folded)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--granularity", choices=("channel", "tensor"), default="channel")
-    p.add_argument("--no-scale", action="store_true", help="no multiplicative correction (gamma)")
-    p.add_argument("--no-shift", action="store_true", help="no additive correction (beta)")
-    p.add_argument("--bn-reestimate", action="store_true", help="re-estimate BN statistics first (Nagel et al.)")
-    p.add_argument("--bn-batches", type=int, default=50)
-    p.add_argument("--augment", action="store_true", help="train on augmented images (default: letterbox only)")
-    p.add_argument("--imgsz", type=int, default=None, help="default: the checkpoint's training size, else 640")
-    p.add_argument("--batch", type=int, default=16)
-    from engine.device import DEFAULT_HELP, device_arg  # the device is resolved and announced when parsed
-    p.add_argument("--device", default="", type=device_arg("correct_qc.py"), help=DEFAULT_HELP)
-    p.add_argument("--project", default="runs/qc")
-    p.add_argument("--name", default="exp")
-    p.add_argument("--no-val", action="store_true", help="skip the mAP before / after")
-    return p.parse_args(argv)
+PROG = "correct_qc.py"
+SHARED = ("imgsz", "batch", "device")  # QCConfig fields set by the shared flags (engine/cli_common.py)
 
 
-def fail(msg: str) -> int:
-    print(f"correct_qc.py: {msg}", file=sys.stderr)
-    return 2
+def build_parser() -> argparse.ArgumentParser:
+    from engine.cli_common import add_shared
+    from engine.config import QCConfig
+    from engine.settings import FORMS, add_fields
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="yaml whose keys are any of these flags with '_'; the command line overrides it")
+    add_shared(p, PROG, project="runs/qc", weights_help="quantized (QAT) checkpoint .pt, or a qc_unfolded.pt to fold")
+    p.add_argument("--val", action=argparse.BooleanOptionalAction, default=True,
+                   help="mAP before and after QC (--no-val skips both)")
+    add_fields(p.add_argument_group(f"QC (QCConfig; {FORMS})"), QCConfig, skip=SHARED)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from engine.settings import parse_with_config
+
+    return parse_with_config(build_parser(), argv)
+
+
+def qc_config(a: argparse.Namespace):
+    """The QCConfig of the parsed flags (InputError for a value out of range)."""
+    from engine.config import QCConfig
+    from engine.settings import config_from
+
+    return config_from(QCConfig, a, "QC")
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
+    from engine.cli_common import InputError, input_error
+
+    try:
+        return run(parse_args(argv))
+    except InputError as e:
+        return input_error(PROG, e)
+
+
+def run(a: argparse.Namespace) -> int:
     import models  # noqa: F401  (quantized checkpoints unpickle into its model classes)
     from models.checkpoint import load_checkpoint
     from quant import is_quantized
+    from engine.cli_common import InputError, input_error, output_dir
     from engine.qc import run_qc
     from quant.qc import FoldCheckError, qc_modules
     from engine.validate import format_table, trained_imgsz, validate
@@ -73,41 +81,36 @@ def main(argv=None) -> int:
     try:
         model, ckpt = load_checkpoint(a.weights, device=a.device)
     except (FileNotFoundError, ValueError) as e:
-        return fail(str(e))
+        raise InputError(str(e)) from None
     if not is_quantized(model):
-        return fail(f"'{a.weights}' is a full-precision checkpoint: QC needs a quantized checkpoint (a QAT model "
-                    f"with QuantConv2d layers, e.g. the output of train_qat.py)")
-    imgsz = a.imgsz or trained_imgsz(model)
-    save_dir = Path(a.project) / a.name
-    val_kw = dict(imgsz=imgsz, batch=a.batch, device=a.device)
+        raise InputError(f"'{a.weights}' is a full-precision checkpoint: QC needs a quantized checkpoint (a QAT model "
+                         f"with QuantConv2d layers, e.g. the output of train_qat.py)")
+    a.imgsz = a.imgsz or trained_imgsz(model)
+    qc = qc_config(a)
+    save_dir = output_dir(a)
+    val_kw = dict(imgsz=qc.imgsz, batch=qc.batch, device=qc.device)
     results = {}
     resumed = bool(qc_modules(model))
-    if resumed and not a.no_val:  # Ultralytics' fuse() does not know the correction modules: fold first
-        print(f"correct_qc.py: '{a.weights}' carries trained QC corrections; validating only after they fold")
+    if resumed and a.val:  # Ultralytics' fuse() does not know the correction modules: fold first
+        print(f"{PROG}: '{a.weights}' carries trained QC corrections; validating only after they fold")
     try:
-        if not a.no_val and not resumed:
+        if a.val and not resumed:
             results["before (QAT)"] = validate(model, a.data, save_dir=save_dir / "val_before", **val_kw)
-        model, report = run_qc(model, a.data, calib_images=a.calib_images, calib_fraction=a.calib_fraction,
-                               epochs=a.epochs, steps=a.steps, lr=a.lr, granularity=a.granularity,
-                               scale=not a.no_scale, shift=not a.no_shift, imgsz=imgsz, batch=a.batch,
-                               bn_reestimate=a.bn_reestimate, bn_batches=a.bn_batches, seed=a.seed,
-                               device=a.device, augment=a.augment, save_dir=save_dir,
-                               weights_dir=save_dir / "weights",
+        model, report = run_qc(model, a.data, **qc.to_dict(), save_dir=save_dir, weights_dir=save_dir / "weights",
                                checkpoint_extra={"train_args": ckpt.get("train_args") or {}},
                                report_extra={"source": str(a.weights), "data": a.data})
     except (ValueError, FileNotFoundError) as e:
-        return fail(str(e))
+        raise InputError(str(e)) from None
     except FoldCheckError as e:
         save_dir.mkdir(parents=True, exist_ok=True)
         (save_dir / "qc_report.json").write_text(json.dumps(e.run_report, indent=2))
         unfolded = e.paths.get("qc_unfolded.pt")
-        print(f"correct_qc.py: {e} Nothing is lost: the trained corrections, unfolded, are in {unfolded} (fold "
-              f"them again with `python correct_qc.py --weights {unfolded} --steps 0`), the folded model that "
-              f"failed the check is in {e.paths.get('qc.pt')}, and every layer's numbers are in "
-              f"{save_dir / 'qc_report.json'}.", file=sys.stderr)
-        return 3
+        return input_error(PROG, f"{e} Nothing is lost: the trained corrections, unfolded, are in {unfolded} (fold "
+                                 f"them again with `python correct_qc.py --weights {unfolded} --steps 0`), the folded "
+                                 f"model that failed the check is in {e.paths.get('qc.pt')}, and every layer's "
+                                 f"numbers are in {save_dir / 'qc_report.json'}.", code=3)
     path = report["checkpoints"]["qc.pt"]
-    if not a.no_val:
+    if a.val:
         results["after (QC)"] = validate(model, a.data, save_dir=save_dir / "val_after", **val_kw)
         report["map"] = {k: {"ultralytics": r["ultralytics"], "pycocotools": r["pycocotools"]}
                          for k, r in results.items()}

@@ -2,6 +2,7 @@
 
     python export.py --weights runs/qat/exp/weights/best.pt --format onnx               # INT4 weights (opset 21)
     python export.py --weights best.pt --format onnx --opset 17 --imgsz 320 --dynamic   # int8 containers
+    python export.py --weights best.pt --data data/coco.yaml --project runs/export --name v5n   # checked on val images
     python export.py --weights best.pt --format packed                                  # bit-packed integer checkpoint
 
 ONNX: BN and folded QC corrections become per-output-channel scales (Mul) after each integer conv;
@@ -26,24 +27,62 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 
+PROG = "export.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", required=True,
-                    help="quantized checkpoint (.pt from train_qat.py / correct_qc.py), or an original YOLOv5/YOLOv7 .pt")
+    from engine.cli_common import add_shared
+
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The artifacts go next to the checkpoint unless --project or --name is given; the device is the CPU,
+    # where the graph is traced and onnxruntime (CPU provider) checks it.
+    add_shared(ap, PROG, project=None, name=None, batch=1, device="cpu",
+               data_help="dataset yaml whose validation images --verify runs on (default: random images)",
+               weights_help="quantized checkpoint (.pt from train_qat.py / correct_qc.py), or an original "
+                            "YOLOv5/YOLOv7 .pt")
     ap.add_argument("--format", choices=("onnx", "packed"), default="onnx")
     ap.add_argument("--opset", type=int, default=21, help="ONNX opset; >= 21 stores <= 4-bit weights as INT4")
-    ap.add_argument("--imgsz", type=int, nargs="+", default=[640], help="export image size (h [w])")
-    ap.add_argument("--dynamic", action="store_true", help="dynamic batch and image size")
+    ap.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=False,
+                    help="dynamic batch and image size (else --batch x 3 x --imgsz x --imgsz)")
     ap.add_argument("--offset-mode", choices=("exact", "zero_point"), default="exact",
                     help="LSQ+ offsets: exact Sub/Add around zp-0 Q/DQ, or rounded integer zero points")
-    ap.add_argument("--output", help="output file (default: the weights path with .onnx / .qpk)")
+    ap.add_argument("--output", help="output file (default: <project>/<name>/<checkpoint stem>.onnx / .qpk when "
+                                     "--project or --name is given, else the weights path with .onnx / .qpk)")
     ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                    help="onnx: compare onnxruntime with the PyTorch model on a random image; packed: reload and compare")
+                    help="onnx: compare onnxruntime with the PyTorch model; packed: reload and compare; on --batch "
+                         "random images, or on validation images of --data when it is given")
     return ap
 
 
 def _mb(path: Path) -> str:
     return f"{path.stat().st_size / 1e6:.2f} MB"
+
+
+def output_path(args, weights: Path) -> Path:
+    from engine.cli_common import output_dir
+
+    suffix = ".onnx" if args.format == "onnx" else ".qpk"
+    if args.output:
+        return Path(args.output)
+    if args.project is None and args.name is None:
+        return weights.with_suffix(suffix)
+    where = argparse.Namespace(project=args.project or "runs/export", name=args.name or "exp", exist_ok=args.exist_ok)
+    return output_dir(where) / (weights.stem + suffix)
+
+
+def verify_images(data, imgsz: int, batch: int) -> torch.Tensor:
+    """``batch`` images of the dataset's val split (repeated if it has fewer), letterboxed to imgsz x imgsz by
+    Ultralytics' own val transforms, in [0, 1]."""
+    import torch
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    from engine.calib import resolve_data
+
+    d = check_det_dataset(resolve_data(data))
+    ds = build_yolo_dataset(get_cfg(overrides={"imgsz": imgsz}), d["val"], batch, d, mode="val", rect=False)
+    return torch.stack([ds[i % len(ds)]["img"] for i in range(batch)]).float() / 255
 
 
 def main(argv=None) -> int:
@@ -53,47 +92,55 @@ def main(argv=None) -> int:
     import deploy
     import models  # noqa: F401  (registers the YOLO policy, so checkpoints unpickle)
     from deploy.verify import compare_onnxruntime
+    from engine.cli_common import input_error
+    from engine.validate import trained_imgsz
     from models.checkpoint import load_checkpoint
     from models.original import is_original_model, prepare_original
     from quant import is_quantized
 
+    if args.device != "cpu":
+        return input_error(PROG, f"--device {args.device}: export runs on the CPU (the graph is traced there and "
+                                 f"checked with onnxruntime's CPU provider); pass --device cpu or leave it out")
     weights = Path(args.weights)
     try:
         model, _ = load_checkpoint(weights)
     except (FileNotFoundError, ValueError) as e:
-        print(f"export.py: {e}", file=sys.stderr)
-        return 2
+        return input_error(PROG, e)
     if is_original_model(model):
         model = prepare_original(model)  # names, stride, channels as the rest of the project reads them
-    imgsz = tuple(args.imgsz * 2 if len(args.imgsz) == 1 else args.imgsz[:2])
-    out = Path(args.output or weights.with_suffix(".onnx" if args.format == "onnx" else ".qpk"))
+    imgsz = (args.imgsz or trained_imgsz(model),) * 2
+    out = output_path(args, weights)
     warnings.simplefilter("always", deploy.ExportWarning)
     try:
         if args.format == "onnx":
-            deploy.export_onnx(model, out, imgsz, args.opset, args.dynamic, args.offset_mode)
+            deploy.export_onnx(model, out, imgsz, args.opset, args.dynamic, args.offset_mode, batch=args.batch)
         else:
             deploy.save_packed(model, out)
     except deploy.NothingQuantizedError as e:
-        print(f"export.py: '{weights}': {e}", file=sys.stderr)
-        return 2
+        return input_error(PROG, f"'{weights}': {e}")
     except ValueError as e:
-        print(f"export.py: {e}", file=sys.stderr)
-        return 2
+        return input_error(PROG, e)
     ratio = weights.stat().st_size / out.stat().st_size  # a float ONNX of an fp16 checkpoint is the larger one
-    print(f"export.py: wrote {out} ({_mb(out)}); checkpoint {weights} is {_mb(weights)} "
+    print(f"{PROG}: wrote {out} ({_mb(out)}); checkpoint {weights} is {_mb(weights)} "
           f"({f'{ratio:.1f}x larger' if ratio >= 1 else f'{1 / ratio:.1f}x smaller'})")
     if args.verify:
-        x = torch.rand(1, 3, *imgsz, generator=torch.Generator().manual_seed(0))
+        try:
+            x = (verify_images(args.data, imgsz[0], args.batch) if args.data is not None else
+                 torch.rand(args.batch, 3, *imgsz, generator=torch.Generator().manual_seed(0)))
+        except FileNotFoundError as e:
+            return input_error(PROG, e)
+        what = f"{len(x)} validation image(s) of {args.data}" if args.data is not None else "a random image" \
+            if len(x) == 1 else f"{len(x)} random images"
         if args.format == "onnx":
             r = compare_onnxruntime(model, out, x)
             codes = (f"; activation codes differing: {r['code_flips']} of {r['codes']}" if is_quantized(model)
                      else " (float model)")
-            print(f"export.py: onnxruntime vs PyTorch{' fake-quant' if is_quantized(model) else ''} on a random image: "
+            print(f"{PROG}: onnxruntime vs PyTorch{' fake-quant' if is_quantized(model) else ''} on {what}: "
                   f"max |diff| {r['max_abs']:.3g} (outputs up to {r['max_ref']:.3g}){codes}")
         else:
             with torch.no_grad():
                 same = _first(deploy.load_packed(out)(x)).equal(_first(model(x)))
-            print(f"export.py: packed checkpoint reloads to {'identical' if same else 'DIFFERENT'} outputs")
+            print(f"{PROG}: packed checkpoint reloads to {'identical' if same else 'DIFFERENT'} outputs on {what}")
             if not same:
                 return 1
     return 0

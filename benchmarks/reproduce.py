@@ -1,15 +1,16 @@
 """Reproduction benchmark of METHOD.md section 5 at CPU scale: one FP model, then every cell (method x
 bit width x with/without QC x seed), box and mask mAP50-95 by pycocotools, mean and spread over seeds.
 
-    python benchmarks/reproduce.py --model yolov5nu-seg --bits 4 --methods lsq ema --qc --fp-epochs 15 \
-        --qat-epochs 4 --seeds 0 1 --imgsz 128 --batch 16 --out runs/reproduce/w4
+    python benchmarks/reproduce.py --cfg yolov5nu-seg --bits 4 --methods lsq ema --qc --fp-epochs 15 \
+        --qat-epochs 4 --seeds 0 1 --imgsz 128 --batch 16 --name w4
     python benchmarks/reproduce.py ... --ablation qc          # QC granularity x scale/shift (Table 2)
     python benchmarks/reproduce.py ... --ablation ema-decay   # EMA decay 0 .. 0.9999 (Table 3)
 
 "ema" is LSQ with the EMA (``--ema-decay``); lsq / dampen / freeze run without EMA unless ``--ema``.
 Budgets are counted in optimizer steps (one per batch: nbs = batch): the EMA warm-up tau defaults to
-a tenth of the QAT run, QC to one pass over the calibration set. Each finished cell leaves one json
-in ``<out>/cells`` (written atomically); a re-run skips those. Spread = sample std over seeds; a
+a tenth of the QAT run, QC to one pass over the calibration set. Outputs go to <project>/<name>/
+(runs/reproduce/exp), called <out> below; each finished cell leaves one json in ``<out>/cells``
+(written atomically), and a re-run into the same <out> skips those (so --exist-ok is on by default). Spread = sample std over seeds; a
 difference smaller than twice the larger spread is reported as "no measurable difference".
 """
 from __future__ import annotations
@@ -148,7 +149,7 @@ def evaluate(model_or_path, a, data: str, save_dir: Path) -> dict:
 # setting only, so that a re-run never mixes, say, 4-epoch and 16-epoch cells in one table.
 SETTINGS = ("data", "model", "fp_epochs", "fp_optimizer", "fp_lr0", "qat_epochs", "imgsz", "batch", "lr0",
             "warmup_epochs", "calib_batches", "ema_tau")
-QC_SETTINGS = ("qc_steps", "qc_images", "qc_lr")  # checked only by invocations that run QC cells
+QC_SETTINGS = ("qc_steps", "qc_calib_images", "qc_lr")  # checked only by invocations that run QC cells
 
 
 def check_settings(a, with_qc: bool) -> None:
@@ -157,11 +158,14 @@ def check_settings(a, with_qc: bool) -> None:
     keys = SETTINGS + (QC_SETTINGS if with_qc else ())
     now = {k: getattr(a, k) for k in keys}
     before = read_json(path) or {}
-    diff = [f"--{k.replace('_', '-')} {now[k]} (the runs there used {before[k]})"
+    flag = {"model": "--weights / --cfg"}
+    diff = [f"{flag.get(k, '--' + k.replace('_', '-'))} {now[k]} (the runs there used {before[k]})"
             for k in keys if k in before and before[k] != now[k]]
     if diff:
-        raise SystemExit(f"reproduce.py: {a.out} holds runs made with other settings: " + "; ".join(diff)
-                         + ". Use another --out, or the same settings to resume.")
+        from engine.cli_common import InputError
+
+        raise InputError(f"{a.out} holds runs made with other settings: " + "; ".join(diff)
+                         + ". Use another --name (or --project), or the same settings to resume.")
     if any(k not in before for k in keys):
         write_json(path, {**before, **now})
 
@@ -174,16 +178,17 @@ def ensure_fp(a, data: str) -> dict:
     if done:
         print(f"[skip] FP model: {done['weights']} (box {100 * done['box']:.2f})")
         return done
-    from engine.cli import model_task, resolve_model, train_fp
+    from engine.cli import inspect_source, resolve_model, train_fp
 
-    opt = cli_opt(a, data, "fp", cfg=a.model, fp_epochs=a.fp_epochs, seed=0, fp_optimizer=a.fp_optimizer,
+    source = {"weights": a.weights} if a.weights else {"cfg": a.cfg}
+    opt = cli_opt(a, data, "fp", **source, fp_epochs=a.fp_epochs, seed=0, fp_optimizer=a.fp_optimizer,
                   fp_lr0=a.fp_lr0)
     src = resolve_model(opt)
     t0 = time.time()
     if not src.endswith(".pt"):
         shutil.rmtree(Path(a.out) / "runs" / "fp-fp", ignore_errors=True)
-        src, _ = train_fp(opt, src, model_task(src), data)
-    res = {"weights": str(src), "task": model_task(str(src)), "train_s": time.time() - t0,
+        src, _ = train_fp(opt, src, inspect_source(src)[0], data)
+    res = {"weights": str(src), "task": inspect_source(str(src))[0], "train_s": time.time() - t0,
            "fp_epochs": a.fp_epochs if not a.model.endswith(".pt") else 0,
            **evaluate(src, a, data, Path(a.out) / "val" / "fp")}
     write_json(path, res)
@@ -218,7 +223,7 @@ def ensure_qat(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
     done = finished_before(path, f"QAT {cell.qat_key}")
     if done:
         return done
-    from engine.cli import common_overrides, qat_config
+    from engine.cli import qat_config, qat_overrides
     from engine.trainer import qat_trainer_class
 
     from benchmarks.plots import ScaleRecorder
@@ -228,9 +233,7 @@ def ensure_qat(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
     opt = cli_opt(a, data, cell.qat_key, weights=fp["weights"], epochs=a.qat_epochs, w_bits=cell.bits,
                   a_bits=cell.bits, method=cell.method, ema_decay=cell.ema_decay, ema_tau=budget["ema_tau"],
                   seed=cell.seed)
-    ov = {**common_overrides(opt, data), "model": fp["weights"], "epochs": opt.epochs, "name": opt.name,
-          "optimizer": "SGD", "lr0": opt.lr0, "warmup_epochs": opt.warmup_epochs, "qat": qat_config(opt).to_dict()}
-    trainer = qat_trainer_class(fp["task"])(overrides=ov)
+    trainer = qat_trainer_class(fp["task"])(overrides=qat_overrides(opt, data, fp["weights"], qat_config(opt).to_dict()))
     rec = ScaleRecorder(window=a.diag_window)
     trainer.add_callback("on_train_batch_end", rec.on_train_batch_end)
     print(f"[run] QAT {cell.qat_key}: {budget['qat_steps']} optimizer steps planned, ema decay {cell.ema_decay:g}, "
@@ -276,7 +279,7 @@ def run_qc_cell(cell: Cell, a, data: str, qat: dict) -> dict:
     g, s, b = cell.qc
     model, _ = load_checkpoint(qat["weights"])
     work = Path(a.out) / "qc" / cell.key
-    model, rep = run_qc(model, data, calib_images=a.qc_images, steps=a.qc_steps, lr=a.qc_lr, granularity=g,
+    model, rep = run_qc(model, data, calib_images=a.qc_calib_images, steps=a.qc_steps, lr=a.qc_lr, granularity=g,
                         scale=s, shift=b, imgsz=a.imgsz, batch=a.batch, seed=cell.seed, device=a.device, save_dir=work)
     save_checkpoint(work / "qc.pt", model, qc={k: v for k, v in rep.items() if k != "history"})
     keep = ("steps", "calib_images", "loss_before", "loss_after")
@@ -419,9 +422,8 @@ def report(results, cells, a, fp, wall_s: float | None = None) -> str:
         if a.ablation == "qc":
             parts.append(qc_ablation_table(results, a, m))
         else:
-            parts.append(main_table(results, [c for c in columns], a, fp, m))
-    lines = verdict_lines(results, columns, a, metrics) if a.ablation != "qc" else \
-        verdict_lines(results, [c for c in columns], a, metrics)
+            parts.append(main_table(results, columns, a, fp, m))
+    lines = verdict_lines(results, columns, a, metrics)
     parts.append("\nVerdicts (difference of means; 'no measurable difference' when |diff| < 2 x the larger spread; "
                  "then the same rule on the per-seed paired differences: mean ± std):")
     parts += lines or ["- none (missing cells)"]
@@ -459,15 +461,23 @@ def write_outputs(results: list[dict], text: str, out: Path, names: dict[str, st
 
 
 # -- command line -------------------------------------------------------------------------------
+PROG = "reproduce.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from engine.cli_common import add_shared
+    from engine.config import QCConfig
+    from engine.settings import add_fields
+
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
-    a("--data", help="dataset yaml (default: the embedded offline dataset)")
-    a("--model", default="yolov5nu-seg", help="model yaml / short name (FP trained here) or an FP .pt")
+    add_shared(ap, PROG, project="runs/reproduce", imgsz=128, exist_ok=True, weights_required=False,
+               weights_help="FP checkpoint every cell starts from (default: trained here from --cfg)")
+    a("--cfg", default="yolov5nu-seg", help="model yaml / short name of the FP model trained here (no --weights)")
     a("--bits", type=int, nargs="+", default=[4])
     a("--methods", nargs="+", default=["lsq", "ema"], choices=list(LABELS))
-    a("--qc", action="store_true", help="also evaluate every method after QC")
-    a("--ema", action="store_true", help="run lsq / dampen / freeze with the EMA too")
+    a("--qc", action=argparse.BooleanOptionalAction, default=False, help="also evaluate every method after QC")
+    a("--ema", action=argparse.BooleanOptionalAction, default=False, help="run lsq / dampen / freeze with the EMA too")
     a("--ema-decay", type=float, default=0.99, help="max EMA decay (0.9999 in the paper's COCO-length runs)")
     a("--ema-tau", type=float, help="EMA warm-up in optimizer steps (default: a tenth of the QAT run)")
     a("--decays", type=float, nargs="+", default=list(DECAYS), help="decays of --ablation ema-decay")
@@ -478,18 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fp-lr0", type=float, default=0.004, help="initial learning rate of the FP stage")
     a("--qat-epochs", type=int, default=4)
     a("--seeds", type=int, nargs="+", default=[0, 1])
-    a("--qc-steps", type=int, help="QC budget in optimizer steps (default: one pass over the calibration set)")
-    a("--qc-images", type=int, help="calibration subset size (default: all training images)")
-    a("--qc-lr", type=float, default=1e-4)
-    a("--imgsz", type=int, default=128)
-    a("--batch", type=int, default=16)
-    a("--lr0", type=float, default=0.002)
+    # correct_qc.py's --steps, --calib-images, --lr, for the QC cells (default: one pass over all training images)
+    add_fields(ap.add_argument_group("QC of the +QC cells (correct_qc.py's flags of the same name)"), QCConfig,
+               prefix="qc", only=("steps", "calib_images", "lr"))
+    a("--lr0", type=float, default=0.002, help="train_qat.py's --lr0")
     a("--warmup-epochs", type=float, default=0.0)
     a("--calib-batches", type=int, default=4)
     a("--workers", type=int, default=0)
-    a("--device", default="cpu")
     a("--diag-window", type=int, default=200, help="scale trajectories kept: the last N optimizer steps")
-    a("--out", default="runs/reproduce/exp")
     return ap
 
 
@@ -505,12 +511,17 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     t_start = time.time()
     from engine.calib import resolve_data
+    from engine.cli_common import InputError, input_error, output_dir
 
-    data = resolve_data(a.data)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cells = cells_for(a)
-    check_settings(a, with_qc=any(c.qc is not None for c in cells))
+    a.model = a.weights or a.cfg  # the FP model's name in the tables and settings.json
+    try:
+        data = resolve_data(a.data)
+        out = a.out = output_dir(a)
+        out.mkdir(parents=True, exist_ok=True)
+        cells = cells_for(a)
+        check_settings(a, with_qc=any(c.qc is not None for c in cells))
+    except (InputError, FileNotFoundError) as e:
+        return input_error(PROG, e)
     fp = ensure_fp(a, data)
     budget = qat_budget(a, data)
     print(f"[plan] {len(cells)} cells; QAT: {budget['steps_per_epoch']} optimizer steps/epoch x {a.qat_epochs} "

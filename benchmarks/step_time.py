@@ -81,7 +81,7 @@ def time_cfg(cfg: str, args) -> dict[str, float]:
     # name -> (model, fused kernel on?, recompute the input quantization in the backward?); the variants
     # share the quantized model and its optimizer
     runs = {"fp": (fp.train(), True, False), qk: (q.train(), True, False)}
-    if not args.no_variants:
+    if args.variants:
         runs[qk + " recompute"] = (q, True, True)
         if fused_on:
             runs[qk + " ref"] = (q, False, False)
@@ -127,8 +127,8 @@ def main(argv=None) -> float:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--no-variants", action="store_true",
-                    help="time FP and W4A4 only (not the recompute and reference-LSQ variants)")
+    ap.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the recompute and reference-LSQ variants (--no-variants: FP and W4A4 only)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     qk = "w%da%d" % (args.bits, args.bits)

@@ -1,8 +1,10 @@
 """Calibration data for QC and BN re-estimation: a deterministic subset of the training split,
-loaded by Ultralytics' own dataset / dataloader (same letterboxing, labels and collate as training).
+loaded by Ultralytics' own dataset / dataloader (same letterboxing, labels and collate as training);
+or, for label-free QC with a teacher, any folder of images (``image_folder_loader``).
 """
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from pathlib import Path
@@ -14,18 +16,25 @@ from ultralytics.data import build_dataloader, build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
 from ultralytics.utils import DEFAULT_CFG_DICT, IterableSimpleNamespace
 
-def task_of(model: nn.Module) -> str:
-    from ultralytics.nn.tasks import SegmentationModel
+def model_task(model: nn.Module) -> str:
+    """'segment', 'detect' (or another Ultralytics task, which the callers refuse) of a model in memory."""
+    from ultralytics.nn.tasks import SegmentationModel, guess_model_task
 
-    return "segment" if isinstance(model, SegmentationModel) else "detect"
+    # Original yolov5-seg models subclass SegmentationModel but carry their own Segment head, which
+    # Ultralytics' guess does not know.
+    return "segment" if isinstance(model, SegmentationModel) else guess_model_task(model)
 
 
 def resolve_data(data: str | Path | None) -> str:
-    """The dataset yaml to use: ``data`` or, by default, the embedded offline dataset."""
+    """The dataset yaml to use: ``data`` or, by default, the embedded offline dataset. FileNotFoundError
+    (one paragraph) when ``data`` is not a file."""
     if data is None:
         from data.embedded import ensure_embedded_dataset
 
         return str(ensure_embedded_dataset())
+    if not Path(data).is_file():
+        raise FileNotFoundError(f"dataset yaml '{data}' does not exist: pass the path of an Ultralytics dataset yaml "
+                                f"(train/val image folders, names), or leave --data out for the embedded offline dataset")
     return str(data)
 
 
@@ -117,3 +126,94 @@ def preprocess(batch: dict, device: torch.device | str = "cpu") -> dict:
     out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     out["img"] = out["img"].float() / 255
     return out
+
+
+# ---------------------------------------------------------------------------------------------- label-free
+
+def folder_images(source: str | Path) -> list[str]:
+    """Every image file (Ultralytics' formats) in folder ``source`` and its subfolders, sorted. No label files
+    are looked for: a ``labels`` folder next to the images, if any, is ignored."""
+    from ultralytics.data.utils import IMG_FORMATS
+
+    root = Path(source)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder '{source}' does not exist or is not a folder: pass a folder of images "
+                                f"from the deployment domain (no labels needed) as the label-free source")
+    files = sorted(str(p) for p in root.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"image folder '{source}' holds no images ({', '.join(sorted(IMG_FORMATS))}): pass "
+                                f"a folder of images as the label-free source")
+    return files
+
+
+def _readable(files: list[str]) -> list[str]:
+    # Header check of each file (as Ultralytics' dataset does before training): skip what would fail mid-run.
+    from PIL import Image
+
+    good = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.verify()
+            good.append(f)
+        except Exception as e:
+            warnings.warn(f"label-free source: skipping corrupt image {f} ({type(e).__name__}: {e})", stacklevel=3)
+    if not good:
+        raise ValueError("label-free source: none of the images can be read; pass a folder of JPEG/PNG images")
+    return good
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images without labels, letterboxed as Ultralytics' validation letterboxes them (long side resized to
+    ``imgsz``, padded to imgsz x imgsz with 114). Items: 'img' (3, imgsz, imgsz) uint8 RGB, 'im_file',
+    'ori_shape', 'resized_shape', 'ratio_pad'. No 'cls' / 'bboxes' / 'batch_idx': a loss that needs labels
+    fails on these batches instead of reading them as images without objects."""
+
+    def __init__(self, files: list[str], imgsz: int = 640):
+        from ultralytics.data.augment import LetterBox
+
+        self.files, self.imgsz = list(files), int(imgsz)
+        self.letterbox = LetterBox(new_shape=(self.imgsz, self.imgsz), auto=False, scaleup=False, center=True)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        import cv2
+        import numpy as np
+        from ultralytics.utils.patches import imread
+
+        f = self.files[i]
+        im = imread(f)  # BGR
+        if im is None:
+            raise ValueError(f"label-free source: image {f} cannot be read")
+        h0, w0 = im.shape[:2]
+        r = self.imgsz / max(h0, w0)
+        if r != 1:
+            im = cv2.resize(im, (min(math.ceil(w0 * r), self.imgsz), min(math.ceil(h0 * r), self.imgsz)),
+                            interpolation=cv2.INTER_LINEAR)
+        h, w = im.shape[:2]
+        im = self.letterbox(image=im)
+        pad = ((self.imgsz - w) / 2, (self.imgsz - h) / 2)
+        img = torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)[::-1]))  # HWC BGR -> CHW RGB
+        return {"img": img, "im_file": f, "ori_shape": (h0, w0), "resized_shape": (h, w),
+                "ratio_pad": ((h / h0, w / w0), pad)}
+
+
+def collate_images(items: list[dict]) -> dict:
+    out = {k: [it[k] for it in items] for k in items[0]}
+    out["img"] = torch.stack(out["img"])
+    return out
+
+
+def image_folder_loader(source: str | Path, imgsz: int = 640, batch: int = 16, n_images: int | None = None,
+                        fraction: float | None = None, seed: int = 0, shuffle: bool = True, workers: int = 0):
+    """(dataloader, list of image files) over a folder of images without labels (label-free QC with a
+    teacher): a seeded subset as ``calibration_loader`` draws it, batches whose 'img' has the shape and
+    letterboxing of the labelled ones."""
+    files = _readable(calibration_files(folder_images(source), n_images, fraction, seed))
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(ImageFolderDataset(files, imgsz), batch_size=min(batch, len(files)),
+                                         shuffle=shuffle, num_workers=workers, collate_fn=collate_images,
+                                         generator=generator)
+    return loader, files

@@ -1,13 +1,20 @@
-"""The train_qat.py command line: arguments (flags < recipe file < command line), input checks with
-one-paragraph messages, the optional FP stage, the QAT run and the FP-vs-QAT summary table."""
+"""The train_qat.py command line: the quantization and QAT flags generated from QuantRecipe and QATConfig
+(engine/settings.py), the run's Ultralytics flags and the shared ones (engine/cli_common.py); defaults <
+--config yaml < command line. Input checks with one-paragraph messages, the optional FP stage, the QAT run
+and the FP-vs-QAT table."""
 from __future__ import annotations
 
 import argparse
 import re
 import sys
+import tempfile
 from pathlib import Path
 
-import yaml
+from engine.cli_common import InputError, add_shared, input_error
+from engine.config import QATConfig
+from engine.settings import FORMS, add_fields, config_from, parse_with_config
+
+PROG = "train_qat.py"
 
 # The no-argument demo, sized for ~10 minutes on 2 CPU cores: 16 optimizer steps per epoch, so the
 # EMA warm-up tau is counted in steps accordingly (the paper's tau=2000 assumes COCO-length runs).
@@ -17,112 +24,67 @@ DEMO = {"cfg": "yolov5nu-seg", "fp_epochs": 16, "fp_optimizer": "AdamW", "fp_lr0
         "ema_tau": 16.0, "lr0": 0.002, "warmup_epochs": 0.0, "workers": 0}
 
 
-class InputError(Exception):
-    """A problem with what the user passed: reported as one paragraph, no traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="train_qat.py", description=__doc__)
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__)
     a = ap.add_argument
-    a("--config", help="recipe yaml whose keys are any of these flags (e.g. configs/ema_w4a4.yaml)")
-    a("--weights", help="FP (or QAT) checkpoint to start from: any Ultralytics .pt, or a model yaml")
+    a("--config", help="yaml whose keys are any of these flags with '_' (e.g. configs/ema_w4a4.yaml); the command "
+                       "line overrides it")
+    add_shared(ap, PROG, project="runs/qat", weights_required=False, device_now=False,
+               weights_help="FP (or QAT) checkpoint to start from: any Ultralytics or original YOLOv5/YOLOv7 .pt, "
+                            "or a model yaml")
     a("--cfg", help="model yaml or short name (yolov5nu, yolov5su, yolov7-tinyu, *-seg) when there are no --weights")
-    a("--data", help="dataset yaml (default: the embedded offline dataset, generated on first use)")
     a("--epochs", type=int, default=10, help="QAT epochs")
     a("--fp-epochs", type=int, default=0, help="train the FP model first for this many epochs (no --weights)")
     a("--fp-optimizer", default="auto", help="optimizer of the FP stage (Ultralytics names: auto, SGD, AdamW, ...)")
     a("--fp-lr0", type=float, default=0.01, help="initial learning rate of the FP stage (ignored by optimizer=auto)")
-    a("--imgsz", type=int, default=640)
-    a("--batch", type=int, default=16)
     a("--nbs", type=int, help="nominal batch size (default: --batch, i.e. one optimizer step per batch)")
-    a("--device", default="", help="cpu, mps, 0, or 0,1 (multi-GPU goes through Ultralytics' DDP launcher); default: "
-                                   "Ultralytics' choice, the first GPU when there is one, else the CPU")
-    a("--workers", type=int, default=2)
-    a("--w-bits", type=int, default=4)
-    a("--a-bits", type=int, default=4)
-    a("--first-last-bits", type=int, default=8, help="bits of the stem and the final head convs")
-    a("--per-channel", action=argparse.BooleanOptionalAction, default=False)
-    a("--act-mode", default="lsq+", help="lsq+ (learnable offset), unsigned or signed")
-    a("--method", default="lsq", help="lsq, dampen or freeze")
-    a("--ema-decay", type=float, default=0.9999, help="max EMA decay of weights and scales; 0 disables the EMA")
-    a("--ema-tau", type=float, default=2000.0, help="EMA warm-up in optimizer steps")
-    a("--scale-lr", type=float, default=1e-4, help="Adam lr of step sizes and offsets")
-    a("--dampen-lambda", type=float, default=1e-2)
-    a("--freeze-th-start", type=float, default=0.04)
-    a("--freeze-th-end", type=float, default=0.01)
-    a("--osc-momentum", type=float, default=0.01)
-    a("--osc-threshold", type=float, default=0.01, help="frequency above which a weight counts as oscillating")
-    a("--calib-batches", type=int, default=8)
-    a("--bn-reestimate", action=argparse.BooleanOptionalAction, default=False)
-    a("--bn-batches", type=int, default=50)
-    a("--recompute-input", action=argparse.BooleanOptionalAction, default=False,
-      help="recompute each conv input's fake quantization in the backward: ~FP peak memory, slower steps")
-    a("--lr0", type=float, default=0.01, help="SGD lr of the weights (YOLO recipe)")
+    a("--workers", type=int, default=2, help="dataloader workers")
+    a("--lr0", type=float, default=0.01, help="initial SGD learning rate of the weights (Ultralytics' lr0; the "
+                                              "quantizer scales have --scale-lr)")
     a("--warmup-epochs", type=float, default=3.0)
     a("--close-mosaic", type=int, help="epochs without mosaic at the end (default: a quarter of the run, <= 10)")
-    a("--project", default="runs/qat")
-    a("--name", default="exp")
-    a("--exist-ok", action="store_true")
     a("--seed", type=int, default=0)
     a("--resume", nargs="?", const=True, default=False, help="resume an interrupted run from its last.pt")
+    add_fields(ap.add_argument_group(f"quantization and QAT (QuantRecipe, QATConfig; {FORMS})"), QATConfig)
     return ap
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = build_parser()
-    first, _ = ap.parse_known_args(argv)
-    if first.config:
-        path = Path(first.config)
-        if not path.is_file():
-            raise InputError(f"recipe file '{path}' does not exist: pass the path of a yaml such as configs/ema_w4a4.yaml")
-        values = yaml.safe_load(path.read_text()) or {}
-        dests = {a.dest for a in ap._actions} - {"help", "config"}
-        if not isinstance(values, dict) or set(values) - dests:
-            bad = sorted(set(values) - dests) if isinstance(values, dict) else values
-            raise InputError(f"recipe file '{path}' has unknown key(s) {bad}: allowed keys are {sorted(dests)}")
-        ap.set_defaults(**values)
     demo = list(sys.argv[1:] if argv is None else argv) == []
-    if demo:
-        ap.set_defaults(**DEMO)  # no arguments at all: the offline demo
-    opt = ap.parse_args(argv)
+    opt = parse_with_config(build_parser(), argv, DEMO if demo else None)  # no arguments at all: the offline demo
     opt.demo = demo
     return opt
 
 
-def qat_config(opt):
-    from engine.config import QATConfig
+def qat_config(opt) -> QATConfig:
+    return config_from(QATConfig, opt, "QAT")
 
-    recipe = {"w_bits": opt.w_bits, "a_bits": opt.a_bits, "first_last_bits": opt.first_last_bits,
-              "per_channel": opt.per_channel, "act_mode": opt.act_mode}
+
+def resolve_inputs(opt) -> tuple[str, str, str]:
+    """(dataset yaml, model source, task), checked; --imgsz left out becomes the checkpoint's training
+    size (640 for a model yaml). The run's first step that reads files (and may generate the dataset)."""
+    from engine.calib import resolve_data
+
     try:
-        return QATConfig(recipe=recipe, method=opt.method, ema_decay=opt.ema_decay, ema_tau=opt.ema_tau,
-                         scale_lr=opt.scale_lr, dampen_lambda=opt.dampen_lambda, freeze_th_start=opt.freeze_th_start,
-                         freeze_th_end=opt.freeze_th_end, osc_momentum=opt.osc_momentum,
-                         osc_threshold=opt.osc_threshold, calib_batches=opt.calib_batches,
-                         bn_reestimate=opt.bn_reestimate, bn_batches=opt.bn_batches,
-                         recompute_input=opt.recompute_input)
-    except ValueError as e:
-        raise InputError(f"invalid QAT setting: {e}") from None
+        data = resolve_data(opt.data)
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
+    model_src = resolve_model(opt)
+    task, imgsz = inspect_source(model_src)
+    opt.imgsz = opt.imgsz or imgsz
+    return data, model_src, task
 
 
-def resolve_data(opt) -> str:
-    if opt.data is None:
-        from data.embedded import ensure_embedded_dataset
+def inspect_source(source: str) -> tuple[str, int]:
+    """(task, training image size or 640) of a .pt checkpoint or a model yaml; InputError for a task other
+    than detect / segment, or a file that is not a checkpoint."""
+    from ultralytics.nn.tasks import guess_model_task
 
-        return str(ensure_embedded_dataset())
-    path = Path(opt.data)
-    if not path.is_file():
-        raise InputError(f"dataset yaml '{opt.data}' does not exist: pass the path of an Ultralytics dataset yaml "
-                         f"(train/val image folders, names), or omit --data to use the embedded offline dataset")
-    return str(path)
-
-
-def model_task(source: str) -> str:
-    """'detect' or 'segment' for a .pt checkpoint or a model yaml; InputError for anything else."""
-    from ultralytics.nn.tasks import SegmentationModel, guess_model_task
-
+    from engine.calib import model_task
+    from engine.validate import trained_imgsz
     from models.registry import is_original_yaml
 
+    imgsz = 640
     if source.endswith(".pt"):
         from models.checkpoint import load_checkpoint
 
@@ -130,7 +92,7 @@ def model_task(source: str) -> str:
             model, _ = load_checkpoint(source)
         except (ValueError, FileNotFoundError) as e:
             raise InputError(str(e)) from None
-        task = "segment" if isinstance(model, SegmentationModel) else guess_model_task(model)
+        task, imgsz = model_task(model), trained_imgsz(model)
     elif is_original_yaml(source):  # Ultralytics' guess reads the file name only; the head says it
         from engine.original import original_yaml_task
 
@@ -139,7 +101,7 @@ def model_task(source: str) -> str:
         task = guess_model_task(source)
     if task not in {"detect", "segment"}:
         raise InputError(f"'{source}' is a {task} model: train_qat.py supports detection and segmentation models")
-    return task
+    return task, imgsz
 
 
 def resolve_model(opt) -> str:
@@ -211,29 +173,23 @@ def train_fp(opt, model_src: str, task: str, data: str) -> tuple[str, dict]:
     return str(trainer.best), dict(trainer.metrics or {})
 
 
-def validate(weights: str, task: str, opt, data: str) -> dict:
-    """Box (and mask) metrics of a checkpoint on the val split, with Ultralytics' validator."""
-    from engine.original import is_original_source, validator_class
+def metrics_row(metrics: dict | None, task: str) -> dict:
+    """A row of engine.validate.format_table from a trainer's metrics (Ultralytics' keys)."""
+    from engine.validate import ultralytics_metrics
 
-    cls = validator_class(task, original=is_original_source(weights))
-    v = cls(args={"model": weights, "data": data, "imgsz": opt.imgsz, "batch": opt.batch, "device": opt.device,
-                  "plots": False, "task": task, "workers": 0})
-    metrics = v(model=weights)
-    return dict(metrics or {})
+    return {"task": task, "ultralytics": ultralytics_metrics(dict(metrics or {}), task)}
 
 
-def summary(rows: dict[str, dict]) -> str:
-    cols = [("box mAP50-95", "metrics/mAP50-95(B)"), ("box mAP50", "metrics/mAP50(B)"),
-            ("mask mAP50-95", "metrics/mAP50-95(M)"), ("mask mAP50", "metrics/mAP50(M)")]
-    cols = [c for c in cols if any(c[1] in m for m in rows.values())]
-    lines = [f"{'model':<24}" + "".join(f"{h:>15}" for h, _ in cols)]
-    for name, m in rows.items():
-        lines.append(f"{name:<24}" + "".join(f"{m.get(k, float('nan')):>15.4f}" for _, k in cols))
-    return "\n".join(lines)
+def train(trainer, callbacks: dict | None) -> None:
+    for event, fns in (callbacks or {}).items():
+        for fn in fns:
+            trainer.add_callback(event, fn)
+    trainer.train()
 
 
 def run(opt, callbacks: dict | None = None) -> dict:
     from engine.trainer import qat_trainer_class
+    from engine.validate import format_table
 
     if opt.resume:
         return resume(opt, callbacks)
@@ -247,26 +203,26 @@ def run(opt, callbacks: dict | None = None) -> dict:
         from engine.demo import pin_threads
 
         pin_threads()  # the thread count changes the numbers: the demo's reference is for 1 thread
-    data = resolve_data(opt)
-    model_src = resolve_model(opt)
-    task = model_task(model_src)
+    data, model_src, task = resolve_inputs(opt)
     rows = {}
     if not model_src.endswith(".pt") and opt.fp_epochs > 0:
-        model_src, rows["FP (trained here)"] = train_fp(opt, model_src, task, data)
+        model_src, fp_metrics = train_fp(opt, model_src, task, data)
+        rows["FP (trained here)"] = metrics_row(fp_metrics, task)
     elif model_src.endswith(".pt"):
-        rows["FP (--weights)"] = validate(model_src, task, opt, data)
+        from engine.validate import validate
+
+        with tempfile.TemporaryDirectory() as tmp:  # Ultralytics' numbers only: nothing to keep
+            rows["FP (--weights)"] = validate(model_src, data, imgsz=opt.imgsz, batch=opt.batch, device=opt.device,
+                                              save_dir=tmp, pycocotools=False, workers=opt.workers)
     from engine.original import is_original_source
 
     trainer = qat_trainer_class(task, original=is_original_source(model_src))(
         overrides=qat_overrides(opt, data, model_src, qat.to_dict()))
-    for event, fns in (callbacks or {}).items():
-        for fn in fns:
-            trainer.add_callback(event, fn)
-    trainer.train()
+    train(trainer, callbacks)
     bits = f"W{qat.recipe['w_bits']}A{qat.recipe['a_bits']}"
-    rows[f"QAT {bits} {qat.method}" + (f"+EMA" if qat.ema_decay else "")] = dict(trainer.metrics or {})
-    rows.update(getattr(trainer, "extra_rows", {}))
-    print("\n" + summary(rows))
+    rows[f"QAT {bits} {qat.method}" + ("+EMA" if qat.ema_decay else "")] = metrics_row(trainer.metrics, task)
+    rows.update({k: metrics_row(m, task) for k, m in getattr(trainer, "extra_rows", {}).items()})
+    print("\n" + format_table(rows))
     if getattr(opt, "demo", False):
         from engine.demo import reference_lines
 
@@ -279,6 +235,7 @@ def resume(opt, callbacks=None) -> dict:
     import torch
 
     from engine.trainer import qat_trainer_class
+    from engine.validate import format_table
 
     path = opt.resume if isinstance(opt.resume, str) else None
     if path is None:
@@ -304,12 +261,9 @@ def resume(opt, callbacks=None) -> dict:
     from engine.original import is_original
 
     trainer = qat_trainer_class(task, original=is_original(ckpt["model"]))(overrides=ov)
-    for event, fns in (callbacks or {}).items():
-        for fn in fns:
-            trainer.add_callback(event, fn)
-    trainer.train()
-    rows = {"QAT (resumed)": dict(trainer.metrics or {})}
-    print("\n" + summary(rows))
+    train(trainer, callbacks)
+    rows = {"QAT (resumed)": metrics_row(trainer.metrics, task)}
+    print("\n" + format_table(rows))
     return rows
 
 
@@ -325,7 +279,7 @@ def use_device(opt, resumed_device=None) -> None:
         opt.device = resolve_device(request, multi=True)
     except ValueError as e:
         raise InputError(f"--device: {e}") from None
-    announce("train_qat.py", opt.device, note)
+    announce(PROG, opt.device, note)
 
 
 def main(argv=None, callbacks: dict | None = None) -> int:
@@ -333,18 +287,15 @@ def main(argv=None, callbacks: dict | None = None) -> int:
         opt = parse_args(argv)
         run(opt, callbacks)
     except InputError as e:
-        print(f"train_qat.py: error: {e}", file=sys.stderr)
-        return 2
+        return input_error(PROG, e)
     except (RuntimeError, ValueError, FileNotFoundError) as e:
         from engine.trainer import TrainingDiverged
 
         if isinstance(e, TrainingDiverged):
-            print(f"train_qat.py: error: {e}", file=sys.stderr)
-            return 1
+            return input_error(PROG, e, code=1)  # not an input error: training failed
         msg = str(e).strip()
         if "No labels found" in msg or "No valid images" in msg or "Dataset" in msg or "images not found" in msg:
-            print(f"train_qat.py: error: the dataset could not be used: {msg.splitlines()[0]} -- check that the "
-                  f"dataset yaml points at image folders with matching YOLO label .txt files", file=sys.stderr)
-            return 2
+            return input_error(PROG, f"the dataset could not be used: {msg.splitlines()[0]} -- check that the "
+                                     f"dataset yaml points at image folders with matching YOLO label .txt files")
         raise
     return 0

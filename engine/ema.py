@@ -12,6 +12,8 @@ import math
 
 from ultralytics.utils.torch_utils import ModelEMA
 
+from .config import QATConfig
+
 
 class QATModelEMA(ModelEMA):
     """ModelEMA with ``a_t = decay * (1 - exp(-t / tau))``; ``decay=0`` makes the EMA the raw model.
@@ -21,7 +23,7 @@ class QATModelEMA(ModelEMA):
     raw LSQ model: the a = 0 row of the paper's ablation.
     """
 
-    def __init__(self, model, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0):
+    def __init__(self, model, decay: float = QATConfig.ema_decay, tau: float = QATConfig.ema_tau, updates: int = 0):
         if not 0.0 <= decay < 1.0 or tau <= 0:
             raise ValueError(f"EMA decay={decay!r}, tau={tau!r}: allowed are 0 <= decay < 1 and tau > 0")
         super().__init__(model, decay=decay, tau=tau, updates=updates)

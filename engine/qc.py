@@ -20,7 +20,8 @@ from quant.bn_reestimate import reestimate_bn
 from models.checkpoint import save_checkpoint
 from quant.qc import FoldCheckError, fold_qc_checked, freeze_for_qc, insert_qc, qc_modules, set_batchnorm_eval
 
-from .calib import calibration_loader, ensure_loss_args, preprocess, task_of
+from .calib import calibration_loader, ensure_loss_args, image_folder_loader, model_task, preprocess
+from .distill import DEFAULT_WEIGHT, attach_distillation, detach_distillation
 
 # End to end (logged, not checked): outputs that moved by more than this share of their range count as "off".
 END_TO_END_RTOL = 1e-4
@@ -137,7 +138,9 @@ def run_qc(model: nn.Module, data=None, *, calib_images: int | None = None, cali
            scale: bool = True, shift: bool = True, imgsz: int = 640, batch: int = 16, bn_reestimate: bool = False,
            bn_batches: int = 50, seed: int = 0, device: str = "cpu", augment: bool = False,
            measure_loss: bool = True, save_dir: str | Path | None = None, weights_dir: str | Path | None = None,
-           checkpoint_extra: dict | None = None, report_extra: dict | None = None) -> tuple[nn.Module, dict]:
+           checkpoint_extra: dict | None = None, report_extra: dict | None = None,
+           teacher: nn.Module | str | Path | None = None, distill_weight: float = DEFAULT_WEIGHT,
+           source: str | Path | None = None) -> tuple[nn.Module, dict]:
     """QC on a quantized YOLO model, in place: optional BN re-estimation, then corrections trained
     for ``epochs`` over the calibration subset (or exactly ``steps`` optimizer steps; 0 = no QC),
     then folded. A model that already carries corrections (``qc_unfolded.pt``) keeps them: they
@@ -148,21 +151,36 @@ def run_qc(model: nn.Module, data=None, *, calib_images: int | None = None, cali
     still as modules) is written before folding, then ``qc.pt`` (folded), also when the fold fails
     its check (``quant.qc.FoldCheckError``, re-raised with ``.paths`` and the run's ``.run_report``).
     ``checkpoint_extra`` goes into both checkpoints (e.g. ``train_args``), ``report_extra`` into the
-    report (e.g. the source checkpoint)."""
+    report (e.g. the source checkpoint).
+
+    ``teacher`` (the FP model or its .pt): the QC loss adds the distillation term x ``distill_weight``
+    (engine/distill.py); with ``source`` (a folder of images, no labels) it is the distillation term alone,
+    over the images of that folder instead of ``data``'s training split."""
     require_quantized(model)
     if steps != 0 and not (scale or shift):
         raise ValueError("QC with neither scale nor shift trains nothing: drop --no-scale or --no-shift")
+    _check_label_free(data, source, teacher, augment)
     torch.manual_seed(seed)
     model.to(device)
     ensure_loss_args(model)
-    task = task_of(model)
-    loader, files = calibration_loader(data, task, imgsz, batch, calib_images, calib_fraction, seed,
-                                       augment=augment, save_dir=save_dir)
-    eval_loader, _ = calibration_loader(data, task, imgsz, batch, calib_images, calib_fraction, seed,
-                                        augment=False, shuffle=False, save_dir=save_dir)
+    task = model_task(model)
+    if source is not None:
+        loader, files = image_folder_loader(source, imgsz, batch, calib_images, calib_fraction, seed)
+        eval_loader, _ = image_folder_loader(source, imgsz, batch, calib_images, calib_fraction, seed, shuffle=False)
+    else:
+        loader, files = calibration_loader(data, task, imgsz, batch, calib_images, calib_fraction, seed,
+                                           augment=augment, save_dir=save_dir)
+        eval_loader, _ = calibration_loader(data, task, imgsz, batch, calib_images, calib_fraction, seed,
+                                            augment=False, shuffle=False, save_dir=save_dir)
+    if teacher is not None:  # the model's loss becomes detection + distillation (label-free: distillation only)
+        attach_distillation(model, teacher, distill_weight, label_free=source is not None)
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
     report = {"task": task, "calib_images": len(files), "granularity": granularity, "scale": scale, "shift": shift,
               "lr": lr, "seed": seed, "imgsz": imgsz, "batch": batch, "augment": augment, **(report_extra or {})}
+    if teacher is not None:
+        report["distill"] = {"teacher": str(teacher) if isinstance(teacher, (str, Path)) else type(teacher).__name__,
+                             "weight": distill_weight, "label_free": source is not None,
+                             "source": None if source is None else str(source)}
     paths: dict[str, str] = {}
 
     def save(name: str) -> None:
@@ -190,6 +208,7 @@ def run_qc(model: nn.Module, data=None, *, calib_images: int | None = None, cali
         if measure_loss:
             report["loss_after"] = calibration_loss(model, eval_loader, device)
             LOGGER.info(f"QC: calibration loss {report['loss_before']:.4f} -> {report['loss_after']:.4f}")
+        detach_distillation(model)  # the teacher never goes into a checkpoint
         _restore_grad_flags(model, grad_flags)
         save(UNFOLDED_NAME)
         probe = preprocess(next(iter(eval_loader)), device)["img"]
@@ -201,9 +220,25 @@ def run_qc(model: nn.Module, data=None, *, calib_images: int | None = None, cali
             save(FOLDED_NAME)
             e.paths, e.run_report = dict(paths), report
             raise
+    detach_distillation(model)
     _restore_grad_flags(model, grad_flags)
     save(FOLDED_NAME)
     return model, report
+
+
+def _check_label_free(data, source, teacher, augment: bool) -> None:
+    if source is None:
+        return
+    if teacher is None:
+        raise ValueError(f"label-free QC on '{source}' needs a teacher: without labels the only target is the "
+                         f"full-precision model's output. Pass the FP checkpoint the QAT run started from "
+                         f"(--teacher FP.pt with --distill), or QC on a labelled dataset (--data)")
+    if data is not None:
+        raise ValueError(f"both a dataset ('{data}') and a label-free image folder ('{source}') were given: QC runs "
+                         f"on one of them; drop --data for label-free QC, or --source to use the labelled data")
+    if augment:
+        raise ValueError("augmentation transforms labels with the images, and a label-free source has none: drop "
+                         "--augment for label-free QC")
 
 
 def _restore_grad_flags(model: nn.Module, flags: dict) -> None:

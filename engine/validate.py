@@ -23,7 +23,7 @@ from ultralytics.utils import LOGGER, ops
 
 from models.checkpoint import load_checkpoint
 
-from .calib import resolve_data, task_of
+from .calib import model_task, resolve_data
 from .coco_eval import coco_annotations_path, coco_map, image_ids, remap_predictions, yolo_labels_to_coco
 
 
@@ -93,7 +93,9 @@ def load_model(weights_or_model) -> tuple[nn.Module, str]:
     return model, str(weights_or_model)
 
 
-def _ultralytics_metrics(stats: dict, task: str) -> dict:
+def ultralytics_metrics(stats: dict, task: str) -> dict:
+    """Ultralytics' metric keys ('metrics/mAP50-95(B)', the trainer's and validator's) in this module's
+    vocabulary: box.map, box.map50 (and mask.map, mask.map50)."""
     out = {"box.map": stats.get("metrics/mAP50-95(B)", 0.0), "box.map50": stats.get("metrics/mAP50(B)", 0.0)}
     if task == "segment":
         out.update({"mask.map": stats.get("metrics/mAP50-95(M)", 0.0), "mask.map50": stats.get("metrics/mAP50(M)", 0.0)})
@@ -109,20 +111,25 @@ def trained_imgsz(model: nn.Module, default: int = 640) -> int:
 
 def validate(weights_or_model, data=None, imgsz: int | None = None, batch: int = 16, device: str = "cpu",
              save_dir: str | Path = "runs/val/exp", conf: float = 0.001, iou: float = 0.7,
-             verbose: bool = True) -> dict:
+             verbose: bool = True, pycocotools: bool = True, workers: int | None = None) -> dict:
     """Box (and mask) mAP of one model by Ultralytics and by pycocotools.
 
     Returns ``{"task", "weights", "ultralytics": {...}, "pycocotools": {...}, "predictions": path,
     "ground_truth": path}`` where each metrics dict has ``box.map``, ``box.map50`` (and
     ``mask.map``, ``mask.map50`` for segmentation), floats in [0, 1]. The model is not modified.
-    ``imgsz`` defaults to the size the model was trained at (640 when unknown).
+    ``imgsz`` defaults to the size the model was trained at (640 when unknown). Without
+    ``pycocotools`` only Ultralytics' numbers (no predictions file; "pycocotools" is empty).
+
+    Batches are rectangular (``rect=True``, each batch padded to its own images' shape), as
+    Ultralytics' trainer validates during training, so a model's numbers here and in its
+    training run's results.csv are measured alike.
     """
     model, name = load_model(weights_or_model)
     imgsz = imgsz or trained_imgsz(model)
-    task = task_of(model)
+    task = model_task(model)
     data = resolve_data(data)
     data_dict = check_det_dataset(data)
-    coco = is_coco_val(data_dict)
+    coco = is_coco_val(data_dict) and pycocotools
     if coco and not coco_annotations_path(data_dict).is_file():
         raise FileNotFoundError(f"COCO validation needs the official annotations: expected "
                                 f"{coco_annotations_path(data_dict)} (instances_val2017.json from "
@@ -130,13 +137,16 @@ def validate(weights_or_model, data=None, imgsz: int | None = None, batch: int =
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     args = {"data": data, "imgsz": imgsz, "batch": batch, "device": device, "task": task, "mode": "val",
-            "split": "val", "save_json": True, "plots": False, "conf": conf, "iou": iou, "rect": True,
-            "verbose": verbose}
+            "split": "val", "save_json": pycocotools, "plots": False, "conf": conf, "iou": iou, "rect": True,
+            "verbose": verbose, **({} if workers is None else {"workers": workers})}
     from .original import is_original, validator_class  # anchor-based models: their output turned first
 
     cls = validator_class(task, original=is_original(model), predictions_only=True)
     validator = cls(save_dir=save_dir, args=args)
     stats = validator(model=model)
+    if not pycocotools:
+        return {"task": task, "weights": name, "ultralytics": ultralytics_metrics(stats, task), "pycocotools": {},
+                "predictions": None, "ground_truth": None}
     labels = validator.dataloader.dataset.labels
     files = [lb["im_file"] for lb in labels]
     pred_path = save_dir / "predictions.json"
@@ -157,25 +167,35 @@ def validate(weights_or_model, data=None, imgsz: int | None = None, batch: int =
     coco_metrics = {"box.map": res["bbox"]["map"], "box.map50": res["bbox"]["map50"]}
     if task == "segment":
         coco_metrics.update({"mask.map": res["segm"]["map"], "mask.map50": res["segm"]["map50"]})
-    out = {"task": task, "weights": name, "ultralytics": _ultralytics_metrics(stats, task),
+    out = {"task": task, "weights": name, "ultralytics": ultralytics_metrics(stats, task),
            "pycocotools": coco_metrics, "predictions": str(scored_path.resolve()),
            "ground_truth": str(Path(gt_path).resolve())}
     LOGGER.info(format_table({name: out}))
     return out
 
 
+METRIC_NAMES = {"box.map": "box mAP50-95", "box.map50": "box mAP50", "mask.map": "mask mAP50-95",
+                "mask.map50": "mask mAP50"}
+SOURCES = {"ultralytics": ("ultra", "Ultralytics' validator"), "pycocotools": ("coco", "pycocotools COCOeval")}
+
+
 def format_table(results: dict[str, dict]) -> str:
-    """One row per model: Ultralytics' mAP beside pycocotools' (in %)."""
+    """A legend line, then one row per model: mAP in % by each source that scored any of them
+    (rows as ``validate`` returns them, or ``{"task", "ultralytics": ultralytics_metrics(...)}``)."""
     keys = ["box.map", "box.map50"]
     if any(r["task"] == "segment" for r in results.values()):
         keys += ["mask.map", "mask.map50"]
-    head = f"{'model (mAP %)':<28}" + "".join(f"{k + ' ultra':>18}{k + ' coco':>18}" for k in keys)
-    rows = [head]
+    sources = [s for s in SOURCES if any(r.get(s) for r in results.values())]
+    legend = (", ".join(f"{k} = {METRIC_NAMES[k]}" for k in keys) + "; "
+              + ", ".join(f"{SOURCES[s][0]} = {SOURCES[s][1]}" for s in sources))
+    head = f"{'model (mAP %)':<28}" + "".join(f"{k + ' ' + SOURCES[s][0]:>18}" for k in keys for s in sources)
+    rows = [legend, head]
     for name, r in results.items():
         cells = ""
         for k in keys:
-            u, c = r["ultralytics"].get(k), r["pycocotools"].get(k)
-            cells += f"{'-' if u is None else f'{100 * u:.2f}':>18}{'-' if c is None else f'{100 * c:.2f}':>18}"
+            for s in sources:
+                v = (r.get(s) or {}).get(k)
+                cells += f"{'-' if v is None else f'{100 * v:.2f}':>18}"
         label = name if len(name) <= 27 else "..." + name[-24:]
         rows.append(f"{label:<28}{cells}")
     return "\n".join(rows)

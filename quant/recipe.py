@@ -33,14 +33,19 @@ class QuantRecipe:
     or ``signed``.
     """
 
-    w_bits: int = 4
-    a_bits: int = 4
-    first_last_bits: int | None = 8
-    per_channel: bool = False
-    act_mode: str = "lsq+"
-    weight_init: str = "mse"
-    overrides: dict = field(default_factory=dict)
-    exclude: list = field(default_factory=list)
+    # metadata "help": the text of the generated command-line flags (engine/settings.py)
+    w_bits: int = field(default=4, metadata={"help": f"weight bits, {BIT_CHOICES[0]}..{BIT_CHOICES[-1]}"})
+    a_bits: int = field(default=4, metadata={"help": f"activation bits, {BIT_CHOICES[0]}..{BIT_CHOICES[-1]}"})
+    first_last_bits: int | None = field(default=8, metadata={
+        "help": "bits of the stem and the final head convs; none: the same as the other layers"})
+    per_channel: bool = field(default=False, metadata={"help": "per-output-channel weight step sizes"})
+    act_mode: str = field(default="lsq+", metadata={
+        "help": f"activation grid, one of {ACT_MODES}: lsq+ is unsigned with a learnable offset (SiLU goes below 0)"})
+    weight_init: str = field(default="mse", metadata={
+        "help": f"initial weight step size, one of {WEIGHT_INITS}: an MSE search, or 2 mean|w| / sqrt(Qp) (Esser et al.)"})
+    overrides: dict = field(default_factory=dict, metadata={
+        "help": "per-layer bits, a mapping {layer name: {w_bits: b, a_bits: b}}"})
+    exclude: list = field(default_factory=list, metadata={"help": "names of layers kept in float"})
 
     def __post_init__(self):
         _check_bits("w_bits", self.w_bits)

@@ -13,7 +13,7 @@ def no_slow_work(monkeypatch, tmp_path):
     def reached(opt):
         raise AssertionError("the argument error was not caught before the dataset step")
 
-    monkeypatch.setattr(cli, "resolve_data", reached)
+    monkeypatch.setattr(cli, "resolve_inputs", reached)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -30,7 +30,7 @@ def train_qat_device(argv, monkeypatch, tmp_path):
         seen["device"] = opt.device
         raise cli.InputError("stopped by the test")
 
-    monkeypatch.setattr(cli, "resolve_data", stop)
+    monkeypatch.setattr(cli, "resolve_inputs", stop)
     monkeypatch.chdir(tmp_path)
     assert cli.main(["--cfg", "yolov5nu", "--project", str(tmp_path / "runs"), *argv]) == 2
     return seen["device"]

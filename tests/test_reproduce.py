@@ -19,9 +19,9 @@ def data(tmp_path_factory):
 
 
 def reproduce(data, out, *extra):
-    args = ["--data", str(data), "--model", "yolov5nu-seg", "--bits", "4", "--methods", "lsq", "ema", "--qc",
+    args = ["--data", str(data), "--cfg", "yolov5nu-seg", "--bits", "4", "--methods", "lsq", "ema", "--qc",
             "--fp-epochs", "1", "--qat-epochs", "1", "--seeds", "0", "--imgsz", "64", "--batch", "4",
-            "--calib-batches", "1", "--qc-steps", "2", "--out", str(out), *extra]
+            "--calib-batches", "1", "--qc-steps", "2", "--project", str(out.parent), "--name", out.name, *extra]
     env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / "benchmarks/reproduce.py"), *args], capture_output=True,
                           text=True, cwd=ROOT, env=env)
@@ -64,9 +64,9 @@ def test_reproduce_writes_outputs_and_resumes(data, tmp_path):
 
     # The decay sweep reuses the runs it shares with the main table (a=0 is LSQ, a=0.99 is EMA).
     sweep = subprocess.run([sys.executable, str(ROOT / "benchmarks/reproduce.py"), "--data", str(data),
-                            "--model", "yolov5nu-seg", "--bits", "4", "--ablation", "ema-decay", "--decays", "0",
+                            "--cfg", "yolov5nu-seg", "--bits", "4", "--ablation", "ema-decay", "--decays", "0",
                             "0.99", "--fp-epochs", "1", "--qat-epochs", "1", "--seeds", "0", "--imgsz", "64",
-                            "--batch", "4", "--calib-batches", "1", "--out", str(out)],
+                            "--batch", "4", "--calib-batches", "1", "--project", str(out.parent), "--name", out.name],
                            capture_output=True, text=True, cwd=ROOT,
                            env={**os.environ, "YOLO_OFFLINE": "1"})
     assert sweep.returncode == 0, sweep.stderr[-3000:]
