@@ -23,10 +23,10 @@ from torch import nn
 from ultralytics.cfg import cfg2dict
 from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.models.yolo.segment import SegmentationTrainer, SegmentationValidator
-from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK
+from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK, YAML
 from ultralytics.utils.torch_utils import unwrap_model
 
-from models.loss import DEFAULT_HYP, YOLOv5DetLoss, YOLOv5SegLoss, resolve_hyp
+from models.loss import DEFAULT_HYP, YOLOv5DetLoss, YOLOv5SegLoss, check_loss_hyp, resolve_hyp
 from models.registry import is_original_yaml
 
 from .autoanchor import broadcast_anchors, check_anchors
@@ -170,9 +170,19 @@ class OriginalTrainerMixin:
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None):
         overrides = dict(overrides or {})
+        # The YOLOv5 loss settings (unscaled gains, anchor_t, ...) are not Ultralytics keys (its box / cls mean
+        # other losses): popped before its cfg check, kept on args for args.yaml and the DDP workers' overrides.
+        loss_hyp = check_loss_hyp(overrides.pop("loss_hyp", None))
         if not overrides.get("resume"):  # a resumed run keeps its own settings
             overrides.update(_user_defaults(cfg, overrides))
         super().__init__(cfg, overrides, _callbacks)
+        if self.resume:  # the model of last.pt carries them; the checkpoint's args say the same
+            loss_hyp = check_loss_hyp(getattr(self.args, "loss_hyp", None)) or loss_hyp
+        self.loss_hyp = loss_hyp
+        if loss_hyp:
+            self.args.loss_hyp = loss_hyp
+            if RANK in {-1, 0}:
+                YAML.save(self.save_dir / "args.yaml", vars(self.args))
         self.loss_names = loss_names(self.args.task)
         self.anchors_trained = True  # get_model() says otherwise for a model built from a yaml alone
         self.anchor_report: dict | None = None
@@ -201,10 +211,20 @@ class OriginalTrainerMixin:
         self.anchors_trained = weights is not None
         return model
 
+    def set_model_attributes(self):
+        super().set_model_attributes()
+        if self.loss_hyp:  # also for a quantized or resumed model that get_model() never built
+            model = unwrap_model(self.model)
+            model.loss_hyp = {**(getattr(model, "loss_hyp", None) or {}), **self.loss_hyp}
+            model.criterion = None  # built again, lazily, with these settings
+            LOGGER.info(f"YOLOv5 loss settings (before yolov5's scaling): {model.loss_hyp}")
+
     def get_validator(self):
         self.loss_names = loss_names(self.args.task)
         cls = validator_class(self.args.task, original=True)
-        return cls(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
+        args = copy(self.args)
+        vars(args).pop("loss_hyp", None)  # the validator checks its args against Ultralytics' cfg keys
+        return cls(self.test_loader, save_dir=self.save_dir, args=args, _callbacks=self.callbacks)
 
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
         if str(name).lower() == "auto":  # Ultralytics' pick by run length; the YOLOv5 recipe is SGD

@@ -33,18 +33,37 @@ DEFAULT_HYP = {
 # Keys a checkpoint's pickled `model.hyp` may set. Not box/cls/obj: yolov5 and yolov7 train.py pickle the gains
 # after scaling them by that run's nl, nc and imgsz, so reading them back would scale them a second time.
 MODEL_HYP_KEYS = ("cls_pw", "obj_pw", "anchor_t", "fl_gamma", "label_smoothing")
+# Keys a user may set for this project's runs (`model.loss_hyp`, unscaled as in a hyp yaml): the gains too, since
+# this project stores them before scaling.
+LOSS_HYP_KEYS = ("box", "obj", "cls") + MODEL_HYP_KEYS
 LEVEL_BALANCE = {3: [4.0, 1.0, 0.4]}
 LEVEL_BALANCE_OTHER = [4.0, 1.0, 0.25, 0.06, 0.02]  # P3-P7
 FOCAL_ALPHA = 0.25
 NEIGHBOUR_BIAS = 0.5  # a neighbour cell is taken when the centre lies in the half of its cell facing it
 
 
+def check_loss_hyp(hyp: dict | None) -> dict:
+    """A user's loss settings (unscaled, as in a yolov5 hyp yaml): known keys, non-negative numbers."""
+    hyp = dict(hyp or {})
+    unknown = sorted(set(hyp) - set(LOSS_HYP_KEYS))
+    if unknown:
+        raise ValueError(f"unknown YOLOv5 loss setting(s) {unknown}: allowed keys are {list(LOSS_HYP_KEYS)} "
+                         f"(the gains before yolov5's scaling by 3/nl, nc/80 and (imgsz/640)^2)")
+    for k, v in hyp.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ValueError(f"YOLOv5 loss setting {k}={v!r} is invalid: pass a number >= 0")
+    return {k: float(v) for k, v in hyp.items()}
+
+
 def resolve_hyp(model, hyp: dict | None = None) -> dict:
-    """DEFAULT_HYP, updated by the loss keys of a yolov5-style `model.hyp` dict, then by `hyp`."""
+    """DEFAULT_HYP, updated by the loss keys of a yolov5-style `model.hyp` dict, then by this project's
+    `model.loss_hyp` (what the user set for the run that trains the model; it travels with the model into QAT,
+    QC and every checkpoint), then by `hyp`."""
     out = dict(DEFAULT_HYP)
     model_hyp = getattr(model, "hyp", None)
     if isinstance(model_hyp, dict):
         out.update({k: model_hyp[k] for k in MODEL_HYP_KEYS if model_hyp.get(k) is not None})
+    out.update(check_loss_hyp(getattr(model, "loss_hyp", None)))
     out.update(hyp or {})
     return out
 

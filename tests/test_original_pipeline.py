@@ -208,9 +208,9 @@ def test_validator_and_trainer_dispatch(tmp_path):
 
 @needs_fixtures
 def test_cli_reads_both_checkpoint_layouts_and_the_yamls(tmp_path):
-    """engine/cli.py's model_task on an unstripped yolov5 last.pt (fp16 model and EMA, the EMA is used), the
+    """engine/cli.py's inspect_source on an unstripped yolov5 last.pt (fp16 model and EMA, the EMA is used), the
     yolov7 layout and the original yamls (Ultralytics' guess would read only the file name)."""
-    from engine.cli import model_task
+    from engine.cli import inspect_source
     from models.registry import resolve_model_cfg
 
     ckpt = torch.load(FIX / FIXTURES["yolov5n-seg"], map_location="cpu", weights_only=False)
@@ -220,16 +220,16 @@ def test_cli_reads_both_checkpoint_layouts_and_the_yamls(tmp_path):
     last = {"epoch": 3, "best_fitness": 0.1, "model": raw.half(), "ema": ema, "updates": 40, "optimizer": None,
             "opt": {"imgsz": 640}, "git": None, "date": None}
     torch.save(last, tmp_path / "last.pt")
-    assert model_task(str(tmp_path / "last.pt")) == "segment" and is_original_source(tmp_path / "last.pt")
+    assert inspect_source(str(tmp_path / "last.pt"))[0] == "segment" and is_original_source(tmp_path / "last.pt")
     from models.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "last.pt")[0].model[-1].nc == 3
-    assert model_task(str(FIX / FIXTURES["yolov7-tiny"])) == "detect"
-    assert model_task(str(FIX / FIXTURES["yolov5n"])) == "detect"
+    assert inspect_source(str(FIX / FIXTURES["yolov7-tiny"]))[0] == "detect"
+    assert inspect_source(str(FIX / FIXTURES["yolov5n"]))[0] == "detect"
     copy_of_seg_yaml = tmp_path / "my-model.yaml"  # no '-seg' in the name: the head decides
     copy_of_seg_yaml.write_text(Path(resolve_model_cfg("yolov5n-seg")).read_text())
-    assert model_task(str(copy_of_seg_yaml)) == "segment"
-    assert model_task(resolve_model_cfg("yolov7-tiny")) == "detect"
+    assert inspect_source(str(copy_of_seg_yaml))[0] == "segment"
+    assert inspect_source(resolve_model_cfg("yolov7-tiny"))[0] == "detect"
 
 
 # ---------------------------------------------------------------------------------------------- trainers
@@ -465,3 +465,28 @@ def test_channels_last_move_after_a_forward():
         model.to(memory_format=torch.channels_last)
         out = model(x.contiguous(memory_format=torch.channels_last))[0]
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_yolov5_loss_settings_reach_the_criterion_and_args(data, tmp_path):
+    """`loss_hyp` (the unscaled YOLOv5 gains; Ultralytics' own box / cls keys mean other losses) passes Ultralytics'
+    cfg check, lands on the model (so QAT, QC and checkpoints keep it), on args.yaml, and not on the validator."""
+    from models.loss import YOLOv5DetLoss
+
+    t = trainer(OriginalDetectionTrainer, data, tmp_path, model="yolov5n", loss_hyp={"obj": 25.0, "cls": 1})
+    assert t.args.loss_hyp == {"obj": 25.0, "cls": 1.0}
+    assert YAML.load(t.save_dir / "args.yaml")["loss_hyp"] == {"obj": 25.0, "cls": 1.0}
+    t.model = t.get_model(cfg="yolov5n", verbose=False)
+    t.model.criterion = YOLOv5DetLoss(t.model)  # built before the settings: must be rebuilt with them
+    t.data["names"] = {i: str(i) for i in range(t.data["nc"])}
+    t.set_model_attributes()
+    assert t.model.loss_hyp == {"obj": 25.0, "cls": 1.0} and t.model.criterion is None
+    box, obj, cls = YOLOv5DetLoss(t.model).gains(320)
+    assert (box, obj, cls) == pytest.approx((0.05, 25.0 * 0.25, 1.0 * t.data["nc"] / 80))
+    t.test_loader = None
+    assert not hasattr(t.get_validator().args, "loss_hyp") and t.args.loss_hyp == {"obj": 25.0, "cls": 1.0}
+    with pytest.raises(ValueError, match="unknown YOLOv5 loss setting.*'dfl'"):
+        trainer(OriginalDetectionTrainer, data, tmp_path, model="yolov5n", loss_hyp={"dfl": 1.0})
+    with pytest.raises(ValueError, match="obj=-1.*>= 0"):
+        trainer(OriginalDetectionTrainer, data, tmp_path, model="yolov5n", loss_hyp={"obj": -1})
+    plain = trainer(OriginalDetectionTrainer, data, tmp_path, model="yolov5n")
+    assert not hasattr(plain.args, "loss_hyp")  # nothing set: the args stay Ultralytics' own
