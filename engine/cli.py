@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engine.cli_common import InputError, add_shared, input_error
 from engine.config import QATConfig
-from engine.settings import FORMS, add_fields, config_from, parse_with_config
+from engine.settings import FORMS, add_fields, config_from, mapping, parse_with_config
 
 PROG = "train_qat.py"
 
@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                                               "quantizer scales have --scale-lr)")
     a("--warmup-epochs", type=float, default=3.0)
     a("--close-mosaic", type=int, help="epochs without mosaic at the end (default: a quarter of the run, <= 10)")
+    a("--loss-hyp", type=mapping, default=None,
+      help="original anchor-based models only: YOLOv5 loss settings as in a yolov5 hyp yaml, before its scaling by "
+           "3/nl, nc/80 and (imgsz/640)^2, e.g. '{obj: 25}' (keys box, obj, cls, cls_pw, obj_pw, anchor_t, fl_gamma, "
+           "label_smoothing); used by the FP and the QAT stage and kept in the checkpoints")
     a("--seed", type=int, default=0)
     a("--resume", nargs="?", const=True, default=False, help="resume an interrupted run from its last.pt")
     add_fields(ap.add_argument_group(f"quantization and QAT (QuantRecipe, QATConfig; {FORMS})"), QATConfig)
@@ -126,16 +130,38 @@ def common_overrides(opt, data: str) -> dict:
             "exist_ok": opt.exist_ok, "project": str(Path(opt.project).resolve())}
 
 
+def loss_overrides(opt) -> dict:
+    """The YOLOv5 loss settings of an original model's run (engine/original.py pops them before Ultralytics'
+    cfg check); nothing for the rest."""
+    hyp = getattr(opt, "loss_hyp", None)
+    return {"loss_hyp": hyp} if hyp else {}
+
+
 def fp_overrides(opt, data, model_src) -> dict:
     # Plain Ultralytics training (its optimizer=auto choice included); validated at the end only.
     return {**common_overrides(opt, data), "model": model_src, "epochs": opt.fp_epochs, "name": f"{opt.name}-fp",
             "close_mosaic": min(10, opt.fp_epochs // 4), "val": False, "optimizer": opt.fp_optimizer,
-            "lr0": opt.fp_lr0, "warmup_epochs": min(3, max(1, opt.fp_epochs // 10))}
+            "lr0": opt.fp_lr0, "warmup_epochs": min(3, max(1, opt.fp_epochs // 10)), **loss_overrides(opt)}
 
 
 def qat_overrides(opt, data, model_src, qat: dict) -> dict:
     return {**common_overrides(opt, data), "model": model_src, "epochs": opt.epochs, "name": opt.name,
-            "optimizer": "SGD", "lr0": opt.lr0, "warmup_epochs": opt.warmup_epochs, "qat": qat}
+            "optimizer": "SGD", "lr0": opt.lr0, "warmup_epochs": opt.warmup_epochs, "qat": qat, **loss_overrides(opt)}
+
+
+def check_loss_hyp(opt, model_src: str) -> None:
+    from engine.original import is_original_source
+    from models.loss import check_loss_hyp as check
+
+    if not getattr(opt, "loss_hyp", None):
+        return
+    try:
+        check(opt.loss_hyp)
+    except ValueError as e:
+        raise InputError(f"--loss-hyp: {e}") from None
+    if not is_original_source(model_src):
+        raise InputError(f"--loss-hyp sets the YOLOv5 loss of the original anchor-based models; '{model_src}' is an "
+                         f"Ultralytics model, whose loss gains are Ultralytics' own: drop --loss-hyp")
 
 
 def runs_fp_stage(opt) -> bool:
@@ -153,7 +179,7 @@ def check_ultralytics_args(ov: dict, flags: dict, stage: str = "") -> None:
     from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
 
     try:
-        get_cfg(DEFAULT_CFG_DICT, {k: v for k, v in ov.items() if k != "qat"})
+        get_cfg(DEFAULT_CFG_DICT, {k: v for k, v in ov.items() if k not in ("qat", "loss_hyp")})
     except (ValueError, TypeError, SyntaxError) as e:
         msg = " ".join(str(e).split())
         key = m.group(1) if (m := re.match(r"'(\w+)=", msg)) else None
@@ -204,6 +230,7 @@ def run(opt, callbacks: dict | None = None) -> dict:
 
         pin_threads()  # the thread count changes the numbers: the demo's reference is for 1 thread
     data, model_src, task = resolve_inputs(opt)
+    check_loss_hyp(opt, model_src)
     rows = {}
     if not model_src.endswith(".pt") and opt.fp_epochs > 0:
         model_src, fp_metrics = train_fp(opt, model_src, task, data)

@@ -44,7 +44,8 @@ def _none_or(conv):
     return _named(lambda s: None if s.strip().lower() in ("none", "null") else conv(s), conv.__name__)
 
 
-def _mapping(text: str) -> dict:
+def mapping(text: str) -> dict:
+    """argparse type of a dict-valued flag: one yaml / json mapping."""
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -85,7 +86,7 @@ def add_fields(p, cls, *, prefix: str = "", only=None, skip=()) -> None:
         elif base is list:
             kw["nargs"] = "*"
         elif base is dict:
-            kw["type"], kw["metavar"] = _mapping, "MAPPING"
+            kw["type"], kw["metavar"] = mapping, "MAPPING"
         else:
             kw["type"] = _none_or(base) if type(None) in kinds else base
         p.add_argument("--" + dest.replace("_", "-"), **kw)

@@ -38,3 +38,21 @@ def test_ultralytics_argument_errors_are_one_paragraph(args, flag, expect, no_sl
     assert len(lines) == 1 and lines[0].startswith(f"train_qat.py: error: {flag} "), err
     assert "rejected by Ultralytics' argument check" in err and expect in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--loss-hyp", "{dfl: 1.0}"], "--loss-hyp: unknown YOLOv5 loss setting(s) ['dfl']"),
+    (["--loss-hyp", "{obj: -2}"], "--loss-hyp: YOLOv5 loss setting obj=-2 is invalid"),
+    (["--loss-hyp", "{obj: 25}"], "--loss-hyp sets the YOLOv5 loss of the original anchor-based models"),
+])
+def test_loss_hyp_errors(args, expect, monkeypatch, tmp_path, capsys):
+    """--loss-hyp is checked, and refused for an anchor-free model (yolov5nu), before any training."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "train_fp", lambda *a: (_ for _ in ()).throw(AssertionError("training started")))
+    import engine.trainer
+
+    monkeypatch.setattr(engine.trainer, "qat_trainer_class",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("QAT started")))
+    code = cli.main([*BASE, *args, "--project", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and expect in err and "Traceback" not in err, err

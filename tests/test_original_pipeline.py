@@ -352,7 +352,7 @@ def test_cli_pipeline_from_the_original_checkpoint(name, data, tmp_path, capfd, 
     tiny = ["--data", str(data), "--imgsz", "64", "--batch", "4", "--device", "cpu"]
     assert train_qat(["--weights", str(fixture), "--epochs", "1", "--workers", "0", "--calib-batches", "1",
                       "--warmup-epochs", "0", "--project", str(tmp_path / "qat"), "--name", name, "--exist-ok",
-                      *tiny]) == 0
+                      "--loss-hyp", "{obj: 2.0}", *tiny]) == 0
     out = capfd.readouterr().out
     assert "FP (--weights)" in out and "QAT W4A4 lsq+EMA" in out and ("mask mAP50-95" in out) == seg
     assert "AutoAnchor:" in caplog.text  # checked on the training labels (the weights keep their anchors)
@@ -364,6 +364,7 @@ def test_cli_pipeline_from_the_original_checkpoint(name, data, tmp_path, capfd, 
     head = len(qat.model) - 1
     bits = layer_bits(qat)
     assert is_original(qat) and is_quantized(qat) and qat.model[-1].nc == 4
+    assert qat.loss_hyp == {"obj": 2.0}  # --loss-hyp travels with the model (QC's loss reads it from there)
     assert bits["model.0.conv"] == (8, 8) and all(bits[f"model.{head}.m.{i}"] == (8, 8) for i in range(3))
     assert sum(b == (4, 4) for b in bits.values()) > len(bits) // 2
 
@@ -372,6 +373,7 @@ def test_cli_pipeline_from_the_original_checkpoint(name, data, tmp_path, capfd, 
     qc_path = tmp_path / "qc" / name / "weights/qc.pt"
     qc, _ = load_checkpoint(qc_path)
     assert is_original(qc) and is_quantized(qc) and not qc_modules(qc)  # corrections folded away
+    assert qc.loss_hyp == {"obj": 2.0}
     report = json.loads((tmp_path / "qc" / name / "qc_report.json").read_text())
     # model.loss ran (the YOLOv5 loss) and every correction found its place: the BN of each Conv block, the
     # output scale of the 3 prediction convs, which have no BN
