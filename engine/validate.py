@@ -103,9 +103,12 @@ def ultralytics_metrics(stats: dict, task: str) -> dict:
 
 
 def trained_imgsz(model: nn.Module, default: int = 640) -> int:
-    """The image size the model was trained at (``model.args``, a dict or namespace), else ``default``."""
+    """The image size the model was trained at (``model.args``, a dict or namespace; for a checkpoint of
+    yolov5's train.py the ``opt`` it recorded, see models/original.py), else ``default``."""
     args = getattr(model, "args", None)
     v = args.get("imgsz") if isinstance(args, dict) else getattr(args, "imgsz", None)
+    if not (isinstance(v, int) and v > 0):
+        v = getattr(model, "train_imgsz", None)
     return int(v) if isinstance(v, int) and v > 0 else default
 
 

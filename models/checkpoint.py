@@ -58,6 +58,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise ValueError(f"'{path}' is not a YOLO checkpoint (no 'model' module inside); pass a .pt "
                          f"saved by Ultralytics (e.g. runs/detect/train/weights/best.pt) or by train_qat.py")
     model = model.float().to(device).eval()
+    if "opt" in ckpt:  # a checkpoint of yolov5's train.py: the image size it trained at
+        from .original import record_train_imgsz
+
+        record_train_imgsz(model, ckpt)
     if is_quantized(model) and getattr(model, "quant_recipe", None) is None:
         model.quant_recipe = ckpt.get("quant_recipe")
     return model, ckpt

@@ -53,7 +53,20 @@ def model_from_checkpoint(ckpt: dict) -> DetectionModel:
     if not is_original_model(model):
         raise ValueError(f"not an original YOLOv5/YOLOv7 checkpoint (its model is {type(model).__name__}); "
                          f"supported: {SUPPORTED}")
-    return prepare_original(model)
+    return record_train_imgsz(prepare_original(model), ckpt)
+
+
+def record_train_imgsz(model: nn.Module, ckpt: dict) -> nn.Module:
+    """``model.train_imgsz`` from the arguments yolov5's train.py records in ``ckpt['opt']`` (a dict, older
+    releases a Namespace; imgsz an int or [h, w]): the default image size of val.py / correct_qc.py
+    (engine.validate.trained_imgsz). yolov7 records none."""
+    opt = ckpt.get("opt") if isinstance(ckpt, dict) else None
+    imgsz = opt.get("imgsz") if isinstance(opt, dict) else getattr(opt, "imgsz", None)
+    if isinstance(imgsz, (list, tuple)) and imgsz:
+        imgsz = max(imgsz)
+    if isinstance(imgsz, int) and imgsz > 0:
+        model.train_imgsz = imgsz
+    return model
 
 
 def load_original(path: str | Path) -> tuple[DetectionModel, dict]:

@@ -398,3 +398,20 @@ def test_idetect_fold_keeps_quantized_weights():
     assert all(isinstance(m, common.ImplicitA) for m in head.ia) and not any(isinstance(m, common.ImplicitM)
                                                                              for m in head.im)
     assert all(torch.equal(c.integer_weight(), w) for c, w in zip(head.m, codes))
+
+
+@needs_fixtures
+def test_training_image_size_of_a_yolov5_checkpoint_is_the_default_of_val_and_qc():
+    """yolov5's train.py records its arguments in ckpt['opt'] (the fixtures were trained at 128): val.py and
+    correct_qc.py default to that size; yolov7 records none, so 640 (both scripts' fallback)."""
+    from engine.validate import trained_imgsz
+    from models.checkpoint import load_checkpoint
+
+    assert trained_imgsz(load_checkpoint(FIX / FIXTURES["yolov5n"])[0]) == 128
+    assert trained_imgsz(load_checkpoint(FIX / FIXTURES["yolov5n-seg"])[0]) == 128
+    assert trained_imgsz(load_checkpoint(FIX / FIXTURES["yolov7-tiny"])[0]) == 640
+    ckpt = torch.load(FIX / FIXTURES["yolov5n"], map_location="cpu", weights_only=False)
+    ckpt["opt"]["imgsz"] = [320, 256]  # a (h, w) pair: the long side
+    from models.original import model_from_checkpoint
+
+    assert trained_imgsz(model_from_checkpoint(ckpt)) == 320
