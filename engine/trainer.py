@@ -4,7 +4,9 @@ What changes against plain Ultralytics training, each in the smallest override t
 - ``setup_model``: the FP model (yaml or any Ultralytics .pt) is quantized by the recipe; on resume
   the quantized model and its raw (non-EMA) weights come back from our own checkpoint.
 - ``_build_train_pipeline``: activation quantizers are calibrated on a few training batches once,
-  before the EMA copy is taken (so the EMA starts from calibrated scales).
+  before the EMA copy is taken (so the EMA starts from calibrated scales); with ``distill`` the model's
+  loss gets the distillation term from the FP teacher (engine/distill.py), loaded in ``setup_model``
+  from the path the settings carry (resolved when the run starts, so a resume finds the same file).
 - ``build_optimizer``: SGD (the YOLO recipe) for weights, a separate Adam for step sizes / offsets
   (``optimizer=auto`` would pick MuSGD/AdamW by run length and put scales in its groups).
 - ``optimizer_step``: dampening gradient, both optimizers, frozen-weight re-application,
@@ -19,6 +21,7 @@ from __future__ import annotations
 import csv
 import math
 from copy import copy
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,6 +37,7 @@ from quant import LSQQuantizer, calibrate, is_quantized, quant_convs, quantize_m
 from quant.oscillation import Dampening, DelayedCosine, OscillationTracker
 
 from .config import QATConfig
+from .distill import attach_distillation, check_teacher, distillation_of, load_teacher, resolve_teacher_path
 from .ema import QATModelEMA
 from .original import OriginalDetectionTrainer, OriginalSegmentationTrainer
 
@@ -66,6 +70,7 @@ class QATTrainerMixin:
         if self.resume:  # the checkpoint's settings win, as for every other resumed argument
             qat = getattr(self.args, "qat", None) or qat
         self.qat = QATConfig.from_any(qat)
+        self._check_distill_settings()
         self.args.qat = self.qat.to_dict()
         if RANK in {-1, 0}:
             YAML.save(self.save_dir / "args.yaml", vars(self.args))  # rewritten with the QAT settings
@@ -79,9 +84,41 @@ class QATTrainerMixin:
         self.dampening = Dampening(self.qat.dampen_lambda, self.qat.schedule_start)
         self.freeze_schedule = DelayedCosine(self.qat.freeze_th_start, self.qat.freeze_th_end,
                                              self.qat.schedule_start)
+        self.teacher: nn.Module | None = None  # the FP model distilled from; never part of self.model
+        # The FP checkpoint this QAT run started from, kept in every checkpoint (a resume's args.model is its
+        # last.pt): the default teacher of a later QC with distillation (engine.distill.checkpoint_teacher).
+        model = self.args.model
+        self.fp_source = str(Path(model).resolve()) if str(model).endswith(".pt") and Path(model).is_file() else None
+
+    def _check_distill_settings(self):
+        q = self.qat
+        if q.teacher is not None and not q.distill:
+            raise ValueError(f"teacher='{q.teacher}' is set but distillation is off: add --distill (distill=True) to "
+                             f"learn from it, or drop --teacher")
+        if q.distill_weight < 0:
+            raise ValueError(f"distill_weight={q.distill_weight!r} is invalid: allowed values are >= 0")
+        if q.distill and not self.resume:
+            # Resolved to an absolute path now: a resumed run's args.model is its last.pt, not the FP checkpoint.
+            q.teacher = resolve_teacher_path(q.teacher, self.args.model)
 
     # -- model ----------------------------------------------------------------------------------
     def setup_model(self):
+        ckpt = self._setup_student()
+        if self.qat.distill and self.teacher is None:  # each DDP rank loads its own
+            if self.qat.teacher is None:
+                raise ValueError("distill=True but the QAT settings name no teacher checkpoint: pass teacher=FP.pt")
+            try:
+                self.teacher = load_teacher(self.qat.teacher)
+            except FileNotFoundError:
+                if not self.resume:
+                    raise
+                raise FileNotFoundError(f"this run distils from '{self.qat.teacher}', which no longer exists; a "
+                                        f"resume reuses the run's settings: put the FP checkpoint back at that "
+                                        f"path, or start a new run with --weights <last.pt>") from None
+            check_teacher(self.model, self.teacher)  # before any data is loaded
+        return ckpt
+
+    def _setup_student(self):
         if isinstance(self.model, nn.Module):
             return None
         if self.resume:
@@ -91,12 +128,14 @@ class QATTrainerMixin:
                 raise ValueError(f"'{self.args.resume}' holds no training state (a best.pt or a finished run): "
                                  f"resume from the run's weights/last.pt")
             model.load_state_dict(state["model"])  # the raw weights; ckpt["model"] is the EMA
+            self.fp_source = ckpt.get("fp_source")
             self.model, self._calibrated = model.train(), True
             return ckpt
         weights, cfg = None, self.model
         if str(self.model).endswith(".pt"):
-            weights, _ = load_checkpoint(self.model)
+            weights, source_ckpt = load_checkpoint(self.model)
             if is_quantized(weights):  # continue QAT of a quantized checkpoint as it is
+                self.fp_source = source_ckpt.get("fp_source")  # the FP model behind it, if it recorded one
                 self.model, self._calibrated = weights.train(), True
                 return None
             cfg = weights.yaml
@@ -108,9 +147,13 @@ class QATTrainerMixin:
         # The validator re-checks its args against Ultralytics' cfg keys: hand it a copy without ours.
         qat = vars(self.args).pop("qat", None)
         try:
-            return super().get_validator()
+            validator = super().get_validator()
         finally:
             self.args.qat = qat
+        # The anchor-based trainers fix their loss names (Ultralytics' own read them from the first loss dict).
+        if self.qat.distill and self.loss_names and "kd" not in self.loss_names:
+            self.loss_names = (*self.loss_names, "kd")
+        return validator
 
     # -- data-dependent set-up: calibration, step budget ----------------------------------------
     def _build_train_pipeline(self):
@@ -122,6 +165,9 @@ class QATTrainerMixin:
             self._calibrated = True
         model = unwrap_model(self.model)
         set_recompute_input(model, self.qat.recompute_input)
+        if self.qat.distill:  # after set_model_attributes (the loss reads model.args), before the EMA copy
+            attach_distillation(model, self.teacher.to(self.device), self.qat.distill_weight)
+            LOGGER.info(f"QAT: distilling from {self.qat.teacher} (weight {self.qat.distill_weight})")
         if self.tracker is None:
             self.tracker = OscillationTracker(quant_convs(model), self.qat.osc_momentum).to(self.device)
 
@@ -157,6 +203,9 @@ class QATTrainerMixin:
         # underneath, same state), before a resume loads its state into it.
         self.ema = QATModelEMA(self.model, self.qat.ema_decay, self.qat.ema_tau)
         super().resume_training(ckpt)
+        model = unwrap_model(self.model)
+        if self.qat.distill and distillation_of(model) is None:  # Ultralytics rebuilt an end-to-end head's loss
+            attach_distillation(model, self.teacher, self.qat.distill_weight)
 
     def _load_checkpoint_state(self, ckpt):
         state = ckpt["train_state"]
@@ -287,7 +336,7 @@ class QATTrainerMixin:
                 "stopper": {"best_fitness": self.stopper.best_fitness, "best_epoch": self.stopper.best_epoch},
                 "train_args": {k: v for k, v in vars(self.args).items()}, "qat_args": self.qat.to_dict(),
                 "train_metrics": {**(self.metrics or {}), "fitness": self.fitness},
-                "train_results": self.read_results_csv()}
+                "train_results": self.read_results_csv(), "fp_source": self.fp_source}
 
     def save_model(self):
         """fp32 checkpoints (Ultralytics would halve them). ``model`` is the EMA model (what is
