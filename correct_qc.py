@@ -4,6 +4,11 @@ quantized conv's output (BN statistics frozen), then folds it away. Optionally B
     python correct_qc.py --weights runs/qat/exp/weights/last.pt --calib-images 512 --name exp
     python correct_qc.py --weights QAT.pt --bn-reestimate --steps 0      # BN re-estimation only
     python correct_qc.py --weights runs/qc/exp/weights/qc_unfolded.pt --steps 0   # fold saved corrections
+    python correct_qc.py --weights QAT.pt --distill                       # + distillation from the FP model
+    python correct_qc.py --weights QAT.pt --no-labels --source images/ --no-val   # label-free: distillation only
+
+With --distill the teacher is --teacher, else the FP checkpoint the QAT run distilled from or started from (the
+checkpoint records it). --no-labels (with --source DIR, any folder of images) needs no annotation at all.
 
 Every flag can also be set in a --config yaml (keys: the flag names with '_'). Writes, under
 <project>/<name>/ (runs/qc/exp, or exp-2, ... when it exists, unless --exist-ok):
@@ -41,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="yaml whose keys are any of these flags with '_'; the command line overrides it")
     add_shared(p, PROG, project="runs/qc", weights_help="quantized (QAT) checkpoint .pt, or a qc_unfolded.pt to fold")
     p.add_argument("--val", action=argparse.BooleanOptionalAction, default=True,
-                   help="mAP before and after QC (--no-val skips both)")
+                   help="mAP before and after QC on --data (--no-val skips both)")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False,
+                   help="add distillation from the FP teacher to the QC loss (teacher: --teacher, else the FP model "
+                        "the QAT checkpoint records)")
+    p.add_argument("--no-labels", action="store_true",
+                   help="QC on the unlabelled images of --source DIR: the loss is the distillation term alone "
+                        "(implies --distill)")
     add_fields(p.add_argument_group(f"QC (QCConfig; {FORMS})"), QCConfig, skip=SHARED)
     return p
 
@@ -58,6 +69,27 @@ def qc_config(a: argparse.Namespace):
     from engine.settings import config_from
 
     return config_from(QCConfig, a, "QC")
+
+
+def resolve_distillation(a: argparse.Namespace, ckpt: dict) -> None:
+    """--distill / --no-labels / --source / --teacher into QCConfig's teacher and source (InputError when they
+    do not go together)."""
+    from engine.cli_common import InputError
+    from engine.distill import checkpoint_teacher
+
+    if a.no_labels and not a.source:
+        raise InputError("--no-labels runs QC on a folder of unlabelled images: name it with --source DIR")
+    if a.source and not a.no_labels:
+        raise InputError(f"--source '{a.source}' is label-free QC on a folder of images: add --no-labels to confirm "
+                         f"(the QC loss is then the distillation term alone), or drop --source to use --data")
+    if a.teacher and not (a.distill or a.no_labels):
+        raise InputError(f"--teacher '{a.teacher}' is set but distillation is off: add --distill, or drop --teacher")
+    if (a.distill or a.no_labels) and not a.teacher:
+        try:
+            a.teacher = checkpoint_teacher(ckpt)
+        except (ValueError, FileNotFoundError) as e:
+            raise InputError(str(e)) from None
+        print(f"{PROG}: distilling from {a.teacher} (the FP model recorded in '{a.weights}')")
 
 
 def main(argv=None) -> int:
@@ -86,6 +118,7 @@ def run(a: argparse.Namespace) -> int:
         raise InputError(f"'{a.weights}' is a full-precision checkpoint: QC needs a quantized checkpoint (a QAT model "
                          f"with QuantConv2d layers, e.g. the output of train_qat.py)")
     a.imgsz = a.imgsz or trained_imgsz(model)
+    resolve_distillation(a, ckpt)
     qc = qc_config(a)
     save_dir = output_dir(a)
     val_kw = dict(imgsz=qc.imgsz, batch=qc.batch, device=qc.device)
@@ -96,7 +129,7 @@ def run(a: argparse.Namespace) -> int:
     try:
         if a.val and not resumed:
             results["before (QAT)"] = validate(model, a.data, save_dir=save_dir / "val_before", **val_kw)
-        model, report = run_qc(model, a.data, **qc.to_dict(), save_dir=save_dir, weights_dir=save_dir / "weights",
+        model, report = run_qc(model, None if qc.source else a.data, **qc.to_dict(), save_dir=save_dir, weights_dir=save_dir / "weights",
                                checkpoint_extra={"train_args": ckpt.get("train_args") or {}},
                                report_extra={"source": str(a.weights), "data": a.data})
     except (ValueError, FileNotFoundError) as e:

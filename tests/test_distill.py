@@ -4,6 +4,7 @@ of the student's state, copies, checkpoints and optimizers and never changes; a 
 distillation settings and teacher back; label-free QC on a folder of images; clear errors for a wrong teacher."""
 import copy
 import io
+import json
 import shutil
 
 import cv2
@@ -223,6 +224,24 @@ def test_qat_resume_restores_distillation_and_teacher(data, images, tmp_path):
     header = rows[0].split(",")
     assert len(rows) == 3 and "train/kd" in header and "val/kd" in header
     assert all(float(r.split(",")[header.index("train/kd")]) > 0 for r in rows[1:])
+
+    # correct_qc.py on the finished run: --distill finds that teacher by itself; --no-labels on a bare folder
+    import correct_qc
+
+    folder = tmp_path / "photos"
+    shutil.copytree(data.parent / "images" / "train", folder)
+    best = tmp_path / "run" / "weights" / "best.pt"
+    common = ["--weights", str(best), "--steps", "1", "--imgsz", "64", "--batch", "4", "--no-val",
+              "--project", str(tmp_path / "qc"), "--exist-ok", "--no-measure-loss"]
+    assert correct_qc.main([*common, "--no-labels", "--source", str(folder), "--name", "free"]) == 0
+    report = json.loads((tmp_path / "qc" / "free" / "qc_report.json").read_text())
+    assert report["distill"]["teacher"] == str(fp.resolve()) and report["distill"]["source"] == str(folder)
+    assert report["distill"]["label_free"] and report["fold"]["passed"]
+    assert correct_qc.main([*common, "--distill", "--data", str(data), "--name", "kd"]) == 0
+    report = json.loads((tmp_path / "qc" / "kd" / "qc_report.json").read_text())
+    assert report["distill"]["teacher"] == str(fp.resolve()) and not report["distill"]["label_free"]
+    assert correct_qc.main([*common, "--source", str(folder), "--name", "x"]) == 2  # label-free must be confirmed
+    assert correct_qc.main([*common, "--no-labels", "--name", "x"]) == 2  # no folder named
 
 
 def test_original_trainer_logs_kd_and_yaml_models_have_no_default_teacher(data, images, tmp_path):
