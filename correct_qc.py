@@ -50,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False,
                    help="add distillation from the FP teacher to the QC loss (teacher: --teacher, else the FP model "
                         "the QAT checkpoint records)")
-    p.add_argument("--no-labels", action="store_true",
-                   help="QC on the unlabelled images of --source DIR: the loss is the distillation term alone "
-                        "(implies --distill)")
+    p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-labels: QC on the unlabelled images of --source DIR, the loss is the distillation term "
+                        "alone (implies --distill)")
     add_fields(p.add_argument_group(f"QC (QCConfig; {FORMS})"), QCConfig, skip=SHARED)
     return p
 
@@ -77,14 +77,15 @@ def resolve_distillation(a: argparse.Namespace, ckpt: dict) -> None:
     from engine.cli_common import InputError
     from engine.distill import checkpoint_teacher
 
-    if a.no_labels and not a.source:
+    label_free = not a.labels
+    if label_free and not a.source:
         raise InputError("--no-labels runs QC on a folder of unlabelled images: name it with --source DIR")
-    if a.source and not a.no_labels:
+    if a.source and not label_free:
         raise InputError(f"--source '{a.source}' is label-free QC on a folder of images: add --no-labels to confirm "
                          f"(the QC loss is then the distillation term alone), or drop --source to use --data")
-    if a.teacher and not (a.distill or a.no_labels):
+    if a.teacher and not (a.distill or label_free):
         raise InputError(f"--teacher '{a.teacher}' is set but distillation is off: add --distill, or drop --teacher")
-    if (a.distill or a.no_labels) and not a.teacher:
+    if (a.distill or label_free) and not a.teacher:
         try:
             a.teacher = checkpoint_teacher(ckpt)
         except (ValueError, FileNotFoundError) as e:
