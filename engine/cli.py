@@ -243,8 +243,11 @@ def run(opt, callbacks: dict | None = None) -> dict:
                                               save_dir=tmp, pycocotools=False, workers=opt.workers)
     from engine.original import is_original_source
 
-    trainer = qat_trainer_class(task, original=is_original_source(model_src))(
-        overrides=qat_overrides(opt, data, model_src, qat.to_dict()))
+    try:  # the trainer checks the settings that need the model source (e.g. a teacher for --distill)
+        trainer = qat_trainer_class(task, original=is_original_source(model_src))(
+            overrides=qat_overrides(opt, data, model_src, qat.to_dict()))
+    except ValueError as e:
+        raise InputError(str(e)) from None
     train(trainer, callbacks)
     bits = f"W{qat.recipe['w_bits']}A{qat.recipe['a_bits']}"
     rows[f"QAT {bits} {qat.method}" + ("+EMA" if qat.ema_decay else "")] = metrics_row(trainer.metrics, task)
@@ -320,6 +323,10 @@ def main(argv=None, callbacks: dict | None = None) -> int:
 
         if isinstance(e, TrainingDiverged):
             return input_error(PROG, e, code=1)  # not an input error: training failed
+        from engine.distill import TeacherMismatchError
+
+        if isinstance(e, TeacherMismatchError):  # found when the trainer loads the models, before any step
+            return input_error(PROG, e)
         msg = str(e).strip()
         if "No labels found" in msg or "No valid images" in msg or "Dataset" in msg or "images not found" in msg:
             return input_error(PROG, f"the dataset could not be used: {msg.splitlines()[0]} -- check that the "

@@ -56,3 +56,26 @@ def test_loss_hyp_errors(args, expect, monkeypatch, tmp_path, capsys):
     code = cli.main([*BASE, *args, "--project", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert code == 2 and expect in err and "Traceback" not in err, err
+
+
+def test_distill_errors_are_one_paragraph(monkeypatch, tmp_path, capsys):
+    """--distill without a teacher to default to, and a teacher for other classes: exit 2, no traceback, no step."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from models.checkpoint import save_checkpoint
+    from models.registry import resolve_model_cfg
+
+    monkeypatch.chdir(tmp_path)
+    args = [*BASE, "--project", str(tmp_path / "runs")]
+    assert cli.main([*args, "--distill"]) == 2
+    err = capsys.readouterr().err
+    assert "built from a yaml without weights" in err and "--teacher FP.pt" in err and "Traceback" not in err
+    paths = {}
+    for nc in (4, 80):
+        model = DetectionModel(str(resolve_model_cfg("yolov5nu")), nc=nc, verbose=False)
+        model.names = {i: str(i) for i in range(nc)}
+        paths[nc] = save_checkpoint(tmp_path / f"fp{nc}.pt", model)
+    weights = ["--weights", str(paths[4])]
+    assert cli.main([*args[2:], *weights, "--distill", "--teacher", str(paths[80])]) == 2
+    err = capsys.readouterr().err
+    assert "teacher has nc 80 (student 4)" in err and "Traceback" not in err
