@@ -9,9 +9,10 @@ to the pickled args Ultralytics' DDP launcher hands to each worker.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from quant import QuantRecipe
+from quant.recipe import dataclass_from
 
 METHODS = ("lsq", "dampen", "freeze")
 
@@ -68,15 +69,7 @@ class QATConfig:
 
     @classmethod
     def from_any(cls, cfg: "QATConfig | dict | None") -> "QATConfig":
-        if cfg is None:
-            return cls()
-        if isinstance(cfg, cls):
-            return cfg
-        known = {f.name for f in fields(cls)}
-        unknown = set(cfg) - known
-        if unknown:
-            raise ValueError(f"QAT config has unknown field(s) {sorted(unknown)}: allowed fields are {sorted(known)}")
-        return cls(**cfg)
+        return dataclass_from(cls, cfg, "QAT config")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import math
 from copy import deepcopy
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from quant.recipe import dataclass_from
 
 from .config import QATConfig
 
@@ -63,15 +65,7 @@ class DistillGains:
 
     @classmethod
     def from_any(cls, gains: "DistillGains | dict | None") -> "DistillGains":
-        if gains is None:
-            return cls()
-        if isinstance(gains, cls):
-            return gains
-        known = {f.name for f in fields(cls)}
-        unknown = set(gains) - known
-        if unknown:
-            raise ValueError(f"distillation gains {sorted(unknown)} are unknown: allowed keys are {sorted(known)}")
-        out = cls(**gains)
+        out = dataclass_from(cls, gains, "distillation gains")
         if any(v < 0 for v in asdict(out).values()):
             raise ValueError(f"distillation gains {asdict(out)} must be >= 0")
         return out

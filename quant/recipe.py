@@ -22,6 +22,22 @@ def _check_choice(name: str, value: Any, allowed: tuple) -> Any:
     return value
 
 
+def dataclass_from(cls, value, what: str, allow_none: bool = True):
+    """``value`` as an instance of the settings dataclass ``cls``: an instance as it is, a dict by its fields
+    (None: the defaults, when allowed). ValueError naming ``what`` for unknown keys or another type."""
+    if value is None and allow_none:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a dict or {cls.__name__}, got {type(value).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = set(value) - known
+    if unknown:
+        raise ValueError(f"{what} has unknown field(s) {sorted(unknown)}: allowed fields are {sorted(known)}")
+    return cls(**value)
+
+
 @dataclass
 class QuantRecipe:
     """Bits and granularity of a quantized model.
@@ -67,15 +83,7 @@ class QuantRecipe:
 
     @classmethod
     def from_any(cls, recipe: "QuantRecipe | dict") -> "QuantRecipe":
-        if isinstance(recipe, cls):
-            return recipe
-        if not isinstance(recipe, dict):
-            raise ValueError(f"recipe must be a dict or QuantRecipe, got {type(recipe).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(recipe) - known
-        if unknown:
-            raise ValueError(f"recipe has unknown field(s) {sorted(unknown)}: allowed fields are {sorted(known)}")
-        return cls(**recipe)
+        return dataclass_from(cls, recipe, "recipe", allow_none=False)
 
     def to_dict(self) -> dict:
         return asdict(self)
