@@ -263,31 +263,33 @@ class RepConv(nn.Module):
         self.rbr_dense = self.rbr_1x1 = self.rbr_identity = None
 
 
-class ImplicitA(nn.Module):
-    """A learned per-channel offset added to the input (YOLOR implicit knowledge, yolov7's IDetect)."""
+class _Implicit(nn.Module):
+    """A learned per-channel vector (YOLOR implicit knowledge, yolov7's IDetect), drawn from N(mean, std)."""
 
-    def __init__(self, channel, mean=0.0, std=0.02):
+    def __init__(self, channel, mean, std):
         super().__init__()
         self.channel = channel
         self.mean = mean
         self.std = std
-        self.implicit = nn.Parameter(torch.zeros(1, channel, 1, 1))
+        self.implicit = nn.Parameter(torch.empty(1, channel, 1, 1))
         nn.init.normal_(self.implicit, mean=self.mean, std=self.std)
+
+
+class ImplicitA(_Implicit):
+    """Added to a head level's input."""
+
+    def __init__(self, channel, mean=0.0, std=0.02):
+        super().__init__(channel, mean, std)
 
     def forward(self, x):
         return self.implicit + x
 
 
-class ImplicitM(nn.Module):
-    """A learned per-channel gain multiplied to the output (YOLOR implicit knowledge, yolov7's IDetect)."""
+class ImplicitM(_Implicit):
+    """Multiplied to a head level's output."""
 
     def __init__(self, channel, mean=1.0, std=0.02):
-        super().__init__()
-        self.channel = channel
-        self.mean = mean
-        self.std = std
-        self.implicit = nn.Parameter(torch.ones(1, channel, 1, 1))
-        nn.init.normal_(self.implicit, mean=self.mean, std=self.std)
+        super().__init__(channel, mean, std)
 
     def forward(self, x):
         return self.implicit * x
