@@ -5,8 +5,13 @@ bit width x with/without QC x seed), box and mask mAP50-95 by pycocotools, mean 
         --qat-epochs 4 --seeds 0 1 --imgsz 128 --batch 16 --name w4
     python benchmarks/reproduce.py ... --ablation qc          # QC granularity x scale/shift (Table 2)
     python benchmarks/reproduce.py ... --ablation ema-decay   # EMA decay 0 .. 0.9999 (Table 3)
+    python benchmarks/reproduce.py ... --methods ema kd --qc --qc-variants labels kd label-free   # issue 13
 
 "ema" is LSQ with the EMA (``--ema-decay``); lsq / dampen / freeze run without EMA unless ``--ema``.
+"kd" is "ema" plus distillation from the FP model every cell starts from (``--distill-weight``; the teacher
+is that FP checkpoint). QC variants (``--qc-variants``, with ``--qc``): "labels" (the paper's QC: detection
+loss), "kd" (detection loss + distillation from the FP model) and "label-free" (distillation alone, on
+<out>/unlabelled: the training images linked without their labels).
 Budgets are counted in optimizer steps (one per batch: nbs = batch): the EMA warm-up tau defaults to
 a tenth of the QAT run, QC to one pass over the calibration set. Outputs go to <project>/<name>/
 (runs/reproduce/exp), called <out> below; each finished cell leaves one json in ``<out>/cells``
@@ -31,31 +36,38 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-LABELS = {"lsq": "LSQ", "dampen": "Dampen", "freeze": "Freeze", "ema": "EMA"}
+LABELS = {"lsq": "LSQ", "dampen": "Dampen", "freeze": "Freeze", "ema": "EMA", "kd": "EMA+KD"}
+EMA_METHODS = ("ema", "kd")  # always run with the EMA (--ema-decay); both are LSQ underneath
+# QC variant -> (column suffix, cell-key suffix). "labels" has the empty key suffix: the keys of the cells
+# written before the variants existed stay what they were, so old out dirs resume.
+QC_VARIANTS = {"labels": ("+QC", ""), "kd": ("+QC(KD)", "-kd"), "label-free": ("+QC(KD, no labels)", "-kd-nolabels")}
 QC_ABLATION = [(g, s, b) for g in ("tensor", "channel") for s, b in ((True, False), (False, True), (True, True))]
 DECAYS = (0.0, 0.9, 0.99, 0.999, 0.9999)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One QAT run (bits, method, ema_decay, seed) evaluated without QC (qc=None) or with one QC variant."""
+    """One QAT run (bits, method, ema_decay, distill, seed) evaluated without QC (qc=None) or with one QC
+    variant (qc: the corrections; qc_mode: the loss and data they train on, a key of QC_VARIANTS)."""
     bits: int
     method: str  # lsq, dampen or freeze (what train_qat.py runs)
     ema_decay: float
     seed: int
     column: str  # the table column it belongs to
     qc: tuple | None = None  # (granularity, scale, shift)
+    distill: bool = False  # QAT distils from the FP model
+    qc_mode: str = "labels"
 
     @property
     def qat_key(self) -> str:
-        return f"w{self.bits}-{self.method}-ema{self.ema_decay:g}-s{self.seed}"
+        return f"w{self.bits}-{self.method}-ema{self.ema_decay:g}{'-kd' if self.distill else ''}-s{self.seed}"
 
     @property
     def qc_key(self) -> str:
         if self.qc is None:
             return "noqc"
         g, s, b = self.qc
-        return f"qc-{g}-{'both' if s and b else 'scale' if s else 'shift'}"
+        return f"qc-{g}-{'both' if s and b else 'scale' if s else 'shift'}{QC_VARIANTS[self.qc_mode][1]}"
 
     @property
     def key(self) -> str:
@@ -68,12 +80,15 @@ def main_cells(a) -> list[Cell]:
     for seed in a.seeds:
         for bits in a.bits:
             for m in a.methods:
-                decay = a.ema_decay if (m == "ema" or a.ema) else 0.0
-                method = "lsq" if m == "ema" else m
-                label = LABELS[m] + ("+EMA" if a.ema and m != "ema" else "")
-                cells.append(Cell(bits, method, decay, seed, label))
+                decay = a.ema_decay if (m in EMA_METHODS or a.ema) else 0.0
+                method = "lsq" if m in EMA_METHODS else m
+                label = LABELS[m] + ("+EMA" if a.ema and m not in EMA_METHODS else "")
+                kd = m == "kd"
+                cells.append(Cell(bits, method, decay, seed, label, distill=kd))
                 if a.qc:
-                    cells.append(Cell(bits, method, decay, seed, label + "+QC", ("channel", True, True)))
+                    for v in a.qc_variants:
+                        cells.append(Cell(bits, method, decay, seed, label + QC_VARIANTS[v][0], ("channel", True, True),
+                                          distill=kd, qc_mode=v))
     return list(dict.fromkeys(cells))
 
 
@@ -105,20 +120,48 @@ def read_json(path: Path):
 
 
 def n_train_images(data: str) -> int:
-    from ultralytics.data.utils import IMG_FORMATS, check_det_dataset
-
-    train = check_det_dataset(data)["train"]
-    roots = train if isinstance(train, list) else [train]
-    n = 0
-    for r in roots:
-        r = Path(r)
-        files = r.read_text().split() if r.suffix == ".txt" else [p for p in r.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS]
-        n += len(files)
-    return n
+    return len(train_images(data))
 
 
 def steps_per_epoch(data: str, batch: int) -> int:
     return math.ceil(n_train_images(data) / batch)
+
+
+def train_images(data: str) -> list[Path]:
+    """The training split's image files: a list file's entries ('./' = its folder, as Ultralytics reads them)
+    or the images under its folders."""
+    from ultralytics.data.utils import IMG_FORMATS, check_det_dataset
+
+    train = check_det_dataset(data)["train"]
+    files = []
+    for r in train if isinstance(train, list) else [train]:
+        r = Path(r)
+        if r.suffix == ".txt":
+            files += [Path(str(r.parent / x[2:]) if x.startswith("./") else x) for x in r.read_text().split()]
+        else:
+            files += sorted(p for p in r.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
+    return files
+
+
+def unlabelled_source(a, data: str) -> Path:
+    """<out>/unlabelled: the training images without their labels (symlinks; copies where links fail), the
+    image folder of the label-free QC cells. Made again on each invocation that needs it (cheap, and it
+    follows the dataset)."""
+    root = Path(a.out) / "unlabelled"
+    if getattr(a, "_unlabelled", None) == root:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    for i, src in enumerate(train_images(data)):
+        dst = root / f"{i:06d}_{src.name}"  # numbered: images of several folders may share a name
+        try:
+            os.symlink(src.resolve(), dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    if not any(root.iterdir()):
+        raise FileNotFoundError(f"the training split of {data} has no images to link into {root}")
+    a._unlabelled = root
+    return root
 
 
 def cli_opt(a, data: str, name: str, **kw):
@@ -129,7 +172,8 @@ def cli_opt(a, data: str, name: str, **kw):
             "--project", Path(a.out) / "runs", "--name", name, "--exist-ok", "--lr0", a.lr0,
             "--warmup-epochs", a.warmup_epochs, "--calib-batches", a.calib_batches]
     for k, v in kw.items():
-        argv += [f"--{k.replace('_', '-')}", v]
+        flag = k.replace("_", "-")
+        argv += [f"--{flag}" if v is True else f"--no-{flag}"] if isinstance(v, bool) else [f"--{flag}", v]
     return parse_args([str(x) for x in argv])
 
 
@@ -150,12 +194,13 @@ def evaluate(model_or_path, a, data: str, save_dir: Path) -> dict:
 SETTINGS = ("data", "model", "fp_epochs", "fp_optimizer", "fp_lr0", "qat_epochs", "imgsz", "batch", "lr0",
             "warmup_epochs", "calib_batches", "ema_tau")
 QC_SETTINGS = ("qc_steps", "qc_calib_images", "qc_lr")  # checked only by invocations that run QC cells
+KD_SETTINGS = ("distill_weight",)  # checked only by invocations with distillation (QAT or QC)
 
 
-def check_settings(a, with_qc: bool) -> None:
+def check_settings(a, with_qc: bool, with_kd: bool = False) -> None:
     """Record the settings of the runs in an out dir; refuse a re-run into it with different ones."""
     path = Path(a.out) / "settings.json"
-    keys = SETTINGS + (QC_SETTINGS if with_qc else ())
+    keys = SETTINGS + (QC_SETTINGS if with_qc else ()) + (KD_SETTINGS if with_kd else ())
     now = {k: getattr(a, k) for k in keys}
     before = read_json(path) or {}
     flag = {"model": "--weights / --cfg"}
@@ -230,14 +275,16 @@ def ensure_qat(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
 
     run_dir = Path(a.out) / "runs" / cell.qat_key
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run would append to its csvs
+    kd = {"distill": True, "teacher": fp["weights"], "distill_weight": a.distill_weight} if cell.distill else {}
     opt = cli_opt(a, data, cell.qat_key, weights=fp["weights"], epochs=a.qat_epochs, w_bits=cell.bits,
                   a_bits=cell.bits, method=cell.method, ema_decay=cell.ema_decay, ema_tau=budget["ema_tau"],
-                  seed=cell.seed)
+                  seed=cell.seed, **kd)
     trainer = qat_trainer_class(fp["task"])(overrides=qat_overrides(opt, data, fp["weights"], qat_config(opt).to_dict()))
     rec = ScaleRecorder(window=a.diag_window)
     trainer.add_callback("on_train_batch_end", rec.on_train_batch_end)
     print(f"[run] QAT {cell.qat_key}: {budget['qat_steps']} optimizer steps planned, ema decay {cell.ema_decay:g}, "
-          f"tau {budget['ema_tau']:g} steps")
+          f"tau {budget['ema_tau']:g} steps" + (f", distilling from {fp['weights']} (weight {a.distill_weight:g})"
+                                                if cell.distill else ""))
     t0 = time.time()
     trainer.train()
     secs = time.time() - t0
@@ -248,6 +295,9 @@ def ensure_qat(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
            "optimizer_steps": int(trainer.qat_step), "ema_tau": budget["ema_tau"], "ema_decay": cell.ema_decay,
            "ema_a_final": last.get("qat/ema_a", 0.0), "osc_share": last.get("osc/share"),
            "osc_mean_freq": last.get("osc/mean_freq"), "frozen_share": last.get("osc/frozen"), "diagnostics": diag}
+    if cell.distill:  # the last epoch's mean distillation loss per image (results.csv column train/kd)
+        res["distill"] = {"teacher": fp["weights"], "weight": a.distill_weight,
+                          "kd_loss_final": next((v for k, v in last.items() if k.startswith("train/kd")), None)}
     write_json(path, res)
     return res
 
@@ -257,14 +307,14 @@ def run_cell(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
     path = Path(a.out) / "cells" / f"{cell.key}.json"
     done = finished_before(path, f"cell {cell.key}")
     if done:  # the same run may sit in another table (EMA 0.99 is also "a=0.99" of the decay sweep)
-        return {**done, "column": cell.column}
+        return {"distill": False, "qc_mode": "labels", **done, "column": cell.column}  # defaults: older cells
     qat = ensure_qat(cell, a, data, fp, budget)
     res = {**asdict(cell), "key": cell.key, "qat": qat}
     t0 = time.time()
     if cell.qc is None:
         res.update(evaluate(qat["weights"], a, data, Path(a.out) / "val" / cell.key))
     else:
-        res.update(run_qc_cell(cell, a, data, qat))
+        res.update(run_qc_cell(cell, a, data, qat, fp))
     res["eval_s"] = time.time() - t0
     write_json(path, res)
     print(f"[done] cell {cell.key}: box {100 * res['box']:.2f}" +
@@ -272,17 +322,23 @@ def run_cell(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
     return res
 
 
-def run_qc_cell(cell: Cell, a, data: str, qat: dict) -> dict:
+def run_qc_cell(cell: Cell, a, data: str, qat: dict, fp: dict) -> dict:
     from engine.qc import run_qc
     from models.checkpoint import load_checkpoint, save_checkpoint
 
     g, s, b = cell.qc
     model, _ = load_checkpoint(qat["weights"])
     work = Path(a.out) / "qc" / cell.key
-    model, rep = run_qc(model, data, calib_images=a.qc_calib_images, steps=a.qc_steps, lr=a.qc_lr, granularity=g,
-                        scale=s, shift=b, imgsz=a.imgsz, batch=a.batch, seed=cell.seed, device=a.device, save_dir=work)
+    # The teacher is the FP model the QAT run started from; label-free QC sees only the images of the split.
+    variant = {"labels": {"data": data},
+               "kd": {"data": data, "teacher": fp["weights"], "distill_weight": a.distill_weight},
+               "label-free": {"data": None, "source": str(unlabelled_source(a, data)), "teacher": fp["weights"],
+                              "distill_weight": a.distill_weight}}[cell.qc_mode]
+    model, rep = run_qc(model, calib_images=a.qc_calib_images, steps=a.qc_steps, lr=a.qc_lr, granularity=g,
+                        scale=s, shift=b, imgsz=a.imgsz, batch=a.batch, seed=cell.seed, device=a.device, save_dir=work,
+                        **variant)
     save_checkpoint(work / "qc.pt", model, qc={k: v for k, v in rep.items() if k != "history"})
-    keep = ("steps", "calib_images", "loss_before", "loss_after")
+    keep = ("steps", "calib_images", "loss_before", "loss_after", "distill")
     return {**evaluate(model, a, data, Path(a.out) / "val" / cell.key), "qc_steps": rep["steps"],
             "qc_report": {k: rep.get(k) for k in keep}}
 
@@ -320,6 +376,50 @@ def main_table(results, columns, a, fp, metric) -> str:
     return markdown_table(["model", "FP", "bits", *columns], rows)
 
 
+def variant_suffix(column: str) -> str | None:
+    """The column suffix of a QC variant other than the labelled one, or None."""
+    return next((sfx for v, (sfx, _) in QC_VARIANTS.items() if v != "labels" and column.endswith(sfx)), None)
+
+
+def qc_variant_table(results, columns, a, fp, metric) -> str:
+    """One row per method and bit width, one column per QC variant (and none): what the variants change."""
+    g = group(results, metric)
+    fpv = fp.get(metric)
+    methods = [c for c in columns if "+QC" not in c]
+    heads = [("none", "")] + [(QC_VARIANTS[v][0][1:], QC_VARIANTS[v][0]) for v in QC_VARIANTS
+                              if v in (a.qc_variants or ())]
+    rows = [[m, "-" if fpv is None else f"{100 * fpv:.1f}", str(b)] + [fmt(g.get((b, m + sfx), [])) for _, sfx in heads]
+            for m in methods for b in a.bits]
+    return markdown_table(["method", "FP", "bits", *[h for h, _ in heads]], rows)
+
+
+def gap_lines(results, columns, a, fp, metrics) -> list[str]:
+    """How much of the gap to FP distillation closes: EMA+KD* vs the EMA column of the same QC variant."""
+    kd = LABELS["kd"]
+    lines = []
+    for m in metrics:
+        if fp.get(m) is None:
+            continue
+        g = group(results, m)
+        for b in a.bits:
+            for c in columns:
+                if not c.startswith(kd) or "EMA" + c[len(kd):] not in columns:
+                    continue
+                ref = "EMA" + c[len(kd):]
+                gap_ref, gap_kd = mean_spread([fp[m] - v for v in g.get((b, ref), []) if v is not None]), \
+                    mean_spread([fp[m] - v for v in g.get((b, c), []) if v is not None])
+                diffs = paired(results, m, b, c, ref)
+                if not gap_ref[2] or not gap_kd[2] or not diffs:
+                    continue
+                closed = statistics.fmean(diffs)
+                share = f", {100 * closed / gap_ref[0]:.0f}% of it" if gap_ref[0] > 0 else ""
+                lines.append(f"- W{b}A{b} {m}: gap to FP {100 * gap_ref[0]:.2f} ± {100 * gap_ref[1]:.2f} ({ref}) -> "
+                             f"{100 * gap_kd[0]:.2f} ± {100 * gap_kd[1]:.2f} ({c}): closed by {100 * closed:+.2f}"
+                             + (f" ± {100 * statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "")
+                             + f" points paired over {len(diffs)} seed(s){share}")
+    return lines
+
+
 def qc_ablation_table(results, a, metric) -> str:
     g = group(results, metric)
     rows = []
@@ -344,13 +444,19 @@ def verdict(a_vals, b_vals) -> tuple[float, str]:
 
 def comparisons(columns: list[str]) -> list[tuple[str, str]]:
     pairs = [(c, c[:-3]) for c in columns if c.endswith("+QC") and c[:-3] in columns]
+    for c in columns:  # a QC variant against the labelled QC and against no QC of the same QAT run
+        sfx = variant_suffix(c)
+        if sfx:
+            pairs += [(c, ref) for ref in (c[:-len(sfx)] + "+QC", c[:-len(sfx)]) if ref in columns]
     base = [c for c in columns if c in ("LSQ", "no QC", "a=0")]
     if base:
         pairs += [(c, base[0]) for c in columns if c != base[0] and (c, base[0]) not in pairs
-                  and not (c.endswith("+QC") and base[0] != "no QC")]
+                  and not ("+QC" in c and base[0] != "no QC")]
     if "LSQ+QC" in columns:
         pairs += [(c, "LSQ+QC") for c in columns if c.endswith("+QC") and c != "LSQ+QC"]
-    return pairs
+    kd = LABELS["kd"]  # distillation against the EMA run it adds to, QC variant by QC variant
+    pairs += [(c, "EMA" + c[len(kd):]) for c in columns if c.startswith(kd) and "EMA" + c[len(kd):] in columns]
+    return list(dict.fromkeys(pairs))
 
 
 def paired(results: list[dict], metric: str, bits: int, x: str, y: str) -> list[float]:
@@ -415,18 +521,30 @@ def diagnostics_table(results: list[dict]) -> str:
 def report(results, cells, a, fp, wall_s: float | None = None) -> str:
     columns = list(dict.fromkeys(c.column for c in cells))
     metrics = ["box"] + (["mask"] if fp.get("mask") is not None else [])
+    variants = [c for c in columns if variant_suffix(c)]
     parts = [f"Dataset {a.data or 'embedded default'}, imgsz {a.imgsz}, batch {a.batch}, FP {a.fp_epochs} ep, "
              f"QAT {a.qat_epochs} ep, seeds {a.seeds}; mAP50-95 (pycocotools, %), mean ± sample std over seeds."]
+    if any(c.distill or c.qc_mode != "labels" for c in cells):
+        parts.append(f"{LABELS['kd']}: LSQ + EMA + distillation from the FP model (weight {a.distill_weight:g}). QC "
+                     f"variants: QC = labels (detection loss), QC(KD) = detection + distillation loss, QC(KD, no "
+                     f"labels) = distillation alone on the training images without labels (<out>/unlabelled).")
     for m in metrics:
         parts.append(f"\n### {m} mAP50-95")
         if a.ablation == "qc":
             parts.append(qc_ablation_table(results, a, m))
         else:
-            parts.append(main_table(results, columns, a, fp, m))
+            parts.append(main_table(results, [c for c in columns if c not in variants], a, fp, m))
+            if variants:
+                parts.append(f"\nQC variants, {m} mAP50-95:\n")
+                parts.append(qc_variant_table(results, columns, a, fp, m))
     lines = verdict_lines(results, columns, a, metrics)
     parts.append("\nVerdicts (difference of means; 'no measurable difference' when |diff| < 2 x the larger spread; "
                  "then the same rule on the per-seed paired differences: mean ± std):")
     parts += lines or ["- none (missing cells)"]
+    gaps = gap_lines(results, columns, a, fp, metrics)
+    if gaps:
+        parts.append("\nGap to FP (FP - mAP, mean ± std over seeds) with and without distillation:")
+        parts += gaps
     parts.append("\n### QAT runs: budgets and oscillation diagnostics")
     parts.append(diagnostics_table(results))
     parts.append("\n" + time_summary(results, fp, wall_s))
@@ -443,7 +561,8 @@ def output_names(a) -> dict[str, str]:
 
 def write_outputs(results: list[dict], text: str, out: Path, names: dict[str, str]) -> None:
     write_json(out / names["summary_json"], {"cells": results})
-    fields = ["key", "bits", "method", "ema_decay", "seed", "column", "qc_key", "box", "mask", "qc_steps",
+    fields = ["key", "bits", "method", "ema_decay", "distill", "seed", "column", "qc_key", "qc_mode", "box", "mask",
+              "qc_steps",
               "optimizer_steps", "ema_tau", "osc_share", "raw_weight_scale_flip_rate", "ema_weight_scale_flip_rate",
               "raw_act_scale_flip_rate", "ema_act_scale_flip_rate"]
     tmp = out / "summary.csv.tmp"
@@ -454,7 +573,8 @@ def write_outputs(results: list[dict], text: str, out: Path, names: dict[str, st
             q = r["qat"]
             row = {**r, **{k: q.get(k) for k in ("optimizer_steps", "ema_tau", "osc_share")}, **q["diagnostics"],
                    "qc_key": Cell(r["bits"], r["method"], r["ema_decay"], r["seed"], r["column"],
-                                  tuple(r["qc"]) if r["qc"] else None).qc_key}
+                                  tuple(r["qc"]) if r["qc"] else None, r.get("distill", False),
+                                  r.get("qc_mode", "labels")).qc_key}
             w.writerow({k: row.get(k) for k in fields})
     os.replace(tmp, out / names["summary_csv"])
     (out / names["table_md"]).write_text(text + "\n")
@@ -466,7 +586,7 @@ PROG = "reproduce.py"
 
 def build_parser() -> argparse.ArgumentParser:
     from engine.cli_common import add_shared
-    from engine.config import QCConfig
+    from engine.config import QATConfig, QCConfig
     from engine.settings import add_fields
 
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -477,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bits", type=int, nargs="+", default=[4])
     a("--methods", nargs="+", default=["lsq", "ema"], choices=list(LABELS))
     a("--qc", action=argparse.BooleanOptionalAction, default=False, help="also evaluate every method after QC")
+    a("--qc-variants", nargs="+", choices=list(QC_VARIANTS),
+      help="QC variants of --qc (default: labels): labels (the paper's QC), kd (labels + distillation from the FP "
+           "model), label-free (distillation alone, on the training images without labels)")
+    a("--distill-weight", type=float, default=QATConfig.distill_weight,
+      help="weight of the distillation term of method kd and of the kd / label-free QC variants (train_qat.py's "
+           "--distill-weight)")
     a("--ema", action=argparse.BooleanOptionalAction, default=False, help="run lsq / dampen / freeze with the EMA too")
     a("--ema-decay", type=float, default=0.99, help="max EMA decay (0.9999 in the paper's COCO-length runs)")
     a("--ema-tau", type=float, help="EMA warm-up in optimizer steps (default: a tenth of the QAT run)")
@@ -515,11 +641,17 @@ def main(argv=None) -> int:
 
     a.model = a.weights or a.cfg  # the FP model's name in the tables and settings.json
     try:
+        if a.qc_variants and not a.qc:
+            raise InputError(f"--qc-variants {' '.join(a.qc_variants)} names variants of QC, which is off: add --qc")
+        if a.distill_weight < 0:
+            raise InputError(f"--distill-weight {a.distill_weight:g} is invalid: give a weight >= 0")
+        a.qc_variants = list(dict.fromkeys(a.qc_variants or ["labels"]))
         data = resolve_data(a.data)
         out = a.out = output_dir(a)
         out.mkdir(parents=True, exist_ok=True)
         cells = cells_for(a)
-        check_settings(a, with_qc=any(c.qc is not None for c in cells))
+        check_settings(a, with_qc=any(c.qc is not None for c in cells),
+                       with_kd=any(c.distill or c.qc_mode != "labels" for c in cells))
     except (InputError, FileNotFoundError) as e:
         return input_error(PROG, e)
     fp = ensure_fp(a, data)

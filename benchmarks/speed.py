@@ -1,6 +1,8 @@
 """Cost of quantization, measured in one run on one batch and machine, printed as ratios:
-QAT step / FP step, QC pass / QAT pass over the same batches, validation images/s quantized vs FP
-(eval forward), and peak memory of a training step quantized vs FP (each in its own subprocess:
+QAT step / FP step, QAT step with distillation from the FP model (train_qat.py --distill: the teacher's
+forward and the distillation term on the same batch) / FP step and / QAT step, QC pass / QAT pass over the
+same batches, validation images/s quantized vs FP (eval forward), and peak memory of a training step
+quantized (with and without distillation) vs FP (each in its own subprocess:
 the resident set sampled every half millisecond during two training steps, over the resident set
 just before them; glibc is told to give large blocks back at once, so the samples follow the live
 tensors instead of the allocator's cache).
@@ -28,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402,F401  (registers the YOLO policy)
 from benchmarks.step_time import make_batch, train_step  # noqa: E402
+from engine.distill import attach_distillation  # noqa: E402
 from quant import calibrate, quantize_model, set_recompute_input  # noqa: E402
 from quant.qc import freeze_for_qc, insert_qc, set_batchnorm_eval  # noqa: E402
 
@@ -96,15 +99,25 @@ def eval_pass(model, batches) -> None:
     model.train()
 
 
+def distilled(q, fp) -> torch.nn.Module:
+    """A copy of the quantized model whose loss adds distillation from a frozen copy of ``fp`` (as QAT with
+    --distill trains: the teacher is the FP model in eval mode, no optimizer state of its own)."""
+    qd = copy.deepcopy(q).train()
+    attach_distillation(qd, copy.deepcopy(fp))
+    return qd
+
+
 def time_all(fp, q, batches, repeats: int) -> dict[str, float]:
     qc = copy.deepcopy(q)
     insert_qc(qc, "channel", True, True)
     qc_opt = torch.optim.Adam(freeze_for_qc(qc), lr=1e-4)
-    opts = {"fp": sgd(fp), "q": sgd(q)}
+    qd = distilled(q, fp)
+    opts = {"fp": sgd(fp), "q": sgd(q), "qd": sgd(qd)}
     one = batches[:1]
     return median_times({
         "fp_step": lambda: qat_pass(fp, opts["fp"], one),
         "qat_step": lambda: qat_pass(q, opts["q"], one),
+        "qat_distill_step": lambda: qat_pass(qd, opts["qd"], one),
         "qat_pass": lambda: qat_pass(q, opts["q"], batches),
         "qc_pass": lambda: qc_pass(qc, qc_opt, batches),
         "fp_eval": lambda: eval_pass(fp, batches),
@@ -146,8 +159,10 @@ def memory_child(a) -> None:
     batches = [make_batch(a.batch, a.imgsz, 3, seed=i) for i in range(3)]
     model = build_fp(a.cfg)
     if a.memory_child != "fp":
-        model = build_quantized(model, a.bits, batches[:1])
+        fp, model = model, build_quantized(model, a.bits, batches[:1])
         set_recompute_input(model, a.memory_child == "q-recompute")
+        if a.memory_child == "q-distill":  # the teacher's weights are in the resident set before the steps
+            model = distilled(model, fp)
     opt = sgd(model)
     train_step(model, opt, batches[0])  # optimizer state and one-off buffers exist from here on
     base = rss_mb()
@@ -157,12 +172,15 @@ def memory_child(a) -> None:
     print(json.dumps({"base_mb": base, "peak_mb": peak.peak}))
 
 
+MEMORY_KINDS = ("fp", "q", "q-recompute", "q-distill")
+
+
 def peak_memory(a) -> dict[str, dict]:
     out = {}
     # Large blocks go straight back to the OS when freed (no dynamic mmap threshold, no heap cache),
     # so resident memory tracks what is allocated.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    for kind in ("fp", "q", "q-recompute"):
+    for kind in MEMORY_KINDS:
         cmd = [sys.executable, __file__, "--memory-child", kind, "--cfg", a.cfg, "--imgsz", str(a.imgsz),
                "--batch", str(a.batch), "--bits", str(a.bits), "--threads", str(a.threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -180,6 +198,10 @@ def ratio_lines(t: dict, mem: dict, a) -> list[str]:
     return [
         f"training step   QAT / FP          = {t['qat_step'] / t['fp_step']:.3f}  "
         f"({1000 * t['qat_step']:.0f} ms vs {1000 * t['fp_step']:.0f} ms)",
+        f"training step   QAT+distill / FP  = {t['qat_distill_step'] / t['fp_step']:.3f}  "
+        f"({1000 * t['qat_distill_step']:.0f} ms vs {1000 * t['fp_step']:.0f} ms)",
+        f"training step   QAT+distill / QAT = {t['qat_distill_step'] / t['qat_step']:.3f}  "
+        f"({1000 * t['qat_distill_step']:.0f} ms vs {1000 * t['qat_step']:.0f} ms)",
         f"pass over 3 batches  QC / QAT     = {t['qc_pass'] / t['qat_pass']:.3f}  "
         f"({1000 * t['qc_pass']:.0f} ms vs {1000 * t['qat_pass']:.0f} ms)",
         f"validation images/s  quant / FP   = {t['fp_eval'] / t['q_eval']:.3f}  "
@@ -189,6 +211,9 @@ def ratio_lines(t: dict, mem: dict, a) -> list[str]:
         f"{mem['q']['peak_mb']:.0f} vs {mem['fp']['peak_mb']:.0f} MB)",
         f"  with --recompute-input          = {grow['q-recompute'] / grow['fp']:.3f}  "
         f"({grow['q-recompute']:.0f} MB)" if grow["fp"] > 0 else "  with --recompute-input: n/a",
+        f"  with --distill                  = {grow['q-distill'] / grow['fp']:.3f}  "
+        f"({grow['q-distill']:.0f} MB; teacher weights {mem['q-distill']['base_mb'] - mem['q']['base_mb']:+.0f} MB "
+        f"in the resident set before the steps)" if grow["fp"] > 0 else "  with --distill: n/a",
     ]
 
 
@@ -200,7 +225,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=5, help="timed repeats of each measurement")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--memory-child", choices=["fp", "q", "q-recompute"], help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", choices=MEMORY_KINDS, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.memory_child:

@@ -5,6 +5,9 @@ machine noise hits all alike; prints the median step times and their ratios to F
 model runs as training runs it by default (fused LSQ CPU kernel, quant/fused.py) and, unless
 ``--no-variants``, with the input quantization recomputed in the backward ("recompute",
 ``--recompute-input`` of train_qat.py: less memory) and with the plain-PyTorch reference LSQ ("ref").
+Unless ``--no-distill``, also the QAT step with distillation from the FP model ("distill", train_qat.py
+``--distill``): the teacher's forward (eval mode, no gradients) on the same batch and the distillation
+term added to the loss (engine/distill.py); its ratios to FP and to the plain QAT step are printed.
 
 Each ``--cfg`` is timed in turn (by default Ultralytics' anchor-free yolov5nu, with its own loss, and
 the original anchor-based yolov5n, with the YOLOv5 loss of models/loss.py), then the W4A4/FP ratios
@@ -27,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402,F401  (registers the YOLO policy)
+from engine.distill import attach_distillation  # noqa: E402
 from quant import calibrate, quantize_model, set_recompute_input  # noqa: E402
 from quant import fused as fused_lsq  # noqa: E402
 
@@ -78,21 +82,27 @@ def time_cfg(cfg: str, args) -> dict[str, float]:
     calibrate(q, [batch["img"]], num_batches=1)
     qk = "w%da%d" % (args.bits, args.bits)
     fused_on = fused_lsq.extension() is not None
-    # name -> (model, fused kernel on?, recompute the input quantization in the backward?); the variants
-    # share the quantized model and its optimizer
-    runs = {"fp": (fp.train(), True, False), qk: (q.train(), True, False)}
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)  # noqa: E731
+    opts = {"fp": sgd(fp), qk: sgd(q)}
+    # name -> (model, optimizer, fused kernel on?, recompute the input quantization in the backward?); the
+    # variants share the quantized model and its optimizer
+    runs = {"fp": (fp.train(), opts["fp"], True, False), qk: (q.train(), opts[qk], True, False)}
     if args.variants:
-        runs[qk + " recompute"] = (q, True, True)
+        runs[qk + " recompute"] = (q, opts[qk], True, True)
         if fused_on:
-            runs[qk + " ref"] = (q, False, False)
-    opts = {"fp": torch.optim.SGD(fp.parameters(), lr=1e-4, momentum=0.9),
-            qk: torch.optim.SGD(q.parameters(), lr=1e-4, momentum=0.9)}
+            runs[qk + " ref"] = (q, opts[qk], False, False)
+    if args.distill:
+        # Its own copy of the quantized model (the criterion is the model's), the teacher a frozen copy of the
+        # FP model as it is now (the FP entry keeps training).
+        qd = copy.deepcopy(q).train()
+        attach_distillation(qd, copy.deepcopy(fp))
+        runs[qk + " distill"] = (qd, sgd(qd), True, False)
 
     def step(name):
-        model, fused, recompute = runs[name]
+        model, opt, fused, recompute = runs[name]
         set_recompute_input(model, recompute)
         with contextlib.nullcontext() if fused else fused_lsq.reference_only():
-            train_step(model, opts[name.split()[0]], batch)
+            train_step(model, opt, batch)
 
     times = {k: [] for k in runs}
     for k in runs:  # warm-up (and the kernel build, if any)
@@ -113,6 +123,10 @@ def time_cfg(cfg: str, args) -> dict[str, float]:
     lsq = "fused LSQ kernel" if fused_on else "reference LSQ (fused kernel unavailable)"
     print(f"ratio {qk}/fp = {med[qk] / med['fp']:.3f} with the {lsq}  ({cfg}, imgsz {args.imgsz}, "
           f"batch {args.batch}, threads {args.threads}, {args.steps} steps)")
+    if args.distill:
+        d = med[qk + " distill"]
+        print(f"ratio {qk}+distill/fp = {d / med['fp']:.3f}, {qk}+distill/{qk} = {d / med[qk]:.3f}  "
+              f"(teacher forward + distillation loss on the same batch)")
     return med
 
 
@@ -129,18 +143,23 @@ def main(argv=None) -> float:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the recompute and reference-LSQ variants (--no-variants: FP and W4A4 only)")
+    ap.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the QAT step with distillation from the FP model (train_qat.py --distill)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     qk = "w%da%d" % (args.bits, args.bits)
-    ratios = {}
+    ratios, kd = {}, {}
     for cfg in args.cfg:
         med = time_cfg(cfg, args)
         ratios[cfg] = med[qk] / med["fp"]
+        if args.distill:
+            kd[cfg] = (med[qk + " distill"] / med["fp"], med[qk + " distill"] / med[qk])
     if len(ratios) > 1:
         width = max(map(len, ratios))
-        print(f"{qk}/fp step-time ratios (imgsz {args.imgsz}, batch {args.batch}, threads {args.threads}):")
+        print(f"{qk}/fp step-time ratios (imgsz {args.imgsz}, batch {args.batch}, threads {args.threads}):"
+              + (f"  [{qk}+distill/fp, {qk}+distill/{qk}]" if kd else ""))
         for cfg, r in ratios.items():
-            print(f"  {cfg:<{width}}  {r:.3f}")
+            print(f"  {cfg:<{width}}  {r:.3f}" + (f"  [{kd[cfg][0]:.3f}, {kd[cfg][1]:.3f}]" if kd else ""))
     return ratios[args.cfg[0]]
 
 

@@ -1,5 +1,6 @@
 """benchmarks/reproduce.py end to end on a tiny embedded dataset: one bit width, two methods with QC,
-one seed; table / json / csv / PNGs are written, and a re-run skips every finished cell."""
+one seed; table / json / csv / PNGs are written, and a re-run skips every finished cell. Then method kd
+(EMA + distillation) with the three QC variants joins the same out dir, reusing the finished EMA cells."""
 import json
 import os
 import subprocess
@@ -79,6 +80,83 @@ def test_reproduce_writes_outputs_and_resumes(data, tmp_path):
     other = reproduce(data, out, "--qat-epochs", "2")
     assert other.returncode != 0 and "--qat-epochs 2 (the runs there used 1)" in other.stderr
     assert "[run]" not in other.stdout
+
+    check_kd_with_qc_variants(data, out, cells)
+
+
+def check_kd_with_qc_variants(data, out, before):
+    """--methods ema kd with the QC variants, into the out dir of the lsq/ema run: the EMA cells made before
+    are reused (their keys did not change), only the kd QAT run trains, and the report gets the kd and
+    QC-variant rows, verdicts and gap lines."""
+    kd = reproduce(data, out, "--methods", "ema", "kd", "--qc-variants", "labels", "kd", "label-free")
+    assert kd.returncode in (0, 1), kd.stderr[-3000:]
+    for c in before:
+        if c["column"] in ("EMA", "EMA+QC"):
+            assert f"[skip] cell {c['key']}: finished before" in kd.stdout
+    assert kd.stdout.count("[run] QAT") == 1 and "[run] QAT w4-lsq-ema0.99-kd-s0:" in kd.stdout
+    table = (out / "table.md").read_text()
+    assert (kd.returncode == 1) == ("Failed cells" in table)
+    assert "| model | FP | bits | EMA | EMA+QC | EMA+KD | EMA+KD+QC |" in table
+    assert table.count("| method | FP | bits | none | QC | QC(KD) | QC(KD, no labels) |") == 2  # box and mask
+    assert table.count("\n| EMA+KD | ") == 2 and table.count("\n| EMA | ") == 2
+    for pair in ("EMA+KD vs EMA:", "EMA+KD+QC vs EMA+QC:", "EMA+QC(KD) vs EMA+QC:", "EMA+QC(KD, no labels) vs EMA:",
+                 "EMA+KD+QC(KD, no labels) vs EMA+QC(KD, no labels):"):
+        assert f"W4A4 box: {pair}" in table and f"W4A4 mask: {pair}" in table
+    assert "W4A4 box: gap to FP" in table and "(EMA) ->" in table and "(EMA+KD): closed by" in table
+
+    cells = {c["key"]: c for c in json.loads((out / "summary.json").read_text())["cells"]}
+    fp = json.loads((out / "fp.json").read_text())["weights"]
+    kd_run = cells["w4-lsq-ema0.99-kd-s0--noqc"]
+    assert kd_run["column"] == "EMA+KD" and kd_run["distill"] is True
+    assert kd_run["qat"]["distill"]["teacher"] == fp and kd_run["qat"]["distill"]["kd_loss_final"] > 0
+    assert kd_run["qat"]["ema_a_final"] > 0  # the EMA of the ema column
+    unlabelled = out / "unlabelled"
+    images = sorted(unlabelled.iterdir())
+    assert len(images) == 8 and all(p.is_file() and p.suffix == ".jpg" for p in images)
+    assert not (out / "labels").exists() and not any(p.is_dir() for p in images)
+    for run in ("w4-lsq-ema0.99-s0", "w4-lsq-ema0.99-kd-s0"):
+        for variant, label_free in (("-kd", False), ("-kd-nolabels", True)):
+            c = cells.get(f"{run}--qc-channel-both{variant}")
+            if c is None:  # a failed QC cell is listed, not dropped
+                assert "Failed cells" in table
+                continue
+            d = c["qc_report"]["distill"]
+            assert d["teacher"] == fp and d["label_free"] is label_free and c["qc_steps"] == 2
+            assert d["source"] == (str(unlabelled) if label_free else None)
+    from engine.config import QATConfig
+
+    weight = QATConfig.distill_weight  # train_qat.py's default
+    assert json.loads((out / "settings.json").read_text())["distill_weight"] == weight
+
+    # The distillation weight is a setting of the out dir once kd runs are in it.
+    other = reproduce(data, out, "--methods", "kd", "--distill-weight", str(weight + 1))
+    assert other.returncode != 0 and f"--distill-weight {weight + 1} (the runs there used {weight})" in other.stderr
+
+
+def test_cell_keys_of_older_out_dirs_are_unchanged(capsys):
+    """Re-runs find finished cells by key: the keys of the cells without distillation keep their format."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reproduce as rep
+
+    assert rep.Cell(4, "lsq", 0.99, 1, "EMA").key == "w4-lsq-ema0.99-s1--noqc"
+    qc = ("channel", True, True)
+    assert rep.Cell(3, "dampen", 0.0, 0, "Dampen+QC", qc).key == "w3-dampen-ema0-s0--qc-channel-both"
+    assert rep.Cell(4, "lsq", 0.99, 0, "x", ("tensor", True, False)).key == "w4-lsq-ema0.99-s0--qc-tensor-scale"
+    kd = rep.Cell(4, "lsq", 0.99, 0, "EMA+KD+QC(KD, no labels)", qc, True, "label-free")
+    assert kd.key == "w4-lsq-ema0.99-kd-s0--qc-channel-both-kd-nolabels"
+    pairs = rep.comparisons(["EMA", "EMA+QC", "EMA+QC(KD)", "EMA+KD", "EMA+KD+QC", "EMA+KD+QC(KD)"])
+    assert len(pairs) == len(set(pairs))
+    assert {("EMA+QC(KD)", "EMA+QC"), ("EMA+QC(KD)", "EMA"), ("EMA+KD", "EMA"), ("EMA+KD+QC", "EMA+QC"),
+            ("EMA+KD+QC(KD)", "EMA+QC(KD)"), ("EMA+KD+QC", "EMA+KD")} <= set(pairs)
+    # without kd or variants the comparisons are those of before
+    assert rep.comparisons(["LSQ", "LSQ+QC", "EMA", "EMA+QC"]) == [
+        ("LSQ+QC", "LSQ"), ("EMA+QC", "EMA"), ("EMA", "LSQ"), ("EMA+QC", "LSQ+QC")]
+
+    # QC variants without QC, a negative weight: one paragraph naming the fix, exit status 2, nothing run
+    assert rep.main(["--qc-variants", "kd", "label-free"]) == 2
+    assert "--qc-variants kd label-free names variants of QC, which is off: add --qc" in capsys.readouterr().err
+    assert rep.main(["--qc", "--distill-weight", "-1"]) == 2
+    assert "--distill-weight -1 is invalid" in capsys.readouterr().err
 
 
 def test_paired_comparison_uses_per_seed_differences():
