@@ -522,7 +522,8 @@ def report(results, cells, a, fp, wall_s: float | None = None) -> str:
     columns = list(dict.fromkeys(c.column for c in cells))
     metrics = ["box"] + (["mask"] if fp.get("mask") is not None else [])
     variants = [c for c in columns if variant_suffix(c)]
-    parts = [f"Dataset {a.data or 'embedded default'}, imgsz {a.imgsz}, batch {a.batch}, FP {a.fp_epochs} ep, "
+    fp_from = f"FP from {a.weights}" if a.weights else f"FP {a.fp_epochs} ep"  # --weights: no FP training here
+    parts = [f"Dataset {a.data or 'embedded default'}, imgsz {a.imgsz}, batch {a.batch}, {fp_from}, "
              f"QAT {a.qat_epochs} ep, seeds {a.seeds}; mAP50-95 (pycocotools, %), mean ± sample std over seeds."]
     if any(c.distill or c.qc_mode != "labels" for c in cells):
         parts.append(f"{LABELS['kd']}: LSQ + EMA + distillation from the FP model (weight {a.distill_weight:g}). QC "
