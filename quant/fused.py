@@ -8,8 +8,12 @@ ninja; cached under ``TORCH_EXTENSIONS_DIR``) the first time a CPU float32 tenso
 per-tensor quantizer in a process. If it cannot be built, a warning says why and the reference
 is used: results are the same, only slower.
 
-``QAT_FUSED_LSQ=0`` in the environment turns it off. On CUDA the reference runs (its elementwise
-ops are already cheap there relative to the convolutions).
+On CUDA the same role is played by two Triton kernels (quant/lsq_triton.py; ``fake_quant_cuda``):
+one pass each way in the input's own dtype (fp32/fp16/bf16, NCHW or channels_last), the input alone
+saved for the backward. If Triton is missing or a kernel fails to compile, a warning says so once and
+the reference runs.
+
+``QAT_FUSED_LSQ=0`` in the environment (or ``reference_only()``) turns both off.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("csrc") / "lsq_cpu.cpp"
-_state: dict = {"ext": None, "tried": False, "off": 0}
+_state: dict = {"ext": None, "tried": False, "off": 0, "triton": None, "triton_tried": False}
 
 
 def enabled() -> bool:
@@ -96,3 +100,36 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, offset, qmin: int, qmax: in
     if ext is None:
         return None
     return ext.lsq_fake_quant(x, scale, offset, qmin, qmax, grad_factor, min_scale)
+
+
+def triton_module():
+    """quant.lsq_triton, or None (disabled, Triton missing or broken: warned once)."""
+    if not _state["triton_tried"]:
+        _state["triton_tried"] = True
+        if enabled():
+            try:
+                from . import lsq_triton
+
+                _state["triton"] = lsq_triton
+            except Exception as e:  # no triton (CPU-only wheels, Windows): fall back, loudly once
+                warnings.warn(f"Triton LSQ kernels unavailable ({type(e).__name__}: {str(e).strip()[:200]}); "
+                              "CUDA quantizers use the plain PyTorch fake-quant (same results, slower).",
+                              stacklevel=4)
+    return _state["triton"]
+
+
+def fake_quant_cuda(x: torch.Tensor, scale: torch.Tensor, offset, qmin: int, qmax: int, grad_factor: float,
+                    min_scale: float):
+    """The Triton op on a CUDA tensor in its own dtype (per tensor), or None when it does not apply."""
+    if _state["off"]:
+        return None
+    mod = triton_module()
+    if mod is None or not mod.supports(x, scale, offset):
+        return None
+    try:
+        return mod.fake_quant(x, scale, offset, qmin, qmax, grad_factor, min_scale)
+    except Exception as e:  # a compile failure (driver, ptxas): say it once, then use the reference
+        _state["triton"] = None
+        warnings.warn(f"Triton LSQ kernel failed ({type(e).__name__}: {str(e).strip()[:300]}); "
+                      "using the plain PyTorch fake-quant from now on.", stacklevel=3)
+        return None

@@ -50,6 +50,12 @@ class _LSQFunction(torch.autograd.Function):
             z = torch.addcmul(-broadcast_scale(offset, x, axis) * inv_s, x, inv_s)
         # Three buffers in all (z, r, c), reused in place: each fresh activation-sized allocation
         # costs page faults that weigh as much as the arithmetic on CPU.
+        if ctx.needs_input_grad[1]:
+            # z clamped to one level beyond the grid: unchanged wherever the mask is 1 (and the rounding
+            # is the same), but an input that overflowed to +-inf (fp16 under AMP) gives c - z * 0 = c,
+            # the clip gradient, instead of inf * 0 = NaN. The kernels do the same (quant/csrc,
+            # quant/lsq_triton.py).
+            z.clamp_(qmin - 1, qmax + 1)
         r = torch.round(z)
         c = torch.clamp(r, qmin, qmax)
         mask = torch.eq(c, r, out=r)  # float mask: 1 where not clipped
@@ -77,18 +83,37 @@ class _LSQFunction(torch.autograd.Function):
 def _dot(a: torch.Tensor, b: torch.Tensor | None, axis: int | None) -> torch.Tensor:
     """<a, b> (or sum of a) over everything (per tensor) or over all dims but ``axis``."""
     if axis is None:
-        a = a.reshape(-1)
-        return (a.sum() if b is None else torch.dot(a, b.reshape(-1))).reshape(1)
+        if b is None:
+            return a.sum().reshape(1)
+        fa, fb = _storage_order_flat(a), _storage_order_flat(b)
+        if fa is None or fb is None or a.stride() != b.stride():
+            return (a * b).sum().reshape(1)  # mixed or odd layouts: one product, no flattening copies
+        return torch.dot(fa, fb).reshape(1)
     return _reduce_to(a if b is None else a * b, axis)
+
+
+def _storage_order_flat(t: torch.Tensor) -> torch.Tensor | None:
+    """A 1-d view of a dense NCHW or channels_last tensor in storage order (no copy), else None."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)  # contiguous after the permute: a view
+    return None
 
 
 def lsq_fake_quant(x, scale, qmin, qmax, grad_factor=1.0, axis=None, offset=None, fused=True):
     """Functional LSQ fake quantization in fp32 (autocast disabled), returned in ``x``'s dtype.
 
-    Per-tensor on CPU it runs the fused kernel (quant/fused.py) when it can be built; ``fused=False``
-    forces the plain-PyTorch reference, which is also what CUDA and per-channel use.
+    Per-tensor it runs the fused kernels (quant/fused.py): C++ on CPU when it can be built, Triton on
+    CUDA (quant/lsq_triton.py, in x's own dtype); ``fused=False`` forces the plain-PyTorch reference,
+    which is also what per-channel uses.
     """
     dtype = x.dtype
+    if fused and axis is None and x.device.type == "cuda":
+        # CUDA: the Triton kernels (quant/lsq_triton.py) read and write x's own dtype (no fp32 copy)
+        y = fused_lsq.fake_quant_cuda(x, scale, offset, qmin, qmax, grad_factor, MIN_SCALE)
+        if y is not None:
+            return y
     xf = x.float()
     # The fused op is a single raw loop: autocast cannot touch it, so no autocast guard is needed.
     y = fused_lsq.fake_quant(xf, scale, offset, qmin, qmax, grad_factor, MIN_SCALE) \

@@ -11,7 +11,9 @@
 //                 z = (-b * inv) + x * inv   (LSQ+ offset b; addcmul's order)
 //   r = round_half_even(z);  c = clamp(r, qmin, qmax);  m = (c == r)
 //   y = c * s (+ b)
-//   dx = dy * m;  ds = sum(dy * (c - z * m));  db = sum(dy * (1 - m))
+//   dx = dy * m;  ds = sum(dy * (c - zc * m));  db = sum(dy * (1 - m))
+// with zc = clamp(z, qmin - 1, qmax + 1) (z itself wherever m = 1): an input that overflowed to
+// +-inf gets the clip gradient c instead of inf * 0 = NaN (the reference clamps z the same way).
 // Rounding uses the 1.5 * 2^23 trick on a pre-clamped z: exact round-half-even for |z| < 2^22,
 // and it vectorizes with plain SSE2 (std::nearbyint is a libm call per element without SSE4.1).
 // Compiled with -fno-trapping-math (it changes no result; it lets the compiler if-convert the
@@ -134,7 +136,7 @@ void backward_chunk(const float* __restrict__ dy, const float* __restrict__ x, f
     const v8f m = c == r ? one : zero;
     const v8f gm = g * m;
     std::memcpy(dx + i, &gm, sizeof(gm));
-    acc_s += g * (c - zu * m);
+    acc_s += g * (c - z * m);
     acc_b += g - gm;
   }
   double ts = 0.0, tb = 0.0;
@@ -146,7 +148,7 @@ void backward_chunk(const float* __restrict__ dy, const float* __restrict__ x, f
     const float c = quant_level(zu, p);
     const float m = c == r ? 1.0f : 0.0f, g = dy[i];
     dx[i] = g * m;
-    ts += g * (c - zu * m);
+    ts += g * (c - z * m);
     tb += g - g * m;
   }
   for (int j = 0; j < 8; ++j) {
