@@ -40,6 +40,7 @@ from .config import QATConfig
 from .distill import attach_distillation, check_teacher, distillation_of, load_teacher, resolve_teacher_path
 from .ema import QATModelEMA
 from .original import OriginalDetectionTrainer, OriginalSegmentationTrainer
+from .resume_log import continued_clock, trim_epoch_logs
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -203,6 +204,8 @@ class QATTrainerMixin:
         # underneath, same state), before a resume loads its state into it.
         self.ema = QATModelEMA(self.model, self.qat.ema_decay, self.qat.ema_tau)
         super().resume_training(ckpt)
+        if self.resume and ckpt is not None:  # the logs end where the checkpoint does; the time column goes on
+            self.resumed_time = trim_epoch_logs(self, ckpt)
         model = unwrap_model(self.model)
         if self.qat.distill and distillation_of(model) is None:  # Ultralytics rebuilt an end-to-end head's loss
             attach_distillation(model, self.teacher, self.qat.distill_weight)
@@ -318,7 +321,8 @@ class QATTrainerMixin:
         return stats
 
     def save_metrics(self, metrics):
-        super().save_metrics({**metrics, **self.qat_epoch_stats()})
+        with continued_clock(self):
+            super().save_metrics({**metrics, **self.qat_epoch_stats()})
         path = self.save_dir / "oscillations.csv"
         bits = {n: m.w_bits for n, m in quant_convs(unwrap_model(self.model)).items()}
         new = not path.exists()
