@@ -53,17 +53,22 @@ def _with_code_outputs(path) -> tuple[onnx.ModelProto, list[str]]:
 
 def fake_quant_codes(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per quantized conv, in call order (= ONNX QuantizeLinear order): the activation codes the
-    fake-quant model uses, and the unrounded (x - b) / s in float64 (to tell ties)."""
+    fake-quant forward actually used, and the unrounded (x - b) / s in float64 (to tell ties).
+
+    The codes are read back from the quantizer's output ((y - b) / s, exact to far below half a step),
+    not recomputed with ``codes()``: whichever kernel ran (fused CPU, reference, CUDA) is what is
+    compared, so a tie that kernel decided its own way shows up at the layer where it happened.
+    """
     codes, z = [], []
 
-    def hook(mod, args):
-        q = mod.input_quantizer
+    def hook(q, args, y):
         x = args[0].float()
         b = q.offset.detach() if q.offset is not None else torch.zeros(1)
-        codes.append(q.codes(x))
-        z.append((x.double() - b.double()) / q.scale.double())
+        s = q.scale.double()
+        codes.append(((y.double() - b.double()) / s).round().float())
+        z.append((x.double() - b.double()) / s)
 
-    hooks = [m.register_forward_pre_hook(hook) for m in model.modules()
+    hooks = [m.input_quantizer.register_forward_hook(hook) for m in model.modules()
              if isinstance(m, QuantConv2d) and m.input_quantizer.enabled]
     with torch.no_grad():
         model.eval()(x)

@@ -47,7 +47,10 @@ class _LSQFunction(torch.autograd.Function):
         if offset is None:
             z = torch.mul(x, inv_s)
         else:  # (x - b) / s as x / s - b / s: one pass over x instead of two
-            z = torch.addcmul(-broadcast_scale(offset, x, axis) * inv_s, x, inv_s)
+            # Two roundings (x * inv, then + nb), never one fused multiply-add: torch.addcmul is an
+            # FMA on AVX-512 builds and two operations on AVX2 ones, which decided half-step ties
+            # differently per processor (and against the fused kernel).
+            z = torch.mul(x, inv_s).add_(-broadcast_scale(offset, x, axis) * inv_s)
         # Three buffers in all (z, r, c), reused in place: each fresh activation-sized allocation
         # costs page faults that weigh as much as the arithmetic on CPU.
         if ctx.needs_input_grad[1]:
@@ -189,7 +192,7 @@ class LSQQuantizer(KeepFP32, nn.Module):
             z = xf * inv_s
         else:
             b = broadcast_scale(self.offset.detach(), xf, self.axis if self.per_channel else None)
-            z = torch.addcmul(-b * inv_s, xf, inv_s)
+            z = torch.mul(xf, inv_s).add_(-b * inv_s)  # as the forward: no FMA (see _LSQFunction)
         return z.round_().clamp_(self.qmin, self.qmax)
 
     @torch.no_grad()
