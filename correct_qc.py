@@ -96,8 +96,12 @@ def resolve_distillation(a: argparse.Namespace, ckpt: dict) -> None:
 def main(argv=None) -> int:
     from engine.cli_common import InputError, input_error
 
+    from models.safe_load import trusting
+
     try:
-        return run(parse_args(argv))
+        a = parse_args(argv)
+        with trusting(a.trust_checkpoint):  # --trust-checkpoint: every checkpoint of this run loads in full
+            return run(a)
     except InputError as e:
         return input_error(PROG, e)
 

@@ -87,6 +87,13 @@ def verify_images(data, imgsz: int, batch: int) -> torch.Tensor:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from models.safe_load import trusting
+
+    with trusting(args.trust_checkpoint):  # --trust-checkpoint: the checkpoint loads in full
+        return export(args)
+
+
+def export(args: argparse.Namespace) -> int:
     import torch
 
     import deploy

@@ -171,6 +171,8 @@ def cli_opt(a, data: str, name: str, **kw):
     argv = ["--data", data, "--imgsz", a.imgsz, "--batch", a.batch, "--workers", a.workers, "--device", a.device,
             "--project", Path(a.out) / "runs", "--name", name, "--exist-ok", "--lr0", a.lr0,
             "--warmup-epochs", a.warmup_epochs, "--calib-batches", a.calib_batches]
+    if a.loss_hyp:  # the original anchor-based models' YOLOv5 loss settings, FP and QAT stage alike
+        argv += ["--loss-hyp", json.dumps(a.loss_hyp)]
     for k, v in kw.items():
         flag = k.replace("_", "-")
         argv += [f"--{flag}" if v is True else f"--no-{flag}"] if isinstance(v, bool) else [f"--{flag}", v]
@@ -192,7 +194,7 @@ def evaluate(model_or_path, a, data: str, save_dir: Path) -> dict:
 # Options that change what a finished run means but are not part of its key: an out dir holds runs of one
 # setting only, so that a re-run never mixes, say, 4-epoch and 16-epoch cells in one table.
 SETTINGS = ("data", "model", "fp_epochs", "fp_optimizer", "fp_lr0", "qat_epochs", "imgsz", "batch", "lr0",
-            "warmup_epochs", "calib_batches", "ema_tau")
+            "warmup_epochs", "calib_batches", "ema_tau", "loss_hyp")
 QC_SETTINGS = ("qc_steps", "qc_calib_images", "qc_lr")  # checked only by invocations that run QC cells
 KD_SETTINGS = ("distill_weight",)  # checked only by invocations with distillation (QAT or QC)
 
@@ -269,6 +271,7 @@ def ensure_qat(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
     if done:
         return done
     from engine.cli import qat_config, qat_overrides
+    from engine.original import is_original_source
     from engine.trainer import qat_trainer_class
 
     from benchmarks.plots import ScaleRecorder
@@ -279,7 +282,9 @@ def ensure_qat(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
     opt = cli_opt(a, data, cell.qat_key, weights=fp["weights"], epochs=a.qat_epochs, w_bits=cell.bits,
                   a_bits=cell.bits, method=cell.method, ema_decay=cell.ema_decay, ema_tau=budget["ema_tau"],
                   seed=cell.seed, **kd)
-    trainer = qat_trainer_class(fp["task"])(overrides=qat_overrides(opt, data, fp["weights"], qat_config(opt).to_dict()))
+    # The original anchor-based YOLOv5 / YOLOv7 models train on engine/original.py's trainers (as train_qat.py does).
+    cls = qat_trainer_class(fp["task"], original=is_original_source(fp["weights"]))
+    trainer = cls(overrides=qat_overrides(opt, data, fp["weights"], qat_config(opt).to_dict()))
     rec = ScaleRecorder(window=a.diag_window)
     trainer.add_callback("on_train_batch_end", rec.on_train_batch_end)
     print(f"[run] QAT {cell.qat_key}: {budget['qat_steps']} optimizer steps planned, ema decay {cell.ema_decay:g}, "
@@ -588,7 +593,7 @@ PROG = "reproduce.py"
 def build_parser() -> argparse.ArgumentParser:
     from engine.cli_common import add_shared
     from engine.config import QATConfig, QCConfig
-    from engine.settings import add_fields
+    from engine.settings import add_fields, mapping
 
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
@@ -619,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(ap.add_argument_group("QC of the +QC cells (correct_qc.py's flags of the same name)"), QCConfig,
                prefix="qc", only=("steps", "calib_images", "lr"))
     a("--lr0", type=float, default=0.002, help="train_qat.py's --lr0")
+    a("--loss-hyp", type=mapping, default=None,
+      help="original anchor-based models only: train_qat.py's --loss-hyp (YOLOv5 loss settings before its scaling "
+           "by imgsz, e.g. '{obj: 25}' at imgsz 128), for the FP and the QAT stage")
     a("--warmup-epochs", type=float, default=0.0)
     a("--calib-batches", type=int, default=4)
     a("--workers", type=int, default=0)
@@ -636,6 +644,13 @@ def cells_for(a) -> list[Cell]:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    from models.safe_load import trusting
+
+    with trusting(a.trust_checkpoint):  # --trust-checkpoint: every checkpoint of this run loads in full
+        return reproduce(a)
+
+
+def reproduce(a: argparse.Namespace) -> int:
     t_start = time.time()
     from engine.calib import resolve_data
     from engine.cli_common import InputError, input_error, output_dir
@@ -647,6 +662,14 @@ def main(argv=None) -> int:
         if a.distill_weight < 0:
             raise InputError(f"--distill-weight {a.distill_weight:g} is invalid: give a weight >= 0")
         a.qc_variants = list(dict.fromkeys(a.qc_variants or ["labels"]))
+        if a.weights and str(a.weights).endswith(".pt"):  # an unsafe checkpoint is refused before any run starts
+            from engine.cli import inspect_source
+
+            inspect_source(str(a.weights))
+        if a.loss_hyp:
+            from engine.cli import check_loss_hyp, resolve_model
+
+            check_loss_hyp(a, resolve_model(a))
         data = resolve_data(a.data)
         out = a.out = output_dir(a)
         out.mkdir(parents=True, exist_ok=True)

@@ -116,7 +116,9 @@ def _rebuild(payload: dict) -> nn.Module:
 
 def load_packed(path: str | Path) -> nn.Module:
     """Rebuild the fake-quant model of a packed checkpoint (fp32, eval mode)."""
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    from models.safe_load import safe_load
+
+    payload = safe_load(Path(path))  # plain data; its model yaml is checked before the model is rebuilt from it
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not a packed quantized checkpoint (written by export.py --format packed)")
     model = _rebuild(payload)

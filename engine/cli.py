@@ -262,8 +262,6 @@ def run(opt, callbacks: dict | None = None) -> dict:
 
 
 def resume(opt, callbacks=None) -> dict:
-    import torch
-
     from engine.trainer import qat_trainer_class
     from engine.validate import format_table
 
@@ -275,8 +273,12 @@ def resume(opt, callbacks=None) -> dict:
         path = str(runs[-1])
     if not Path(path).is_file():
         raise InputError(f"--resume '{path}' does not exist: pass the path of a QAT run's weights/last.pt")
+    from models.safe_load import MissingClassError, UnsafeCheckpointError, safe_load
+
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = safe_load(path)
+    except (UnsafeCheckpointError, MissingClassError) as e:
+        raise InputError(f"--resume: {e}") from None
     except Exception as e:
         raise InputError(f"--resume '{path}' is not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "train_state" not in ckpt or "qat_args" not in ckpt:
@@ -313,12 +315,17 @@ def use_device(opt, resumed_device=None) -> None:
 
 
 def main(argv=None, callbacks: dict | None = None) -> int:
+    from models.safe_load import MissingClassError, UnsafeCheckpointError, trusting
+
     try:
         opt = parse_args(argv)
-        run(opt, callbacks)
+        with trusting(opt.trust_checkpoint):
+            run(opt, callbacks)
     except InputError as e:
         return input_error(PROG, e)
     except (RuntimeError, ValueError, FileNotFoundError) as e:
+        if isinstance(e, (UnsafeCheckpointError, MissingClassError)):  # e.g. the --teacher, loaded by the trainer
+            return input_error(PROG, e)
         from engine.trainer import TrainingDiverged
 
         if isinstance(e, TrainingDiverged):

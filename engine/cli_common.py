@@ -1,7 +1,7 @@
 """The command-line conventions every script shares (train_qat.py, correct_qc.py, val.py, export.py,
 benchmarks/reproduce.py): the same flags with one meaning each, one boolean style, one error format.
 
-- ``--weights --data --imgsz --batch --device --project --name --exist-ok`` (``add_shared``);
+- ``--weights --trust-checkpoint --data --imgsz --batch --device --project --name --exist-ok`` (``add_shared``);
 - booleans are ``--flag`` / ``--no-flag`` (``argparse.BooleanOptionalAction``) everywhere;
 - a bad input is one paragraph ``<script>: error: <what is wrong and how to fix it>`` on stderr and exit
   status 2, the format and status of argparse's own errors (``InputError`` + ``input_error``);
@@ -23,6 +23,10 @@ HELP = {
     "project": "outputs go to <project>/<name>/",
     "name": "run name: outputs go to <project>/<name>/ (<name>-2, -3, ... when it exists, unless --exist-ok)",
     "exist_ok": "write into an existing <project>/<name>/ instead of making a new one",
+    "trust_checkpoint": "load every checkpoint in full (torch.load weights_only=False; the same as "
+                        "YOLO_QAT_TRUST_CHECKPOINT=1): only for files you trust, since a .pt can run code when "
+                        "unpickled. Without it, checkpoints load safely and one naming anything beyond the YOLO "
+                        "module classes and plain data is refused (README: Safe checkpoint loading)",
 }
 
 
@@ -48,6 +52,8 @@ def add_shared(p: argparse.ArgumentParser, prog: str, *, project: str | None, we
 
     if weights_help is not None:
         p.add_argument("--weights", nargs=weights_nargs, required=weights_required, help=weights_help)
+        p.add_argument("--trust-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                       help=HELP["trust_checkpoint"])
     p.add_argument("--data", help=data_help)
     p.add_argument("--imgsz", type=int, default=imgsz, help=HELP["imgsz"])
     p.add_argument("--batch", type=int, default=batch, help=HELP["batch"])

@@ -34,6 +34,7 @@ from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_m
 import models  # noqa: F401  (registers the YOLO layer policy)
 from models.checkpoint import load_checkpoint, save_checkpoint
 from quant import LSQQuantizer, calibrate, is_quantized, quant_convs, quantize_model, set_recompute_input
+from quant.grid import MIN_SCALE
 from quant.oscillation import Dampening, DelayedCosine, OscillationTracker
 
 from .config import QATConfig
@@ -45,6 +46,15 @@ from .resume_log import continued_clock, trim_epoch_logs
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, LSQQuantizer) for p in m.parameters(recurse=False)]
+
+
+def fused_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same optimizer (class, groups, hyper-parameters; no state yet) with ``fused=True``, or ``opt`` itself
+    when this torch has no fused kernel for it."""
+    try:
+        return type(opt)([{**g, "fused": True, "foreach": None} for g in opt.param_groups], fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return opt
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,6 +86,7 @@ class QATTrainerMixin:
         if RANK in {-1, 0}:
             YAML.save(self.save_dir / "args.yaml", vars(self.args))  # rewritten with the QAT settings
         self.scale_optimizer = None
+        self._step_sizes: list = []
         self.tracker: OscillationTracker | None = None
         self.qat_step = 0
         self.total_steps = 1
@@ -90,6 +101,18 @@ class QATTrainerMixin:
         # last.pt): the default teacher of a later QC with distillation (engine.distill.checkpoint_teacher).
         model = self.args.model
         self.fp_source = str(Path(model).resolve()) if str(model).endswith(".pt") and Path(model).is_file() else None
+
+    def check_resume(self, overrides):
+        # Ultralytics reads the run's settings from last.pt with a full torch.load (weights_only=False): load it
+        # safely first (models.safe_load), so that a file that would run code is refused before that.
+        resume = self.args.resume
+        if resume:
+            from ultralytics.utils.files import get_latest_run
+
+            last = resume if isinstance(resume, (str, Path)) and Path(resume).is_file() else get_latest_run()
+            if last and Path(last).is_file():
+                load_checkpoint(last)
+        super().check_resume(overrides)
 
     def _check_distill_settings(self):
         q = self.qat
@@ -197,6 +220,12 @@ class QATTrainerMixin:
         for group in optimizer.param_groups:  # still empty state: safe to edit the groups
             group["params"] = [p for p in group["params"] if id(p) not in qids]
         self.scale_optimizer = torch.optim.Adam(qparams, lr=self.qat.scale_lr, weight_decay=0.0)
+        self._step_sizes = [m._scale for m in unwrap_model(model).modules() if isinstance(m, LSQQuantizer)]
+        if qparams and all(p.is_cuda for p in qparams) and all(p.is_cuda for g in optimizer.param_groups
+                                                              for p in g["params"]):
+            # fused kernels on CUDA: the GradScaler hands them found_inf instead of reading it on the host
+            # (two syncs per step otherwise), and one launch per optimizer instead of one per tensor group
+            optimizer, self.scale_optimizer = fused_optimizer(optimizer), fused_optimizer(self.scale_optimizer)
         return optimizer
 
     def resume_training(self, ckpt):
@@ -290,7 +319,7 @@ class QATTrainerMixin:
                 # Ultralytics' detection loss is summed over the batch (x batch size); scale the
                 # regulariser alike so that lambda means the same at any batch size.
                 self.scaler.scale(reg * self.batch_size).backward()
-            self._damp_sum += float(reg)
+            self._damp_sum = self._damp_sum + reg.detach()  # a tensor: no host sync per step (issue 19)
             self._damp_n += 1
         self.scaler.unscale_(self.optimizer)
         self.scaler.unscale_(self.scale_optimizer)
@@ -299,13 +328,19 @@ class QATTrainerMixin:
         self.scaler.step(self.optimizer)
         self.scaler.step(self.scale_optimizer)
         self.scaler.update()
+        if self._step_sizes:  # LSQ step sizes stay positive: clamped in place (one foreach kernel, no sync)
+            with torch.no_grad():
+                torch._foreach_clamp_min_(self._step_sizes, MIN_SCALE)
         self.optimizer.zero_grad()
         self.scale_optimizer.zero_grad()
         self.qat_step += 1
         self.tracker.apply_frozen(convs)  # frozen codes stay fixed whatever SGD or the scale did
         self.tracker.update(convs)
-        if self.qat.method == "freeze" and self.tracker.freeze(convs, self.freeze_schedule(self.progress)):
-            self.tracker.apply_frozen(convs)
+        if self.qat.method == "freeze":
+            th = self.freeze_schedule(self.progress)
+            if th is not None:  # the count stays on the device; applying an empty mask changes nothing
+                self.tracker.freeze(convs, th, count=False)
+                self.tracker.apply_frozen(convs)
         if self.ema:
             self.ema.update(self.model)
 
@@ -314,7 +349,7 @@ class QATTrainerMixin:
         o = self.tracker.overall_stats(self.qat.osc_threshold)
         th = self.freeze_schedule(self.progress) if self.qat.method == "freeze" else None
         stats = {"osc/share": o["osc_share"], "osc/frozen": o["frozen_share"], "osc/mean_freq": o["mean_freq"],
-                 "qat/damp_loss": self._damp_sum / max(self._damp_n, 1),
+                 "qat/damp_loss": float(self._damp_sum) / max(self._damp_n, 1),
                  "qat/damp_lambda": self.dampening.weight(self.progress) if self.qat.method == "dampen" else 0.0,
                  "qat/freeze_th": th or 0.0, "qat/ema_a": self.ema.decay_at(self.ema.updates) if self.ema else 0.0}
         self._damp_sum, self._damp_n = 0.0, 0

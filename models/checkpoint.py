@@ -3,7 +3,8 @@
 Ultralytics saves ``deepcopy(model).half()``; that would round latent weights and BN to fp16
 (quantizers and QuantConv2d keep themselves fp32, but everything else would not), so we write
 the whole model in fp32 and carry the recipe as plain data. Ultralytics' own loaders
-(``YOLO(path)``, ``load_checkpoint``) read these files as long as this repo is importable.
+(``YOLO(path)``, ``load_checkpoint``) read these files as long as this repo is importable. ``load_checkpoint``
+reads every checkpoint through ``models.safe_load`` (``weights_only=True`` with an allowlist derived from the code).
 """
 from __future__ import annotations
 
@@ -38,13 +39,21 @@ def save_checkpoint(path: str | Path, model: nn.Module, **extra) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load a checkpoint written by ``save_checkpoint`` or by Ultralytics; model in fp32, eval mode."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    trust: bool | None = None) -> tuple[nn.Module, dict]:
+    """Load a checkpoint written by ``save_checkpoint``, by Ultralytics or by the original YOLOv5 / YOLOv7 code;
+    model in fp32, eval mode. Loaded safely (``models.safe_load``): a file that names anything beyond the module
+    classes and data YOLO checkpoints hold raises ``UnsafeCheckpointError`` (a ValueError) before it runs, unless
+    trusted (``trust=True``, or ``YOLO_QAT_TRUST_CHECKPOINT=1`` when ``trust`` is None)."""
+    from .safe_load import MissingClassError, UnsafeCheckpointError, safe_load
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist: pass the path of a .pt file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = safe_load(path, trust=trust)
+    except (UnsafeCheckpointError, MissingClassError) as e:
+        raise e from None  # one paragraph, no chained traceback
     except Exception as e:  # pickle errors, truncated files, not-a-zip ...
         from .original import missing_class_message  # a class of another YOLO release: say which, not a traceback
 

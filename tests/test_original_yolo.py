@@ -292,7 +292,7 @@ def _save_with_foreign_class(tmp_path, module_name, class_name):
     ("models.yolo", "ClassificationModel", "class models.yolo.ClassificationModel"),
     ("models.common", "BottleneckCSP", "class models.common.BottleneckCSP"),
     ("models.experimental", "Ensemble", "module models.experimental"),
-    ("zz_not_yolo", "Thing", None),  # not a YOLO repository's class: the generic unreadable-checkpoint error
+    ("zz_not_yolo", "Thing", None),  # not a YOLO repository's class: refused by the safe loader (models/safe_load.py)
 ])
 def test_checkpoint_naming_an_unknown_class_gets_one_paragraph(tmp_path, module_name, class_name, named):
     path = _save_with_foreign_class(tmp_path, module_name, class_name)
@@ -303,7 +303,7 @@ def test_checkpoint_naming_an_unknown_class_gets_one_paragraph(tmp_path, module_
     if named:
         assert named in msg and "Supported:" in msg and "yolov5 v6.x / v7.0" in msg
     else:
-        assert "zz_not_yolo" in msg and "not a readable PyTorch checkpoint" in msg
+        assert "'zz_not_yolo.Thing'" in msg and msg.startswith("refused to load") and "--trust-checkpoint" in msg
 
 
 def test_original_models_are_ultralytics_models():
