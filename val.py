@@ -30,7 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_shared(p, PROG, project="runs/val", weights_nargs="+", batch=None,
                weights_help="one or more .pt checkpoints (FP, QAT or QC) or exported .onnx files; predictions go to "
                             "<project>/<name>/<i>_<stem>/")
-    p.set_defaults(batch=None)
     for a in p._actions:
         if a.dest == "batch":
             a.help = f"images per batch (default: {DEFAULT_BATCH}; an .onnx file runs at the batch it was exported with)"

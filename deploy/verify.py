@@ -18,6 +18,14 @@ def ort_session(model_onnx: onnx.ModelProto | str | Path):
     data = model_onnx.SerializeToString() if isinstance(model_onnx, onnx.ModelProto) else str(model_onnx)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2  # shared CPUs
+    # x86 CPUs without VNNI (SSE4.1 / AVX2 / AVX-512F) compute U8S8 integer convs / matmuls with pairwise
+    # sums saturated to int16 (vpmaddubsw): an integer kernel would then score another model than the file's.
+    # This option (onnxruntime_session_options_config_keys.h, kOrtSessionOptionsAvx2PrecisionMode; read in
+    # graph_transformer_utils.cc where MlasPlatformU8S8Overflow(), i.e. on x86 with AVX2, VNNI or not) makes
+    # ORT rewrite s8 weights to u8 and run the exact U8U8 kernels (Avx2WeightS8ToU8Transformer); compiled
+    # out on Arm. Verification and validation get the file's exact arithmetic on every x86 CPU, at some speed;
+    # benchmarks/deploy_speed.py measures without it (a user's default session).
+    opts.add_session_config_entry("session.x64quantprecision", "1")
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 

@@ -8,6 +8,7 @@ integer weights (models/policy.py), so AutoBackend's fusing is safe.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -114,7 +115,7 @@ def trained_imgsz(model: nn.Module, default: int = 640) -> int:
 
 def validate(weights_or_model, data=None, imgsz: int | None = None, batch: int = 16, device: str = "cpu",
              save_dir: str | Path = "runs/val/exp", conf: float = 0.001, iou: float = 0.7,
-             verbose: bool = True, pycocotools: bool = True, workers: int | None = None) -> dict:
+             verbose: bool = True, pycocotools: bool = True, workers: int | None = None, rect: bool = True) -> dict:
     """Box (and mask) mAP of one model by Ultralytics and by pycocotools.
 
     Returns ``{"task", "weights", "ultralytics": {...}, "pycocotools": {...}, "predictions": path,
@@ -123,13 +124,26 @@ def validate(weights_or_model, data=None, imgsz: int | None = None, batch: int =
     ``imgsz`` defaults to the size the model was trained at (640 when unknown). Without
     ``pycocotools`` only Ultralytics' numbers (no predictions file; "pycocotools" is empty).
 
-    Batches are rectangular (``rect=True``, each batch padded to its own images' shape), as
-    Ultralytics' trainer validates during training, so a model's numbers here and in its
-    training run's results.csv are measured alike.
+    Batches are rectangular (``rect=True``, each batch padded to its own images' shape plus half a
+    stride), as Ultralytics' trainer validates during training, so a model's numbers here and in its
+    training run's results.csv are measured alike; ``rect=False``: square letterboxed batches of
+    ``imgsz``, the input an exported file of that size sees.
+
+    ``weights_or_model`` may be an exported ``.onnx`` file: onnxruntime (CPU) runs it at its static input
+    shape (batch and imgsz from its metadata override ``batch`` / ``imgsz``; square letterboxed batches, which
+    equal rect ones on square images), in Ultralytics' or the original anchor-based layout (engine/onnx_val.py).
     """
-    model, name = load_model(weights_or_model)
-    imgsz = imgsz or trained_imgsz(model)
-    task = model_task(model)
+    from .onnx_val import is_onnx, onnx_info, project_ort_backend
+
+    onnx_file = is_onnx(weights_or_model)
+    if onnx_file:  # run by onnxruntime at the file's static shape (engine/onnx_val.py)
+        info = onnx_info(weights_or_model)
+        model, name, task, original = str(weights_or_model), str(weights_or_model), info["task"], info["original"]
+        imgsz, batch, device = max(info["imgsz"]), info["batch"], "cpu"  # CPUExecutionProvider
+    else:
+        model, name = load_model(weights_or_model)
+        imgsz = imgsz or trained_imgsz(model)
+        task = model_task(model)
     data = resolve_data(data)
     data_dict = check_det_dataset(data)
     coco = is_coco_val(data_dict) and pycocotools
@@ -140,13 +154,14 @@ def validate(weights_or_model, data=None, imgsz: int | None = None, batch: int =
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     args = {"data": data, "imgsz": imgsz, "batch": batch, "device": device, "task": task, "mode": "val",
-            "split": "val", "save_json": pycocotools, "plots": False, "conf": conf, "iou": iou, "rect": True,
+            "split": "val", "save_json": pycocotools, "plots": False, "conf": conf, "iou": iou, "rect": rect and not onnx_file,
             "verbose": verbose, **({} if workers is None else {"workers": workers})}
     from .original import is_original, validator_class  # anchor-based models: their output turned first
 
-    cls = validator_class(task, original=is_original(model), predictions_only=True)
+    cls = validator_class(task, original=original if onnx_file else is_original(model), predictions_only=True)
     validator = cls(save_dir=save_dir, args=args)
-    stats = validator(model=model)
+    with project_ort_backend() if onnx_file else contextlib.nullcontext():
+        stats = validator(model=model)
     if not pycocotools:
         return {"task": task, "weights": name, "ultralytics": ultralytics_metrics(stats, task), "pycocotools": {},
                 "predictions": None, "ground_truth": None}
