@@ -255,7 +255,9 @@ class AnchorFreeDistillation:
                              f"{type(head).__name__} head has reg_max={head.reg_max} (no distributions, e.g. "
                              f"YOLO26), which is not supported: distil a DFL model (YOLOv5u, YOLOv8, YOLO11)")
         self.reg_max, self.nm = int(head.reg_max), int(getattr(head, "nm", 0) if _is_segment(head) else 0)
+        self.stride_0 = float(torch.as_tensor(head.stride).flatten()[0])  # read once here, never per step
         self.stride = torch.as_tensor(head.stride).detach().float().cpu().clone()
+        self._stride_on: dict = {}  # device -> the strides there, copied once (not every step)
         args = getattr(model, "args", None) or {}
         self.hyp = {k: _arg(args, k) for k in ("box", "cls", "dfl")}
         self.gains = gains
@@ -298,10 +300,12 @@ class AnchorFreeDistillation:
         from ultralytics.utils.tal import dist2bbox, make_anchors
 
         proto_s, proto_t = (p[0] if isinstance(p, tuple) else p for p in (s["proto"], t["proto"]))
-        anchors, strides = make_anchors(t["feats"], self.stride.to(dt.device), 0.5)
+        if dt.device not in self._stride_on:
+            self._stride_on[dt.device] = self.stride.to(dt.device)
+        anchors, strides = make_anchors(t["feats"], self._stride_on[dt.device], 0.5)
         dist = (dt.softmax(2) * torch.arange(self.reg_max, device=dt.device, dtype=dt.dtype).view(1, 1, -1, 1)).sum(2)
         boxes = (dist2bbox(dist, anchors.T[None].float(), xywh=False, dim=1) * strides.T[None]).transpose(1, 2)
-        img_hw = [x * float(self.stride[0]) for x in t["feats"][0].shape[2:]]
+        img_hw = [x * self.stride_0 for x in t["feats"][0].shape[2:]]
         return mask_term(s["mask_coefficient"].float().transpose(1, 2), t["mask_coefficient"].float().transpose(1, 2),
                          proto_s, proto_t, boxes, conf, img_hw)
 
@@ -332,13 +336,14 @@ class AnchorBasedDistillation:
         self.nc = int(self.head.nc)
         self.nm = int(self.head.nm) if _is_segment(self.head) else 0
         self.gains = gains
+        self.stride_0 = float(torch.as_tensor(self.head.stride).flatten()[0])  # read once here, never per step
 
     def __call__(self, s_preds, t_preds, teacher: nn.Module) -> dict[str, torch.Tensor]:
         from models.loss import _split_preds
 
         (maps_s, proto_s), (maps_t, proto_t) = _split_preds(s_preds), _split_preds(t_preds)
         t_head, g, nc = detection_head(teacher), self.gains, self.nc
-        img_hw = [x * float(self.head.stride[0]) for x in maps_t[0].shape[2:4]]
+        img_hw = [x * self.stride_0 for x in maps_t[0].shape[2:4]]
         gbox, gobj, gcls = self.ref.gains(max(img_hw))
         zero = maps_s[0].new_zeros((), dtype=torch.float32)
         box, obj, cls = zero, zero, zero

@@ -247,10 +247,33 @@ def _restore_grad_flags(model: nn.Module, flags: dict) -> None:
     model.eval()
 
 
+QC_LOG_EVERY = 10  # on CUDA: steps between reads of the loss on the host (every step on CPU, where it is free)
+
+
+def device_type(device) -> str:
+    return torch.device(device if not str(device).isdigit() else f"cuda:{device}").type if device is not None \
+        else "cpu"
+
+
+def _log_qc_window(history, sizes, window, step, total_steps, bar) -> None:
+    """Log (and check) the last len(window) steps: one host read for all of them."""
+    first = step + 1 - len(window)
+    vals = torch.stack([torch.stack([history[first + i], *w.values()]) for i, w in enumerate(window)]).tolist()
+    for i, row in enumerate(vals):
+        if not math.isfinite(row[0]):
+            raise FloatingPointError(f"QC step {first + i}: loss is {row[0]}")
+    for i, (loss, *parts) in enumerate(vals):
+        per_image, names = loss / sizes[first + i], list(window[i])
+        text = " ".join(f"{k}={v:.4f}" for k, v in zip(names, parts))
+        LOGGER.info(f"QC step {first + i + 1}/{total_steps}: loss {per_image:.4f} ({text})")
+    bar.set_postfix(loss=f"{vals[-1][0] / sizes[-1]:.4f}")
+
+
 def _train_corrections(model: nn.Module, loader, total_steps: int, lr: float, device) -> list[float]:
     params = freeze_for_qc(model)
     opt = torch.optim.Adam(params, lr=lr)
-    history = []
+    history, sizes, window = [], [], []
+    every = 1 if device_type(device) != "cuda" else QC_LOG_EVERY
     bar = tqdm(total=total_steps, desc="QC", unit="step")
     it = iter(loader)
     for step in range(total_steps):
@@ -263,16 +286,17 @@ def _train_corrections(model: nn.Module, loader, total_steps: int, lr: float, de
         set_batchnorm_eval(model)  # train() flipped BN back; its statistics must stay frozen
         loss, items = model.loss(preprocess(batch, device))
         loss = loss.sum()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"QC step {step}: loss is {loss.item()}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        per_image = loss.item() / batch["img"].shape[0]
-        history.append(per_image)
-        parts = " ".join(f"{k}={float(v):.4f}" for k, v in items.items())
-        bar.set_postfix(loss=f"{per_image:.4f}")
+        # Losses stay on the device and are read every `every` steps (issue 19: no host sync per step on a GPU);
+        # a non-finite loss is then reported with the step it happened at (nothing is saved after the error).
+        history.append(loss.detach())
+        sizes.append(batch["img"].shape[0])
+        window.append({k: torch.as_tensor(v).detach().float().to(loss.device).reshape(()) for k, v in items.items()})
         bar.update()
-        LOGGER.info(f"QC step {step + 1}/{total_steps}: loss {per_image:.4f} ({parts})")
+        if (step + 1) % every == 0 or step + 1 == total_steps:
+            _log_qc_window(history, sizes, window, step, total_steps, bar)
+            window = []
     bar.close()
-    return history
+    return [v / n for v, n in zip(torch.stack(history).tolist(), sizes)] if history else []

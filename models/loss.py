@@ -71,7 +71,10 @@ def resolve_hyp(model, hyp: dict | None = None) -> dict:
 @dataclass
 class LevelTargets:
     """The positives of one level: prediction index (img, anchor, gj, gi), the target box (xy offset from
-    the cell's corner, wh, in grid units), the matched anchor's wh, the class and the label's row in the batch."""
+    the cell's corner, wh, in grid units), the matched anchor's wh, the class and the label's row in the batch.
+
+    From ``level_candidates`` every (neighbour, anchor, label) candidate, with ``mask`` True on the positives:
+    fixed shapes, so the loss runs without reading anything on the host (no ``nonzero``, issue 19)."""
     img: torch.Tensor
     anchor: torch.Tensor
     gj: torch.Tensor
@@ -80,9 +83,43 @@ class LevelTargets:
     anchor_wh: torch.Tensor
     cls: torch.Tensor
     label: torch.Tensor
+    mask: torch.Tensor | None = None
 
     def __len__(self):
         return self.img.shape[0]
+
+    def select(self, keep: torch.Tensor) -> "LevelTargets":
+        return LevelTargets(self.img[keep], self.anchor[keep], self.gj[keep], self.gi[keep], self.box[keep],
+                            self.anchor_wh[keep], self.cls[keep], self.label[keep])
+
+
+def level_candidates(labels: torch.Tensor, anchors: torch.Tensor, grid_hw: tuple[int, int],
+                     anchor_t: float = 4.0) -> LevelTargets:
+    """Every candidate (5 cells: own, left, up, right, down) x (na anchors) x (n labels), in that order, with
+    ``mask`` marking the positives of ``build_targets``; the cells of the others are clamped into the grid so
+    that every index is valid. Same float operations per candidate as ``build_targets``."""
+    h, w = grid_hw
+    na, n = anchors.shape[0], labels.shape[0]
+    size = labels.new_tensor([w, h])
+    gxy, gwh = labels[:, 2:4] * size, labels[:, 4:6] * size
+    ratio = gwh[None] / anchors[:, None]  # (na, n, 2)
+    fits = torch.maximum(ratio, 1 / ratio).amax(2) < anchor_t
+    to_far_edge = size - gxy
+    near_start = (gxy % 1 < NEIGHBOUR_BIAS) & (gxy > 1)
+    near_end = (to_far_edge % 1 < NEIGHBOUR_BIAS) & (to_far_edge > 1)
+    taken = torch.cat((torch.ones_like(near_start[:, :1]), near_start, near_end), 1).T  # (5, n): own, l, u, r, d
+    shifts = labels.new_tensor([[0, 0], [-1, 0], [0, -1], [1, 0], [0, 1]]) * NEIGHBOUR_BIAS
+    cell = (gxy[None] + shifts[:, None]).floor()  # (5, n, 2)
+    box = torch.cat((gxy[None] - cell, gwh[None].expand(5, n, 2)), 2)  # (5, n, 4)
+    cell = cell.long()
+    mask = (taken[:, None, :] & fits[None]).reshape(-1)  # (5, na, n) group-major, anchor, label
+    anchor = torch.arange(na, device=labels.device)[None, :, None].expand(5, na, n).reshape(-1)
+    lab = torch.arange(n, device=labels.device)[None, None, :].expand(5, na, n).reshape(-1)
+    per_label = lambda t: t[:, None].expand(5, na, n, *t.shape[2:]).reshape(5 * na * n, *t.shape[2:])  # noqa: E731
+    cell = per_label(cell)
+    return LevelTargets(img=labels[lab, 0].long(), anchor=anchor, gj=cell[:, 1].clamp(0, h - 1),
+                        gi=cell[:, 0].clamp(0, w - 1), box=per_label(box), anchor_wh=anchors[anchor],
+                        cls=labels[lab, 1].long(), label=lab, mask=mask)
 
 
 def build_targets(labels: torch.Tensor, anchors: torch.Tensor, grid_hw: tuple[int, int],
@@ -92,38 +129,13 @@ def build_targets(labels: torch.Tensor, anchors: torch.Tensor, grid_hw: tuple[in
 
     Order of the positives: own cells first, then left, up, right, down neighbours; inside each group anchor by
     anchor, labels in batch order (as upstream, which matters only when two positives share one prediction).
+    The positives of ``level_candidates`` (the loss uses those directly, without this host-side selection).
     """
-    h, w = grid_hw
-    size = labels.new_tensor([w, h])
-    gxy, gwh = labels[:, 2:4] * size, labels[:, 4:6] * size
-    ratio = gwh[None] / anchors[:, None]  # (na, n, 2)
-    fits = torch.maximum(ratio, 1 / ratio).amax(2) < anchor_t
-    anchor, label = fits.nonzero(as_tuple=True)  # anchor-major, as the (na, n) mask is laid out
-
-    xy = gxy[label]
-    to_far_edge = size - xy
-    # Centre in the left/top half of its cell (and not in the first cell) -> the left/upper neighbour; the same
-    # test from the far edge -> the right/lower one. An integer centre passes both tests; its "right" cell
-    # is then the own cell again, exactly as upstream computes it.
-    near_start = (xy % 1 < NEIGHBOUR_BIAS) & (xy > 1)
-    near_end = (to_far_edge % 1 < NEIGHBOUR_BIAS) & (to_far_edge > 1)
-    taken = torch.cat((torch.ones_like(near_start[:, :1]), near_start, near_end), 1).T  # (5, m): own, l, u, r, d
-    shifts = labels.new_tensor([[0, 0], [-1, 0], [0, -1], [1, 0], [0, 1]]) * NEIGHBOUR_BIAS
-    group, pos = taken.nonzero(as_tuple=True)
-
-    # The neighbour is the cell holding the centre moved half a cell towards it.
-    xy_pos = xy[pos]
-    cell = (xy_pos + shifts[group]).floor()
-    box = torch.cat((xy_pos - cell, gwh[label][pos]), 1)
-    cell = cell.long()
-    lab = label[pos]
-    return LevelTargets(img=labels[lab, 0].long(), anchor=anchor[pos], gj=cell[:, 1].clamp(0, h - 1),
-                        gi=cell[:, 0].clamp(0, w - 1), box=box, anchor_wh=anchors[anchor[pos]],
-                        cls=labels[lab, 1].long(), label=lab)
+    t = level_candidates(labels, anchors, grid_hw, anchor_t)
+    return t.select(t.mask.nonzero().squeeze(1))
 
 
-def bce_with_logits(logits, target, pos_weight: float = 1.0, gamma: float = 0.0) -> torch.Tensor:
-    """Mean BCE; with gamma > 0 the focal form of yolov5's FocalLoss (alpha 0.25)."""
+def _bce_elements(logits, target, pos_weight: float = 1.0, gamma: float = 0.0) -> torch.Tensor:
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none",
                                               pos_weight=logits.new_tensor([pos_weight]))
     if gamma > 0:
@@ -131,7 +143,12 @@ def bce_with_logits(logits, target, pos_weight: float = 1.0, gamma: float = 0.0)
         p_t = target * p + (1 - target) * (1 - p)
         alpha = target * FOCAL_ALPHA + (1 - target) * (1 - FOCAL_ALPHA)
         loss = loss * alpha * (1 - p_t) ** gamma
-    return loss.mean()
+    return loss
+
+
+def bce_with_logits(logits, target, pos_weight: float = 1.0, gamma: float = 0.0) -> torch.Tensor:
+    """Mean BCE; with gamma > 0 the focal form of yolov5's FocalLoss (alpha 0.25)."""
+    return _bce_elements(logits, target, pos_weight, gamma).mean()
 
 
 def _detect_head(model):
@@ -208,27 +225,33 @@ class YOLOv5DetLoss:
                              f"model that produced them.")
 
     def detection_terms(self, maps, labels):
-        """Unscaled (lbox, lobj, lcls) summed over levels, and the positives of each level."""
+        """Unscaled (lbox, lobj, lcls) summed over levels, and the candidates of each level (``mask``: the
+        positives). Means over the positives are masked sums over the candidates divided by their count:
+        fixed shapes, no host sync; a level without positives adds zero, as before."""
         anchors = self.head.anchors.detach().to(device=maps[0].device, dtype=torch.float32)
         zero = maps[0].new_zeros((), dtype=torch.float32)
         lbox, lobj, lcls = zero, zero, zero
         positives = []
         for i, pi in enumerate(maps):
-            t = build_targets(labels, anchors[i], pi.shape[2:4], self.hyp["anchor_t"])
+            t = level_candidates(labels, anchors[i], pi.shape[2:4], self.hyp["anchor_t"])
             positives.append(t)
-            tobj = torch.zeros(pi.shape[:4], device=pi.device)
-            if len(t):
-                ps = pi[t.img, t.anchor, t.gj, t.gi].float()
-                pxy = ps[:, :2].sigmoid() * 2 - 0.5
-                pwh = (ps[:, 2:4].sigmoid() * 2) ** 2 * t.anchor_wh
-                iou = bbox_iou(torch.cat((pxy, pwh), 1), t.box, xywh=True, CIoU=True).squeeze(-1)
-                lbox = lbox + (1.0 - iou).mean()
-                tobj[t.img, t.anchor, t.gj, t.gi] = iou.detach().clamp(0)  # gr = 1: the IoU itself
-                if self.nc > 1:
-                    target = torch.full_like(ps[:, 5:5 + self.nc], self.cls_neg)
-                    target[torch.arange(len(t), device=pi.device), t.cls] = self.cls_pos
-                    lcls = lcls + bce_with_logits(ps[:, 5:5 + self.nc], target, self.hyp["cls_pw"],
-                                                  self.hyp["fl_gamma"])
+            keep = t.mask
+            npos = keep.sum().clamp(min=1).float()
+            tobj = torch.zeros(pi.shape[:4].numel() + 1, device=pi.device)  # the last slot takes the non-positives
+            ps = pi[t.img, t.anchor, t.gj, t.gi].float()
+            pxy = ps[:, :2].sigmoid() * 2 - 0.5
+            pwh = (ps[:, 2:4].sigmoid() * 2) ** 2 * t.anchor_wh
+            iou = bbox_iou(torch.cat((pxy, pwh), 1), t.box, xywh=True, CIoU=True).squeeze(-1)
+            lbox = lbox + torch.where(keep, 1.0 - iou, 0.0).sum() / npos
+            h, w = pi.shape[2:4]
+            flat = ((t.img * self.na + t.anchor) * h + t.gj) * w + t.gi
+            flat = torch.where(keep, flat, tobj.numel() - 1)
+            tobj = tobj.index_put((flat,), iou.detach().clamp(0))[:-1].view(pi.shape[:4])  # gr = 1: the IoU itself
+            if self.nc > 1:
+                target = torch.full_like(ps[:, 5:5 + self.nc], self.cls_neg)
+                target[torch.arange(len(t), device=pi.device), t.cls] = self.cls_pos
+                el = _bce_elements(ps[:, 5:5 + self.nc], target, self.hyp["cls_pw"], self.hyp["fl_gamma"])
+                lcls = lcls + torch.where(keep[:, None], el, 0.0).sum() / (npos * self.nc)
             lobj = lobj + self.balance[i] * bce_with_logits(pi[..., 4].float(), tobj, self.hyp["obj_pw"],
                                                             self.hyp["fl_gamma"])
         return lbox, lobj, lcls, positives
@@ -244,6 +267,14 @@ class YOLOv5DetLoss:
         gbox, gobj, gcls = self.gains(self._imgsz(batch))
         items = torch.stack((lbox * gbox, lobj * gobj, lcls * gcls))
         return items.sum() * maps[0].shape[0], dict(zip(self.item_names, items.detach()))
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    out, s = [], 0
+    for n in sizes:
+        out.append(s)
+        s += n
+    return out
 
 
 class YOLOv5SegLoss(YOLOv5DetLoss):
@@ -292,8 +323,9 @@ class YOLOv5SegLoss(YOLOv5DetLoss):
                 raise ValueError(f"With overlap_mask=False batch['masks'] holds one mask per label; it has "
                                  f"{masks.shape[0]} masks for {labels.shape[0]} labels.")
             return lambda img, lab: masks[lab]
-        # The i-th label of an image (batch order) is drawn as value i + 1 in that image's mask.
-        one_hot = F.one_hot(labels[:, 0].long(), masks.shape[0])
+        # The i-th label of an image (batch order) is drawn as value i + 1 in that image's mask. (A comparison,
+        # not F.one_hot, whose range check reads the labels on the host.)
+        one_hot = (labels[:, 0].long()[:, None] == torch.arange(masks.shape[0], device=labels.device)).long()
         value = (one_hot.cumsum(0) * one_hot).sum(1).float()
         return lambda img, lab: (masks[img] == value[lab, None, None]).float()
 
@@ -303,17 +335,32 @@ class YOLOv5SegLoss(YOLOv5DetLoss):
         bs, nm, hp, wp = proto.shape
         gt_of = self._gt_masks(masks, labels, hp, wp)
         per_positive, group = [], []
+        # The one host read of the loss (issue 19): how many candidates and positives each image has at each level,
+        # for all levels at once. The mask loss goes image by image (gathering the proto per positive would cost
+        # nm times the masks' memory), and those sizes decide the split.
+        pos_of = [torch.ones_like(t.img, dtype=torch.bool) if t.mask is None else t.mask for t in positives]
+        per_img = lambda t, k: ((t.img[:, None] == torch.arange(bs, device=t.img.device)) & k[:, None]).sum(0)  # noqa: E731
+        counts = torch.stack([torch.stack((per_img(t, torch.ones_like(k)), per_img(t, k)))
+                              for t, k in zip(positives, pos_of)]).tolist() if positives else []
         for i, (t, pi) in enumerate(zip(positives, maps)):
-            if not len(t):
+            n_cand, n_pos = counts[i]
+            if not sum(n_pos):
                 continue
+            # candidates sorted by image, the positives first inside each image (a stable sort keeps their order)
+            order = torch.argsort(t.img * 2 + (~pos_of[i]).long(), stable=True)
+            t = t.select(order)
             coef = pi[t.img, t.anchor, t.gj, t.gi][:, 5 + self.nc:].float()
             xywh = labels[t.label, 2:6]
             x1y1 = (xywh[:, :2] - xywh[:, 2:] / 2) * xywh.new_tensor([wp, hp])
             x2y2 = (xywh[:, :2] + xywh[:, 2:] / 2) * xywh.new_tensor([wp, hp])
             loss = torch.zeros(len(t), device=proto.device)
+            start = 0
             # One image at a time: gathering the proto per positive would cost nm times the masks' memory.
-            for img in t.img.unique():
-                j = (t.img == img).nonzero().squeeze(1)
+            for img in range(bs):
+                j = torch.arange(start, start + n_pos[img], device=proto.device)
+                start += n_cand[img]
+                if not n_pos[img]:
+                    continue
                 logits = (coef[j] @ proto[img].view(nm, -1)).view(-1, hp, wp)
                 bce = F.binary_cross_entropy_with_logits(logits, gt_of(img, t.label[j]), reduction="none")
                 cols = torch.arange(wp, device=proto.device, dtype=x1y1.dtype)[None, None, :]
@@ -322,13 +369,15 @@ class YOLOv5SegLoss(YOLOv5DetLoss):
                 inside = (cols >= a[:, 0]) & (cols < b[:, 0]) & (rows >= a[:, 1]) & (rows < b[:, 1])
                 area = xywh[j, 2] * xywh[j, 3]  # normalised, so mean over all pixels / area = mean inside box
                 loss = loss.index_put((j,), (bce * inside).mean((1, 2)) / area)
-            per_positive.append(loss)
-            group.append(i * bs + t.img)
+            keep = torch.cat([torch.arange(s0, s0 + p, device=proto.device)
+                              for s0, p in zip(_starts(n_cand), n_pos)])
+            per_positive.append(loss[keep])
+            group.append(i * bs + t.img[keep])
         # No positive: a zero that still reaches the proto, so DDP sees every parameter used.
         lseg = proto.sum() * 0
         if per_positive:
             loss, group = torch.cat(per_positive), torch.cat(group)
             sums = torch.zeros(len(maps) * bs, device=proto.device).index_add(0, group, loss)
-            counts = torch.bincount(group, minlength=len(maps) * bs)
-            lseg = lseg + (sums[counts > 0] / counts[counts > 0]).sum()
+            counts = torch.zeros(len(maps) * bs, device=proto.device).index_add(0, group, torch.ones_like(loss))
+            lseg = lseg + torch.where(counts > 0, sums / counts.clamp(min=1), 0.0).sum()  # no boolean indexing
         return lseg

@@ -69,6 +69,11 @@ class OscillationTracker(nn.Module):
     weights (``w = code * s`` with the current step size), so their integer value never changes
     however the optimizer moves them or the scale.
     All state is in buffers: the trainer re-enables ``requires_grad`` on every float Parameter.
+
+    No step-time method reads a device value on the host (issue 19): ``update`` and ``apply_frozen``
+    are pure tensor code, ``freeze(..., count=False)`` returns the count as a tensor, and whether
+    anything can be frozen at all is a Python flag (set by ``freeze`` and by ``load_state_dict``), so
+    a run that never freezes skips ``apply_frozen`` without looking at the masks.
     """
 
     def __init__(self, convs: dict[str, QuantConv2d], momentum: float = 0.01):
@@ -86,6 +91,7 @@ class OscillationTracker(nn.Module):
             self.register_buffer(f"int_ema_{i}", w_int.clone())
             self.register_buffer(f"frozen_{i}", torch.zeros_like(w_int, dtype=torch.bool))
             self.register_buffer(f"frozen_int_{i}", torch.zeros_like(w_int, dtype=torch.int8))
+        self._may_have_frozen = False  # Python mirror: True once freeze() ran with a threshold or a state loaded one
 
     def _buf(self, field: str, i: int) -> torch.Tensor:
         return getattr(self, f"{field}_{i}")
@@ -110,30 +116,37 @@ class OscillationTracker(nn.Module):
             self._buf("int_ema", i).mul_(1 - m).add_(w_int, alpha=m)
 
     @torch.no_grad()
-    def freeze(self, convs: dict[str, QuantConv2d], threshold: float | None) -> int:
-        """Freeze the not-yet-frozen weights whose frequency exceeds ``threshold``; return how many."""
+    def freeze(self, convs: dict[str, QuantConv2d], threshold: float | None, count: bool = True):
+        """Freeze the not-yet-frozen weights whose frequency exceeds ``threshold``; return how many (an int,
+        which reads the count on the host; ``count=False``: a 0-d tensor on the model's device, no sync)."""
         if threshold is None:
             return 0
-        n = 0
+        self._may_have_frozen = True
+        n = []
         for i, conv in self._layers(convs):
             frozen = self._buf("frozen", i)
             new = (self._buf("freq", i) > threshold) & ~frozen
-            if new.any():
-                q = conv.weight_quantizer
-                code = self._buf("int_ema", i).round().clamp(q.qmin, q.qmax).to(torch.int8)
-                self._buf("frozen_int", i).copy_(torch.where(new, code, self._buf("frozen_int", i)))
-                frozen |= new
-                n += int(new.sum())
-        return n
+            q = conv.weight_quantizer
+            code = self._buf("int_ema", i).round().clamp(q.qmin, q.qmax).to(torch.int8)
+            self._buf("frozen_int", i).copy_(torch.where(new, code, self._buf("frozen_int", i)))
+            frozen |= new
+            n.append(new.sum())
+        total = torch.stack(n).sum() if n else torch.zeros((), dtype=torch.long)
+        return int(total) if count else total
 
     @torch.no_grad()
     def apply_frozen(self, convs: dict[str, QuantConv2d]) -> None:
+        if not self._may_have_frozen:
+            return
         for i, conv in self._layers(convs):
             frozen = self._buf("frozen", i)
-            if not frozen.any():
-                continue
             s = conv.weight_quantizer.scale_for(conv.weight)
             conv.weight.data.copy_(torch.where(frozen, self._buf("frozen_int", i).float() * s, conv.weight.data))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # once per load (a resume), not per step
+        self._may_have_frozen = any(bool(self._buf("frozen", i).any()) for i in range(len(self.names)))
 
     # -- reporting --------------------------------------------------------------------------------
     @torch.no_grad()
