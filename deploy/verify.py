@@ -15,7 +15,7 @@ from quant import QuantConv2d
 def ort_session(model_onnx: onnx.ModelProto | str | Path):
     import onnxruntime as ort
 
-    data = model_onnx.SerializeToString() if isinstance(model_onnx, onnx.ModelProto) else str(model_onnx)
+    proto = model_onnx if isinstance(model_onnx, onnx.ModelProto) else onnx.load(str(model_onnx))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2  # shared CPUs
     # x86 CPUs without VNNI (SSE4.1 / AVX2 / AVX-512F) compute U8S8 integer convs / matmuls with pairwise
@@ -25,7 +25,16 @@ def ort_session(model_onnx: onnx.ModelProto | str | Path):
     # ORT rewrite s8 weights to u8 and run the exact U8U8 kernels (Avx2WeightS8ToU8Transformer); compiled
     # out on Arm. Verification and validation get the file's exact arithmetic on every x86 CPU, at some speed;
     # benchmarks/deploy_speed.py measures without it (a user's default session).
-    opts.add_session_config_entry("session.x64quantprecision", "1")
+    # onnxruntime 1.32 bug: with the option, a per-axis DequantizeLinear of int8 weights that has no zero-point
+    # input gets a scalar u8 zero point, and the run fails ("x_zero_point must be null or 1D tensor with size
+    # C"). Such graphs (the 'sim' export: float convs, no integer kernel to protect) are run without it.
+    inits = {t.name: t for t in proto.graph.initializer}
+    per_axis_without_zp = any(
+        n.op_type == "DequantizeLinear" and len(n.input) < 3 and n.input[1] in inits
+        and len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1 for n in proto.graph.node)
+    if not per_axis_without_zp:
+        opts.add_session_config_entry("session.x64quantprecision", "1")
+    data = proto.SerializeToString() if isinstance(model_onnx, onnx.ModelProto) else str(model_onnx)
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
