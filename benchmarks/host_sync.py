@@ -43,7 +43,11 @@ _FN_NAMES = {"tolist", "numpy"}
 
 
 def _where() -> str:
-    """file:line of the innermost caller in this repository, else in ultralytics, else torch."""
+    """file:line of the innermost caller in this repository or Ultralytics, else torch; ops that the autograd
+    engine runs (a backward) have no such caller: "torch/autograd backward" (e.g. the backward of a boolean-mask
+    index in Ultralytics' loss)."""
+    if torch._C._current_graph_task_id() != -1:
+        return "torch/autograd backward"
     stack = traceback.extract_stack()[:-3]
     for pick in (lambda f: (str(ROOT) in f and "/.venv/" not in f and "host_sync.py" not in f) or "/ultralytics/" in f,
                  lambda f: True):

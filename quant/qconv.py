@@ -72,14 +72,18 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
     """
 
     recompute_input: bool = False  # class default too: models pickled before the option existed
+    # Deploy targets whose runtime adds the bias to the int32 accumulator (quant/targets.py) set this: in eval
+    # the bias is then rounded to that grid, s_x * s_w (* out_scale), as the exported file rounds it.
+    int32_bias: bool = False
 
     def __init__(self, *args, w_bits: int = 4, a_bits: int = 4, per_channel: bool = False,
                  act_signed: bool = False, act_offset: bool = True, recompute_input: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.recompute_input = recompute_input
+        # the quantizers live where the layer's weight is (a model already on CUDA stays there; issue 19)
         self.weight_quantizer = LSQQuantizer(w_bits, signed=True, per_channel=per_channel, axis=0,
-                                             channels=self.out_channels)
-        self.input_quantizer = LSQQuantizer(a_bits, signed=act_signed, learn_offset=act_offset)
+                                             channels=self.out_channels).to(self.weight.device)
+        self.input_quantizer = LSQQuantizer(a_bits, signed=act_signed, learn_offset=act_offset).to(self.weight.device)
         self.input_quantizer.is_activation = True
         self.register_buffer("out_scale", None)
 
@@ -124,16 +128,33 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
         dtype = x.dtype
         wq = self.weight_quantizer(self.weight.float())
         folded = self.out_scale is not None  # the bias comes after the output scale, not inside the conv
-        conv_bias = None if folded or self.bias is None else self.bias.float()
+        bias = self.bias if self.bias is None or self.training or not self.int32_bias else self.accumulator_bias()
+        conv_bias = None if folded or bias is None else bias.float()
         if self._recomputes(x):
             y = _RecomputedInputConv.apply(x.float(), wq, conv_bias, self, *self.input_quantizer.parameters())
         else:
             y = self.convolve(self.input_quantizer(x.float()), wq, conv_bias)
         if folded:
             y = y * self.out_scale.view(1, -1, 1, 1)
-            if self.bias is not None:
-                y = y + self.bias.float().view(1, -1, 1, 1)
+            if bias is not None:
+                y = y + bias.float().view(1, -1, 1, 1)
         return y if dtype == torch.float32 else y.to(dtype)
+
+    @torch.no_grad()
+    def accumulator_scale(self) -> torch.Tensor:
+        """(weight scale per output channel with out_scale folded in, bias scale s_x * that), both fp32: the
+        DequantizeLinear scales of the exported weight and int32 bias (deploy/ort_modules.py)."""
+        s_w = self.weight_quantizer.scale.double().reshape(-1).expand(self.out_channels)
+        if self.out_scale is not None:
+            s_w = s_w * self.out_scale.double().reshape(-1)
+        w_scale = s_w.float()
+        return w_scale, self.input_quantizer.scale.reshape(()).float() * w_scale
+
+    @torch.no_grad()
+    def accumulator_bias(self) -> torch.Tensor:
+        """The bias as the runtime adds it: round(b / (s_x * s_w)) steps of s_x * s_w (an int32 code each)."""
+        _, b_scale = self.accumulator_scale()
+        return (torch.round(self.bias.double() / b_scale.double()) * b_scale.double()).float()
 
     def _recomputes(self, x: torch.Tensor) -> bool:
         q = self.input_quantizer

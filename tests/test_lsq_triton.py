@@ -194,3 +194,15 @@ def test_dense_layouts(kt):
     assert kt.supports(x, torch.tensor([0.1]), None)
     assert not kt.supports(x.double(), torch.tensor([0.1]), None)
     assert not kt.supports(x, torch.ones(3), None)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="parent only")
+def test_quantizers_are_created_on_the_layer_device():
+    """QuantConv2d's quantizers (step sizes, offsets, flags) follow the conv's device ('meta' here: nothing is
+    computed, so no range initialisation is needed to see where they were made)."""
+    from quant.qconv import QuantConv2d
+
+    q = QuantConv2d(4, 8, 3, device="meta")
+    where = {n: t.device.type for n, t in list(q.named_parameters()) + list(q.named_buffers())}
+    assert set(where.values()) == {"meta"}, where
+    assert "weight_quantizer._scale" in where and "input_quantizer.offset" in where
