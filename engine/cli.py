@@ -112,6 +112,18 @@ def resolve_model(opt) -> str:
     from models.registry import resolve_model_cfg
 
     src = opt.weights or opt.cfg or DEMO["cfg"]
+    if str(src).endswith(".qpk") and Path(src).is_file():  # a packed export: read safely, then say what it is
+        from models.safe_load import UnsafeCheckpointError, safe_load
+
+        try:
+            safe_load(src)
+        except UnsafeCheckpointError as e:
+            raise InputError(str(e)) from None
+        except Exception:
+            pass
+        raise InputError(f"--weights '{src}' is a packed integer checkpoint (export.py --format packed), made for "
+                         f"deployment without the latent weights QAT trains: start from the .pt checkpoint it was "
+                         f"exported from")
     if str(src).endswith(".pt"):
         if not Path(src).is_file():
             raise InputError(f"--weights '{src}' does not exist: pass a YOLO .pt checkpoint (e.g. "

@@ -283,6 +283,8 @@ def same(a, b, where="ckpt", seen=None) -> None:
         assert a.__func__ is b.__func__ and type(a.__self__) is type(b.__self__), where
     elif isinstance(a, float) and a != a:
         assert b != b, where
+    elif hasattr(a, "__dict__") and not isinstance(a, (type, types.FunctionType)):  # e.g. a kept model.criterion
+        same(vars(a), vars(b), where, seen)
     else:
         assert a == b, (where, a, b)
 
