@@ -206,3 +206,34 @@ def test_quantizers_are_created_on_the_layer_device():
     where = {n: t.device.type for n, t in list(q.named_parameters()) + list(q.named_buffers())}
     assert set(where.values()) == {"meta"}, where
     assert "weight_quantizer._scale" in where and "input_quantizer.offset" in where
+
+
+@pytest.mark.skipif(INTERPRETED, reason="parent only")
+def test_kernels_compile_for_hopper_without_fma_or_approximate_division():
+    """The kernels compiled ahead of time for sm_90 (no GPU needed): they build, divide with IEEE rounding
+    (div.rn, not div.full/approx) and contain no fused multiply-add (which would round differently from the
+    reference): what the interpreter cannot show."""
+    import triton
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:  # pragma: no cover - another triton layout
+        pytest.skip(f"triton's ahead-of-time compiler API is not available: {e}")
+    import quant.lsq_triton as m
+
+    common = {"s_ptr": "*fp32", "b_ptr": "*fp32", "n": "i32", "qmin": "fp32", "qmax": "fp32", "HAS_B": "constexpr",
+              "BLOCK": "constexpr"}
+    kernels = [(m._lsq_fwd, {"x_ptr": "*fp16", "y_ptr": "*fp16", **common, "OUT_BF16": "constexpr"},
+                {"HAS_B": True, "OUT_BF16": False, "BLOCK": 1024}),
+               (m._lsq_bwd, {"x_ptr": "*fp16", "dy_ptr": "*fp16", "dx_ptr": "*fp16", "ps_ptr": "*fp32",
+                             "pb_ptr": "*fp32", **common}, {"HAS_B": True, "BLOCK": 1024})]
+    for kern, sig, consts in kernels:
+        src = ASTSource(fn=kern, signature=sig,
+                        constexprs={(kern.arg_names.index(k),): v for k, v in consts.items()})
+        try:
+            ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+        except Exception as e:  # no ptxas / LLVM backend in this triton build
+            pytest.skip(f"cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:200]}")
+        assert "div.rn.f32" in ptx, kern.__name__
+        assert "fma." not in ptx and "div.full" not in ptx and "div.approx" not in ptx, kern.__name__
