@@ -1,6 +1,9 @@
 """benchmarks/reproduce.py end to end on a tiny embedded dataset: one bit width, two methods with QC,
 one seed; table / json / csv / PNGs are written, and a re-run skips every finished cell. Then method kd
-(EMA + distillation) with the three QC variants joins the same out dir, reusing the finished EMA cells."""
+(EMA + distillation) with the three QC variants joins the same out dir, reusing the finished EMA cells.
+The paper's own models (the original anchor-based YOLOv5 / YOLOv7, issue 21): yolov5n from its yaml through the
+command line with both ablations, yolov7-tiny and yolov5n-seg from the original-code checkpoints with every
+other method, kd and the QC variants."""
 import json
 import os
 import subprocess
@@ -10,6 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT.parent / "shared" / "fixtures" / "original-yolo"
+needs_fixtures = pytest.mark.skipif(not FIX.is_dir(), reason=f"fixtures not found at {FIX}")
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +162,9 @@ def test_cell_keys_of_older_out_dirs_are_unchanged(capsys):
     assert "--qc-variants kd label-free names variants of QC, which is off: add --qc" in capsys.readouterr().err
     assert rep.main(["--qc", "--distill-weight", "-1"]) == 2
     assert "--distill-weight -1 is invalid" in capsys.readouterr().err
+    # --loss-hyp is the YOLOv5 loss of the original anchor-based models: refused for an Ultralytics model
+    assert rep.main(["--cfg", "yolov5nu-seg", "--loss-hyp", "{obj: 25}"]) == 2
+    assert "--loss-hyp sets the YOLOv5 loss of the original anchor-based models" in capsys.readouterr().err
 
 
 def test_paired_comparison_uses_per_seed_differences():
@@ -173,3 +181,108 @@ def test_paired_comparison_uses_per_seed_differences():
     assert rep.paired_verdict(diffs).endswith("-> better") and "3/3 seeds higher" in rep.paired_verdict(diffs)
     assert rep.paired_verdict([0.01, -0.02, 0.015]).endswith("no measurable difference")
     assert rep.paired_verdict([0.01]).startswith("undetermined")
+
+
+# -- the paper's models: the original anchor-based YOLOv5 / YOLOv7 -------------------------------------------
+def run_cli(*args):
+    env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks/reproduce.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+TINY = ["--bits", "4", "--fp-epochs", "1", "--qat-epochs", "1", "--seeds", "0", "--imgsz", "64", "--batch", "4",
+        "--calib-batches", "1", "--qc-steps", "1", "--qc-calib-images", "4"]
+
+
+def check_original_cells(out, columns, task):
+    from engine.original import is_original
+    from models.checkpoint import load_checkpoint
+    from quant import is_quantized
+
+    table = (out / "table.md").read_text()
+    assert "Failed cells" not in table, table
+    cells = json.loads((out / "summary.json").read_text())["cells"]
+    assert {c["column"] for c in cells} == set(columns)
+    assert all(c["box"] is not None and (c["mask"] is not None) == (task == "segment") for c in cells)
+    assert all(c["qat"]["optimizer_steps"] == 2 for c in cells)
+    for run in {c["qat"]["weights"] for c in cells}:
+        model, _ = load_checkpoint(run)
+        assert is_original(model) and is_quantized(model), run  # QAT ran on the anchor-based model
+    return table, cells
+
+
+def test_original_yolov5n_from_its_yaml_on_the_command_line(data, tmp_path):
+    """The command of issue 21 that ended in 'Detect.__init__() takes from 1 to 5 positional arguments but 6 were
+    given' in the first QAT cell (Ultralytics' parse_model building the anchor-based yaml); then both ablations
+    into the same out dir (in-process), reusing its runs: the QC ablation trains per-tensor and per-channel
+    corrections on the EMA run, the decay sweep reuses a=0 (LSQ) and a=0.99 (EMA)."""
+    out = tmp_path / "v5n"
+    r = run_cli("--data", data, "--cfg", "yolov5n", "--methods", "lsq", "ema", "--qc", *TINY,
+                "--project", tmp_path, "--name", "v5n")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table, _ = check_original_cells(out, ["LSQ", "LSQ+QC", "EMA", "EMA+QC"], "detect")
+    assert "| model | FP | bits | LSQ | LSQ+QC | EMA | EMA+QC |" in table and "\n| yolov5n | " in table
+    assert "mask mAP50-95" not in table
+    assert json.loads((out / "fp.json").read_text())["task"] == "detect"
+
+    same = ["--data", data, "--cfg", "yolov5n", *TINY, "--project", tmp_path, "--name", "v5n"]
+    assert reproduce_in_process(*same, "--ablation", "ema-decay", "--decays", "0", "0.99") == 0
+    assert "| model | FP | bits | a=0 | a=0.99 |" in (out / "table-ema-decay.md").read_text()
+    assert reproduce_in_process(*same, "--ablation", "qc") == 0
+    qc = (out / "table-qc.md").read_text()
+    assert "| 4 | per-tensor | " in qc and "| 4 | per-channel | " in qc and "Failed cells" not in qc
+    cells = json.loads((out / "summary-qc.json").read_text())["cells"]
+    assert len(cells) == 7 and all(c["qc_steps"] == 1 for c in cells if c["qc"])
+    assert len(list((out / "runs").glob("w4-*/weights/last.pt"))) == 2  # no QAT run beyond the main table's
+
+
+@pytest.fixture(scope="module")
+def data3(data, tmp_path_factory):
+    """The tiny embedded set with 3 classes (class 3 relabelled 0): the fixtures' nc, so that they can teach."""
+    import shutil
+
+    import yaml
+
+    root = tmp_path_factory.mktemp("ds3") / "ds"
+    shutil.copytree(data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
+    for f in (root / "labels").rglob("*.txt"):
+        f.write_text("".join("0" + line[1:] if line.startswith("3 ") else line
+                             for line in f.read_text().splitlines(keepends=True)))
+    cfg = yaml.safe_load(data.read_text())
+    cfg.update(path=str(root), names={i: cfg["names"][i] for i in range(3)})
+    (root / "d3.yaml").write_text(yaml.safe_dump(cfg))
+    return root / "d3.yaml"
+
+
+def reproduce_in_process(*args):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reproduce as rep
+
+    return rep.main([str(a) for a in args])
+
+
+@needs_fixtures
+def test_original_yolov7_tiny_checkpoint_every_method(data3, tmp_path):
+    """--weights yolov7-tiny as WongKinYiu/yolov7's train.py saves it (fp16 pickle of models.yolo.Model with
+    IDetect): Dampen and kd (the fixture as teacher), each with the label-free QC variant."""
+    out = tmp_path / "v7t"
+    assert reproduce_in_process("--data", data3, "--weights", FIX / "yolov7-tiny-orig.pt", "--methods", "dampen",
+                                "kd", "--qc", "--qc-variants", "label-free", *TINY, "--project", tmp_path,
+                                "--name", "v7t") == 0
+    table, cells = check_original_cells(out, ["Dampen", "Dampen+QC(KD, no labels)", "EMA+KD",
+                                              "EMA+KD+QC(KD, no labels)"], "detect")
+    assert "FP from " in table and "yolov7-tiny-orig.pt" in table
+    kd = next(c for c in cells if c["column"] == "EMA+KD")
+    assert kd["qat"]["distill"]["teacher"] == str(FIX / "yolov7-tiny-orig.pt")
+
+
+@needs_fixtures
+def test_original_yolov5n_seg_checkpoint(data3, tmp_path):
+    """--weights yolov5n-seg as ultralytics/yolov5's segment/train.py saves it: Freeze with QC (labels) and the
+    QC(KD) variant; box and mask columns."""
+    out = tmp_path / "v5nseg"
+    assert reproduce_in_process("--data", data3, "--weights", FIX / "yolov5n-seg-orig.pt", "--methods", "freeze",
+                                "--qc", "--qc-variants", "labels", "kd", *TINY, "--project", tmp_path,
+                                "--name", "v5nseg") == 0
+    table, _ = check_original_cells(out, ["Freeze", "Freeze+QC", "Freeze+QC(KD)"], "segment")
+    assert "mask mAP50-95" in table
