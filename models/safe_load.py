@@ -371,8 +371,14 @@ def _refusal_of(e: BaseException) -> str | None:
 
 
 def _refusal_from_message(msg: str) -> str | None:
-    m = re.search(r"GLOBAL ([\w.]+) was not an allowed global", msg)
-    return _registry().refusal(m.group(1)) if m else None
+    m = re.search(r"GLOBAL ([\w.]+) (was not an allowed global|whose module)", msg)
+    if m:
+        return _registry().refusal(m.group(1))
+    if "Only persistent_load of storage is allowed" in msg:  # modules pickled with their source code
+        return ("it is in PyTorch's legacy serialization format (torch < 1.6, _use_new_zipfile_serialization=False), "
+                "which stores modules with their source code and cannot be read without unpickling it in full; "
+                "re-save it with a current torch.save where it was made")
+    return None
 
 
 # -- model yamls ----------------------------------------------------------------------------------------------

@@ -182,6 +182,33 @@ def test_the_real_scripts_exit_2(tmp_path, fp, data):
         assert not marker.exists(), argv
 
 
+def test_correct_qc_teacher_is_refused(tmp_path, data, capsys):
+    marker = tmp_path / "PWNED"
+    evil, name = crafted("os.system", tmp_path, marker)
+    code = correct_qc.main(["--weights", str(PREV_PT), "--distill", "--teacher", str(evil), "--data", str(data),
+                            "--imgsz", "64", "--batch", "4", "--steps", "1", "--no-val", "--project", str(tmp_path)])
+    assert_refused(code, capsys.readouterr().err, "correct_qc.py", name)
+    assert not marker.exists()
+
+
+def test_legacy_format_files(tmp_path):
+    """torch < 1.6's format (no zip: the names cannot be read first): a payload is still refused by name, a
+    pickled model (stored with its source code, unreadable by weights_only) is refused with a reason, plain
+    tensors load."""
+    marker = tmp_path / "PWNED"
+    torch.save({"model": Payload(os.system, f"touch {marker}")}, tmp_path / "evil.pt",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeCheckpointError, match=f"'{SYSTEM}'"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    torch.save({"model": tiny_model()}, tmp_path / "model.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeCheckpointError, match="legacy serialization format"):
+        load_checkpoint(tmp_path / "model.pt")
+    assert isinstance(load_checkpoint(tmp_path / "model.pt", trust=True)[0], DetectionModel)
+    torch.save({"w": torch.ones(2)}, tmp_path / "sd.pt", _use_new_zipfile_serialization=False)
+    assert torch.equal(safe_load(tmp_path / "sd.pt")["w"], torch.ones(2))
+
+
 # -- beyond the names a pickle imports: calling a model class, getattr, a model yaml that is code ---------------
 def test_a_model_class_called_with_a_poisoned_yaml_is_refused(tmp_path):
     marker = tmp_path / "PWNED"
