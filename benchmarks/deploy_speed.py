@@ -15,7 +15,8 @@ once in turn (round-robin, so machine noise hits all alike), after ``--warmup`` 
 latency, the speed relative to FP (FP median / median: > 1 is faster), the file size, and the integer convs in
 onnxruntime's optimised graph (``integer_conv_count``: QLinearConv, ConvInteger, ... after
 ``SessionOptions.optimized_model_filepath``) against the quantized convs of the file (Conv nodes whose weight
-comes from a DequantizeLinear). Sessions are default onnxruntime CPU sessions (graph optimisation ALL, no
+comes from a DequantizeLinear), and the QuantizeLinear + DequantizeLinear nodes left in the optimised graph
+(each one float work around an op that did not become an integer kernel). Sessions are default onnxruntime CPU sessions (graph optimisation ALL, no
 ``session.x64quantprecision``) with ``intra_op_num_threads`` = threads, spinning off unless ``--spin`` (on a
 shared machine a spinning thread steals the other's core).
 
@@ -91,7 +92,7 @@ def graph_summary(onnx_path: str | Path) -> dict:
     h = op_histogram(optimized_graph(onnx_path))
     q, total = quantized_conv_count(onnx_path)
     return {"integer_convs": sum(h[k] for k in INTEGER_CONV_OPS), "quantized_convs": q, "convs": total,
-            "optimized_ops": dict(h.most_common())}
+            "qdq_left": h["QuantizeLinear"] + h["DequantizeLinear"], "optimized_ops": dict(h.most_common())}
 
 
 # ---------------------------------------------------------------------------------------------- the files
@@ -295,7 +296,8 @@ def measure(files: list[dict], threads: list[int], repeats: int, warmup: int, sp
             rows.append({"file": f["label"], "kind": f["kind"], "imgsz": f["imgsz"], "threads": t,
                          "median_ms": 1e3 * med, "speed_vs_fp": fp[f["imgsz"], t] / med,
                          "size_mb": Path(f["path"]).stat().st_size / 2 ** 20, "integer_convs": g["integer_convs"],
-                         "quantized_convs": g["quantized_convs"], "convs": g["convs"], "runs": len(times[f["path"], t]),
+                         "quantized_convs": g["quantized_convs"], "convs": g["convs"], "qdq_left": g["qdq_left"],
+                         "runs": len(times[f["path"], t]),
                          "path": f["path"], "optimized_ops": g["optimized_ops"]})
     return rows
 
@@ -305,7 +307,7 @@ def measure(files: list[dict], threads: list[int], repeats: int, warmup: int, sp
 def markdown_table(rows: list[dict]) -> str:
     """One row per file and image size; per thread count the median latency and the speed vs FP."""
     threads = sorted({r["threads"] for r in rows})
-    head = ["file", "imgsz", "size MB", "integer convs (ORT) / quantized convs"]
+    head = ["file", "imgsz", "size MB", "integer convs (ORT) / quantized convs", "Q/DQ left (ORT)"]
     for t in threads:
         head += [f"{t} thr: ms", f"{t} thr: vs FP"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -313,7 +315,8 @@ def markdown_table(rows: list[dict]) -> str:
     for name, s in sorted(keys, key=lambda k: (k[1], keys.index(k))):
         sel = {r["threads"]: r for r in rows if (r["file"], r["imgsz"]) == (name, s)}
         r0 = next(iter(sel.values()))
-        cells = [name, str(s), f"{r0['size_mb']:.2f}", f"{r0['integer_convs']} / {r0['quantized_convs']}"]
+        cells = [name, str(s), f"{r0['size_mb']:.2f}", f"{r0['integer_convs']} / {r0['quantized_convs']}",
+                 str(r0["qdq_left"])]
         for t in threads:
             r = sel.get(t)
             cells += [f"{r['median_ms']:.2f}", f"{r['speed_vs_fp']:.2f}x"] if r else ["-", "-"]
