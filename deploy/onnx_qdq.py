@@ -29,7 +29,10 @@ from models.original import is_original_model
 from models.yolo import Detect as AnchorDetect
 from quant import is_quantized
 
-from .qdq_conv import QDQConv2d, swap_quant_convs
+from quant.targets import Target, get_target, model_target
+
+from .ort_modules import swap_for_ort
+from .qdq_conv import swap_quant_convs
 
 MIN_OPSET = 13  # per-axis DequantizeLinear (per-channel weight scales) first appears in opset 13
 INT4_OPSET = 21  # first opset with INT4 tensors
@@ -64,9 +67,10 @@ def _set_export_mode(model: nn.Module, imgsz: tuple[int, int], dynamic: bool) ->
 
 
 def prepare_export_model(model: nn.Module, imgsz=(640, 640), dynamic: bool = False,
-                         offset_mode: str = "exact") -> tuple[nn.Module, dict[str, QDQConv2d]]:
-    """A fused, export-mode copy of ``model`` with QDQConv2d in place of every QuantConv2d (none for a
-    float original YOLOv5 / YOLOv7 model, the only float models exported here)."""
+                         offset_mode: str = "exact", target: str | None = None) -> tuple[nn.Module, dict]:
+    """A fused, export-mode copy of ``model`` with the export form of every QuantConv2d: QDQConv2d for
+    the ``sim`` target, ORTConv2d (and the output quantizers' Q/DQ) for ``ort`` (none for a float original
+    YOLOv5 / YOLOv7 model, the only float models exported here). ``target`` None: the model's own."""
     from models import fold_bn_into_quant_convs, make_fuse_quant_aware
 
     quantized = is_quantized(model)
@@ -86,7 +90,25 @@ def prepare_export_model(model: nn.Module, imgsz=(640, 640), dynamic: bool = Fal
         fold_bn_into_quant_convs(m)
     m = m.fuse(verbose=False)
     _set_export_mode(m, imgsz, dynamic)
+    if quantized and export_target(model, target).name == "ort":
+        return m, swap_for_ort(m)
     return m, swap_quant_convs(m, offset_mode)
+
+
+def export_target(model: nn.Module, target: str | None = None) -> Target:
+    """The target to export for: ``target``, else the one the model was trained for. Exporting a model for
+    a target that quantizes more than it was trained with is refused (the runtime would run quantizers
+    QAT never saw); the other way (an ``ort`` model to ``sim``) only drops quantizers, and is refused too:
+    the file would not compute what the model computes."""
+    trained = model_target(model)
+    want = get_target(target) if target is not None else trained
+    if want.name != trained.name and is_quantized(model):
+        hint = ("train_qat.py --weights <this checkpoint> --target ort (a short QAT continues from it: the new "
+                "conv-output quantizers are calibrated and trained)" if want.name == "ort" else
+                f"export.py --target {trained.name}")
+        raise ValueError(f"the model was trained for target '{trained.name}' and cannot be exported for "
+                         f"'{want.name}': what runs would not be what was trained. Use {hint}")
+    return want
 
 
 def _output_names(model: nn.Module) -> list[str]:
@@ -134,7 +156,7 @@ def _metadata(model: nn.Module, imgsz, batch: int, layers: dict) -> dict:
 
 
 def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int] = 640, opset: int = INT4_OPSET,
-                dynamic: bool = False, offset_mode: str = "exact", batch: int = 1) -> Path:
+                dynamic: bool = False, offset_mode: str = "exact", batch: int = 1, target: str | None = None) -> Path:
     """Export a quantized YOLO model to ONNX with QuantizeLinear/DequantizeLinear (or a float original
     YOLOv5 / YOLOv7 model, fused, without them); returns the path.
 
@@ -146,7 +168,8 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
     if opset < MIN_OPSET and is_quantized(model):
         raise ValueError(f"opset={opset}: quantized export needs opset >= {MIN_OPSET} (per-channel DequantizeLinear)")
     imgsz = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
-    m, convs = prepare_export_model(model, imgsz, dynamic, offset_mode)
+    tgt = export_target(model, target) if is_quantized(model) else get_target("sim")
+    m, convs = prepare_export_model(model, imgsz, dynamic, offset_mode, tgt.name)
     im = torch.zeros(batch, m.yaml.get("channels", 3), *imgsz)
     with torch.no_grad():
         m(im)  # dry run: Detect caches anchors for the static shape, as in Ultralytics' exporter
@@ -168,7 +191,11 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
     missing = [w for w in weight_names.values() if w not in inits]
     if missing:  # the exporter renamed or folded them: the artifact could not be checked, so refuse it
         raise RuntimeError(f"ONNX export lost the integer weight initializers {missing[:3]}...")
-    narrow = {n: w for n, w in weight_names.items() if convs[n].w_bits <= 4}
+    narrow = {n: w for n, w in weight_names.items() if convs[n].w_bits <= 4 and tgt.int4_weights}
+    if tgt.name == "ort":
+        layers = {n: {"weight": weight_names[n], "w_bits": c.w_bits, "a_bits": c.a_bits, "weight_dtype": "int8",
+                      "zero_point": int(c.act.zero_point)} for n, c in convs.items()}
+        return _finish(model_onnx, m, imgsz, batch, layers, path, tgt)
     if opset >= INT4_OPSET:
         _narrow_to_int4(model_onnx, narrow)
     elif narrow:
@@ -185,8 +212,13 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
                   "weight_dtype": "int4" if n in narrow and opset >= INT4_OPSET else "int8",
                   "zero_point": None if c.act is None else c.act.zero_point,
                   "offset": None if c.act is None else c.act.offset} for n, c in convs.items()}
+    return _finish(model_onnx, m, imgsz, batch, layers, path, tgt)
+
+
+def _finish(model_onnx, m, imgsz, batch, layers, path, tgt: Target) -> Path:
     for k, v in _metadata(m, imgsz, batch, layers).items():
         model_onnx.metadata_props.add(key=k, value=str(v))
+    model_onnx.metadata_props.add(key="quant_target", value=tgt.name)
     onnx.checker.check_model(model_onnx)
     onnx.save(model_onnx, str(path))
     return path

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from models.yolo import Detect as AnchorDetect
-from quant import QuantConv2d
+from quant import LSQQuantizer
+from quant.act import FixedQuantizer
 
 
 def ort_session(model_onnx: onnx.ModelProto | str | Path):
@@ -60,33 +61,50 @@ def reference_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _with_code_outputs(path) -> tuple[onnx.ModelProto, list[str]]:
-    """The graph with every QuantizeLinear output (the integer activation codes) exposed."""
+    """The graph with every activation code exposed: each QuantizeLinear's output, or the integer Clip's
+    that follows it (a sub-8-bit grid in its 8-bit container)."""
     m = onnx.load(str(path))
-    names = [n.output[0] for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    consumers: dict[str, list] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    names = []
+    for n in m.graph.node:
+        if n.op_type == "QuantizeLinear":
+            c = consumers.get(n.output[0], [])
+            names.append(c[0].output[0] if len(c) == 1 and c[0].op_type == "Clip" else n.output[0])
     for n in names:
         m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
     return m, names
 
 
 def fake_quant_codes(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per quantized conv, in call order (= ONNX QuantizeLinear order): the activation codes the
-    fake-quant forward actually used, and the unrounded (x - b) / s in float64 (to tell ties).
+    """Per activation quantizer, in call order (= ONNX QuantizeLinear order): the codes the fake-quant
+    forward actually used, and the unrounded value in float64 (to tell ties). Activation quantizers are
+    the conv inputs' and, for deploy targets that quantize more (quant/act.py), the conv outputs' and the
+    sigmoid's; codes are on the container's grid (an integer zero point included).
 
-    The codes are read back from the quantizer's output ((y - b) / s, exact to far below half a step),
-    not recomputed with ``codes()``: whichever kernel ran (fused CPU, reference, CUDA) is what is
-    compared, so a tie that kernel decided its own way shows up at the layer where it happened.
+    The codes are read back from the quantizer's output, not recomputed with ``codes()``: whichever kernel
+    ran (fused CPU, reference, CUDA) is what is compared, so a tie that kernel decided its own way shows up
+    at the layer where it happened.
     """
     codes, z = [], []
 
-    def hook(q, args, y):
+    def lsq_hook(q, args, y):
         x = args[0].float()
-        b = q.offset.detach() if q.offset is not None else torch.zeros(1)
+        b = q.effective_offset(grad=False)
+        b = torch.zeros(1) if b is None else b.double()
         s = q.scale.double()
-        codes.append(((y.double() - b.double()) / s).round().float())
-        z.append((x.double() - b.double()) / s)
+        codes.append(((y.double() - b) / s).round().float())
+        z.append((x.double() - b) / s)
 
-    hooks = [m.input_quantizer.register_forward_hook(hook) for m in model.modules()
-             if isinstance(m, QuantConv2d) and m.input_quantizer.enabled]
+    def fixed_hook(q, args, y):
+        codes.append((y.double() / q.step).round().float())
+        z.append(args[0].double() / q.step)
+
+    hooks = [m.register_forward_hook(lsq_hook) for m in model.modules()
+             if isinstance(m, LSQQuantizer) and m.is_activation and m.enabled]
+    hooks += [m.register_forward_hook(fixed_hook) for m in model.modules() if isinstance(m, FixedQuantizer) and m.enabled]
     with torch.no_grad():
         model.eval()(x)
     for h in hooks:

@@ -7,11 +7,13 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .act import QuantAct, QuantOut, fixed_quantizers, output_quantizers
 from .batches import run_batches
 from .lsq import LSQQuantizer
 from .qconv import QuantConv2d
 from .range_init import flat_sample
 from .recipe import QuantRecipe
+from .targets import Target, get_target
 
 # A policy tells, for one family of models, which convs are "first" / "last" (kept at
 # first_last_bits) and which must never be quantized. Model packages register theirs; quant/
@@ -168,10 +170,44 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe | dict, policy: Callabl
         q.train(conv.training)
         replace_module(model, name, q)
     model.quant_recipe = recipe.to_dict()
+    apply_target(model, get_target(recipe.target))
     fin = roles.get("finalize")
     if finalize and fin is not None:
         fin(model)
     return model
+
+
+def apply_target(model: nn.Module, target: Target) -> int:
+    """Add the quantizers ``target`` puts beyond conv inputs (quant/act.py): integer zero points on every
+    activation quantizer, an output quantizer on every quantized conv (in its block's activation when it
+    has one, else around the conv). Idempotent; returns the number of output quantizers added."""
+    n = 0
+    if target.output_bits is not None:
+        blocks = {id(m.conv): m for m in model.modules()
+                  if isinstance(getattr(m, "conv", None), QuantConv2d) and isinstance(getattr(m, "act", None), nn.Module)
+                  and not isinstance(m, QuantOut)}
+        for name, conv in list(quant_convs(model).items()):
+            if not conv.input_quantizer.enabled:
+                continue
+            block = blocks.get(id(conv))
+            if block is not None:
+                if not isinstance(block.act, QuantAct):
+                    block.act = QuantAct(block.act, target.output_bits).to(conv.weight.device)
+                    n += 1
+            elif not isinstance(_parent(model, name), QuantOut):
+                replace_module(model, name, QuantOut(conv, target.output_bits).to(conv.weight.device))
+                n += 1
+    if target.integer_zero_point:
+        for q in list(activation_quantizers(model).values()) + list(output_quantizers(model).values()):
+            q.integer_zero_point = True
+    if target.int32_bias:
+        for conv in quant_convs(model).values():
+            conv.int32_bias = True
+    return n
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module | None:
+    return model.get_submodule(name.rpartition(".")[0]) if "." in name else model
 
 
 def quant_convs(model: nn.Module) -> dict[str, QuantConv2d]:
@@ -201,6 +237,9 @@ def set_quantizers_enabled(model: nn.Module, enabled: bool, weights: bool = True
             m.weight_quantizer.enabled = enabled
         if activations:
             m.input_quantizer.enabled = enabled
+    if activations:  # the target's conv-output and sigmoid quantizers are activation quantizers too
+        for q in list(output_quantizers(model).values()) + fixed_quantizers(model):
+            q.enabled = enabled
 
 
 @torch.no_grad()
@@ -218,7 +257,11 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
         raise ValueError("calibrate: the model has no quantized conv (call quantize_model first)")
     samples: dict[str, list[torch.Tensor]] = {n: [] for n in aq}
     hooks = []
-    for name, m in quant_convs(model).items():
+    # The target's conv-output quantizers (quant/act.py) are observed on their own inputs.
+    observed = {name: m for name, m in quant_convs(model).items()}
+    for name, q in output_quantizers(model).items():
+        aq[name], samples[name], observed[name] = q, [], q
+    for name, m in observed.items():
         def hook(mod, args, name=name):
             samples[name].append(flat_sample(args[0], sample_per_layer).cpu())
         hooks.append(m.register_forward_pre_hook(hook))

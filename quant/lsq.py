@@ -137,6 +137,10 @@ class LSQQuantizer(KeepFP32, nn.Module):
     checkpoints on save; half scales would move the integer grid).
     """
 
+    # LSQ+ offset on the integer zero-point grid (b = -zp * s, zp an integer code), as integer runtimes
+    # take it; a class default too, so quantizers pickled before the option existed keep the float offset.
+    integer_zero_point: bool = False
+
     def __init__(self, bits: int, signed: bool = True, per_channel: bool = False, axis: int = 0,
                  channels: int = 1, learn_offset: bool = False, grad_scale: bool = True):
         super().__init__()
@@ -176,6 +180,27 @@ class LSQQuantizer(KeepFP32, nn.Module):
         s = self._scale.clamp_min(MIN_SCALE) if grad else self.scale
         return broadcast_scale(s, x, self.axis if self.per_channel else None)
 
+    def effective_offset(self, grad: bool = True) -> torch.Tensor | None:
+        """The offset the forward uses: the learned one, or with ``integer_zero_point`` the nearest
+        grid origin ``-zp * s`` with ``zp = clamp(round(-b / s), 0, qmax)`` an integer code (what
+        QuantizeLinear's zero point holds). Gradients: straight through to ``b``; to ``s`` through
+        ``-zp * s``, so a clipped value gets ``c - zp`` as in torch's learnable fake-quant. No host sync."""
+        if self.offset is None:
+            return None
+        b = self.offset if grad else self.offset.detach()
+        if not self.integer_zero_point:
+            return b
+        s = self._scale.clamp_min(MIN_SCALE) if grad else self.scale
+        zp = self.zero_point_code()
+        return (b - b.detach()) - zp * s
+
+    @torch.no_grad()
+    def zero_point_code(self) -> torch.Tensor:
+        """``clamp(round(-b / s), 0, qmax)`` (float tensor of integers; zeros without an offset)."""
+        if self.offset is None:
+            return torch.zeros_like(self.scale)
+        return torch.round(-self.offset.detach() / self.scale).clamp_(0, self.qmax - self.qmin)
+
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes of ``x`` on this grid (a float tensor of integers):
@@ -191,7 +216,7 @@ class LSQQuantizer(KeepFP32, nn.Module):
         if self.offset is None:
             z = xf * inv_s
         else:
-            b = broadcast_scale(self.offset.detach(), xf, self.axis if self.per_channel else None)
+            b = broadcast_scale(self.effective_offset(grad=False), xf, self.axis if self.per_channel else None)
             z = torch.mul(xf, inv_s).add_(-b * inv_s)  # as the forward: no FMA (see _LSQFunction)
         return z.round_().clamp_(self.qmin, self.qmax)
 
@@ -243,7 +268,7 @@ class LSQQuantizer(KeepFP32, nn.Module):
             else:
                 self.init_from_weight(x)
         return lsq_fake_quant(x, self._scale, self.qmin, self.qmax, self._grad_factor(x),
-                              self.axis if self.per_channel else None, self.offset)
+                              self.axis if self.per_channel else None, self.effective_offset())
 
     def _grad_factor(self, x: torch.Tensor) -> float:
         if not self.grad_scale:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .targets import TARGET_NAMES
+
 BIT_CHOICES = tuple(range(2, 9))
 ACT_MODES = ("lsq+", "unsigned", "signed")
 WEIGHT_INITS = ("mse", "lsq")
@@ -62,6 +64,10 @@ class QuantRecipe:
     overrides: dict = field(default_factory=dict, metadata={
         "help": "per-layer bits, a mapping {layer name: {w_bits: b, a_bits: b}}"})
     exclude: list = field(default_factory=list, metadata={"help": "names of layers kept in float"})
+    target: str = field(default="sim", metadata={
+        "help": f"deploy target whose quantization QAT simulates, one of {TARGET_NAMES}: sim is the paper's "
+                "(conv inputs and weights), ort adds what onnxruntime's integer kernels quantize (conv outputs, "
+                "sigmoid, integer zero points) so the export runs on them; see quant/targets.py"})
 
     def __post_init__(self):
         _check_bits("w_bits", self.w_bits)
@@ -80,6 +86,7 @@ class QuantRecipe:
             for k, v in o.items():
                 _check_bits(f"overrides[{name!r}].{k}", v)
         self.exclude = list(self.exclude)
+        _check_choice("target", self.target, TARGET_NAMES)
 
     @classmethod
     def from_any(cls, recipe: "QuantRecipe | dict") -> "QuantRecipe":

@@ -1,0 +1,184 @@
+"""Export-time modules of the ``ort`` target: the QDQ patterns onnxruntime's CPU provider turns into
+integer kernels (quant/targets.py has the rules), each a module whose torch forward computes what the
+ONNX ops it emits compute, in their order (QuantizeLinear divides by the scale and rounds half to even).
+
+- ``ORTConv2d``: Q(x) [-> integer Clip for a sub-8-bit grid] -> DQ, DQ(int8 weight, per-channel scale
+  with BN, QC and the output scale folded in: the codes do not change), DQ(int32 bias, scale s_x * s_w)
+  -> Conv. Followed by the output Q of ``ORTAct`` / ``ORTOut`` this is QLinearConv.
+- ``ORTAct``: Q/DQ of the conv output, then Sigmoid -> Q/DQ(1/256) and Mul (QLinearSigmoid, QLinearMul),
+  or another activation in float.
+- ``ORTOut``: a head conv's output Q/DQ.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant import LSQQuantizer, QuantConv2d
+from quant.act import FixedQuantizer
+
+INT32_MAX = 2**31 - 1
+
+
+class IntQDQ(torch.autograd.Function):
+    """y = (clamp(clamp(round(x / s) + zp, container), lo, hi) - zp) * s; lo/hi (codes) None for 8 bits."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zp, lo, hi):
+        cmin, cmax = (-128, 127) if zp.dtype == torch.int8 else (0, 255)
+        z = zp.float()
+        q = (torch.round(x / scale) + z).clamp(cmin, cmax)
+        if lo is not None:
+            q = q.clamp(float(lo), float(hi))
+        return (q - z) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zp, lo, hi):
+        q = g.op("QuantizeLinear", x, scale, zp)
+        if lo is not None:  # an integer Clip between Q and DQ keeps the neighbours integer (a float one would not)
+            q = g.op("Clip", q, lo, hi)
+        return g.op("DequantizeLinear", q, scale, zp)
+
+
+class DequantizePerChannel(torch.autograd.Function):
+    """An integer initializer (int8 weight or int32 bias) times its per-output-channel scale (axis 0).
+
+    No zero-point input (ONNX's default: 0 of the input's type). With explicit int8 zero-point
+    initializers, onnxruntime 1.32's exact-arithmetic mode for x86 without VNNI
+    (``session.x64quantprecision``, which rewrites s8 weights to u8) fails to load the YOLO graphs
+    ("Attempt to replace the existing tensor"); without them it loads and fuses the same."""
+
+    @staticmethod
+    def forward(ctx, t_int, scale):
+        shape = [-1] + [1] * (t_int.dim() - 1)
+        return t_int.float() * scale.view(shape)
+
+    @staticmethod
+    def symbolic(g, t_int, scale):
+        return g.op("DequantizeLinear", t_int, scale, axis_i=0)
+
+
+def _grid(q: LSQQuantizer | FixedQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(scale, zero point, lo, hi) tensors of an activation grid in its 8-bit container."""
+    if isinstance(q, FixedQuantizer):
+        lo = hi = None if q.bits == 8 else (torch.tensor(0, dtype=torch.uint8), torch.tensor(q.qmax, dtype=torch.uint8))
+        return torch.tensor(q.step, dtype=torch.float32), torch.tensor(0, dtype=torch.uint8), lo, hi
+    if not q.is_initialized:
+        raise ValueError("an activation quantizer was never calibrated (run quant.calibrate before exporting)")
+    if q.per_channel:
+        raise ValueError("per-channel activation quantizers have no QuantizeLinear form onnxruntime fuses")
+    s = q.scale.reshape(()).float().clone()
+    if q.signed:
+        zp, dtype, lo_c, hi_c = 0, torch.int8, q.qmin, q.qmax
+    else:
+        zp = int(q.zero_point_code().reshape(-1)[0]) if q.offset is not None else 0
+        dtype, lo_c, hi_c = torch.uint8, q.qmin, q.qmax
+    lo = hi = None
+    if q.bits < 8:
+        lo, hi = torch.tensor(lo_c, dtype=dtype), torch.tensor(hi_c, dtype=dtype)
+    return s, torch.tensor(zp, dtype=dtype), lo, hi
+
+
+def grid_shift(q: LSQQuantizer) -> float:
+    """How far (in steps) the integer zero point moves a grid trained with a float LSQ+ offset (0 if on-grid)."""
+    if q.offset is None or q.integer_zero_point or q.signed:
+        return 0.0
+    z = float(-q.offset.detach().reshape(-1)[0] / q.scale.reshape(-1)[0])
+    return abs(z - min(max(round(z), 0), q.qmax))
+
+
+class _QDQ(nn.Module):
+    """One activation grid as buffers (they become the Q/DQ initializers)."""
+
+    def __init__(self, q):
+        super().__init__()
+        s, zp, lo, hi = _grid(q)
+        self.register_buffer("scale", s)
+        self.register_buffer("zero_point", zp)
+        self.register_buffer("lo", lo)
+        self.register_buffer("hi", hi)
+
+    def forward(self, x):
+        return IntQDQ.apply(x, self.scale, self.zero_point, self.lo, self.hi)
+
+
+class ORTConv2d(nn.Module):
+    """A BN-folded QuantConv2d as DQ(x) + DQ(int8 w) + DQ(int32 b) -> Conv."""
+
+    def __init__(self, qconv: QuantConv2d):
+        super().__init__()
+        wq, aq = qconv.weight_quantizer, qconv.input_quantizer
+        if not (wq.enabled and aq.enabled):
+            raise ValueError("the ort target needs quantized weights and inputs (an excluded or disabled "
+                             "quantizer leaves a float conv)")
+        if qconv.padding_mode != "zeros" or isinstance(qconv.padding, str):
+            raise ValueError("the ort export takes zero padding with explicit pads only")
+        self.w_bits, self.a_bits = qconv.w_bits, qconv.a_bits
+        self.stride, self.padding, self.dilation, self.groups = qconv.stride, qconv.padding, qconv.dilation, qconv.groups
+        self.act = _QDQ(aq)
+        n = qconv.out_channels
+        # BN, QC and the output scale go into the per-channel weight scale (the codes do not change); the bias
+        # into the int32 accumulator at scale s_x * s_w, the product onnxruntime checks before it fuses.
+        w_scale, b_scale = qconv.accumulator_scale()
+        bias = torch.zeros(n, dtype=torch.float64) if qconv.bias is None else qconv.bias.detach().double().reshape(-1)
+        b_int = torch.round(bias / b_scale.double())
+        if b_int.abs().max() > INT32_MAX:
+            raise ValueError(f"a bias does not fit int32 at scale s_x * s_w ({float(b_int.abs().max()):.3g} codes)")
+        self.register_buffer("weight_int", qconv.integer_weight().to(torch.int8))
+        self.register_buffer("weight_scale", w_scale)
+        self.register_buffer("bias_int", b_int.to(torch.int32))
+        self.register_buffer("bias_scale", b_scale)
+
+    def forward(self, x):
+        w = DequantizePerChannel.apply(self.weight_int, self.weight_scale)
+        b = DequantizePerChannel.apply(self.bias_int, self.bias_scale)
+        return F.conv2d(self.act(x), w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self):
+        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, weight={tuple(self.weight_int.shape)}"
+
+
+class ORTAct(nn.Module):
+    """QuantAct at export: Q/DQ of the conv output, then SiLU as Sigmoid -> Q/DQ -> Mul (or the activation)."""
+
+    def __init__(self, qact):
+        super().__init__()
+        self.pre = _QDQ(qact.pre)
+        self.sig = _QDQ(qact.sig) if qact.sig is not None else None
+        self.act = None if qact.sig is not None else qact.act
+
+    def forward(self, x):
+        y = self.pre(x)
+        return y * self.sig(torch.sigmoid(y)) if self.sig is not None else self.act(y)
+
+
+class ORTOut(nn.Module):
+    def __init__(self, conv: ORTConv2d, quantizer: LSQQuantizer):
+        super().__init__()
+        self.conv, self.quantizer = conv, _QDQ(quantizer)
+
+    def forward(self, x):
+        return self.quantizer(self.conv(x))
+
+
+def swap_for_ort(model: nn.Module) -> dict[str, ORTConv2d]:
+    """Replace (in place, on a BN-folded model) QuantAct, QuantOut and QuantConv2d by their export forms;
+    returns {conv name: ORTConv2d}. Every quantized conv must have an output quantizer (a model built for
+    the ort target): a conv without one would stay a float conv in onnxruntime."""
+    from quant import replace_module
+    from quant.act import QuantAct, QuantOut
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantAct):
+            replace_module(model, name, ORTAct(m))
+    outs = {n for n, m in model.named_modules() if isinstance(m, QuantOut)}
+    convs = {}
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantConv2d):
+            convs[name] = ORTConv2d(m)
+            replace_module(model, name, convs[name])
+    for name in outs:
+        m = model.get_submodule(name)
+        replace_module(model, name, ORTOut(m.conv, m.quantizer))
+    return convs
