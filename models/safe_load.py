@@ -93,9 +93,9 @@ class _Rebuild:
         return self.cls.__new__(self.cls, *args)
 
     def __call__(self, *args, **kwargs):
-        raise _Refused(self.name, f"it calls the model class '{self.name}' with arguments, which would run the "
-                                  f"class's constructor on data from the file (a checkpoint rebuilds a module from "
-                                  f"its saved state, never by calling its class)")
+        raise _Refused(self.name, f"it calls the class '{self.name}' with arguments, which would run the class's "
+                                  f"constructor on data from the file (a checkpoint rebuilds a module from its saved "
+                                  f"state, never by calling its class)")
 
     def __repr__(self):
         return f"<rebuild-only {self.name}>"
@@ -246,7 +246,7 @@ def paragraph(path, why: str) -> str:
             f"YOLO checkpoints hold (the module classes of torch.nn, Ultralytics and this project, tensors, "
             f"containers, dtypes, numpy scalars and plain data); nothing the file names was run. If you trust the "
             f"file (you made it, or it comes from a source you trust), load it with {TRUST_HOW}: it is then "
-            f"unpickled in full and what it needed beyond the safe list is printed")
+            f"unpickled in full and what it needed beyond the safe list is printed.")
 
 
 _lock = threading.Lock()

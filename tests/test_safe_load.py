@@ -48,6 +48,11 @@ class Payload:
         return self.fn, self.args
 
 
+@pytest.fixture(autouse=True)
+def untrusted(monkeypatch):
+    monkeypatch.delenv(TRUST_ENV, raising=False)  # the tests set it themselves where they mean to
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from data.embedded import ensure_embedded_dataset
@@ -216,7 +221,7 @@ def test_a_model_class_called_with_a_poisoned_yaml_is_refused(tmp_path):
     cfg["activation"] = f"__import__('os').system('touch {marker}') or nn.SiLU()"
     path = tmp_path / "ctor.pt"
     torch.save({"model": Payload(DetectionModel, cfg)}, path)  # only allowlisted names, but a constructor call
-    with pytest.raises(UnsafeCheckpointError, match="calls the model class 'ultralytics.nn.tasks.DetectionModel'"):
+    with pytest.raises(UnsafeCheckpointError, match="calls the class 'ultralytics.nn.tasks.DetectionModel'"):
         load_checkpoint(path)
     assert not marker.exists()
     torch.save({"model": Payload(getattr, DetectionModel, "__init__")}, path)
