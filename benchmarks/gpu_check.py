@@ -4,8 +4,8 @@
                                                               # devices, host syncs per step, fake-quant op time
     python benchmarks/gpu_check.py qat --amp on|off --report R.json -- <train_qat.py arguments>
 
-``qat`` runs engine.cli.main (what train_qat.py runs) with AMP forced on or off through the QAT stage's
-Ultralytics overrides, and callbacks that count non-finite losses, GradScaler back-offs (skipped steps) and
+``qat`` runs engine.cli.main (what train_qat.py runs) with ``--amp`` or ``--no-amp`` (Ultralytics' AMP check,
+which needs a download, is skipped), and callbacks that count non-finite losses, GradScaler back-offs (skipped steps) and
 check every LSQ step size / offset finite and > 0 at each epoch end and in the saved last.pt.
 """
 from __future__ import annotations
@@ -240,8 +240,7 @@ def qat(args, argv):
     from ultralytics.utils.torch_utils import unwrap_model
 
     want_amp = args.amp == "on"
-    orig = cli.qat_overrides
-    cli.qat_overrides = lambda opt, data, model_src, q: {**orig(opt, data, model_src, q), "amp": want_amp}
+    argv = [*argv, "--amp" if want_amp else "--no-amp"]
     # Ultralytics' AMP check loads yolo26n.pt, which cannot be downloaded offline: skip it (True when AMP is asked)
     import ultralytics.engine.trainer as ut
 

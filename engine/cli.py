@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
            "3/nl, nc/80 and (imgsz/640)^2, e.g. '{obj: 25}' (keys box, obj, cls, cls_pw, obj_pw, anchor_t, fl_gamma, "
            "label_smoothing); used by the FP and the QAT stage and kept in the checkpoints")
     a("--seed", type=int, default=0)
+    a("--amp", action=argparse.BooleanOptionalAction, default=True,
+      help="CUDA: fp16 autocast with a GradScaler (Ultralytics' default); --no-amp trains in float32. The fake "
+           "quantization itself always computes in float32 and returns the input's dtype")
     a("--resume", nargs="?", const=True, default=False, help="resume an interrupted run from its last.pt")
     add_fields(ap.add_argument_group(f"quantization and QAT (QuantRecipe, QATConfig; {FORMS})"), QATConfig)
     return ap
@@ -139,6 +142,7 @@ def common_overrides(opt, data: str) -> dict:
     close_mosaic = opt.close_mosaic if opt.close_mosaic is not None else min(10, opt.epochs // 4)
     return {"data": data, "imgsz": opt.imgsz, "batch": opt.batch, "nbs": opt.nbs or opt.batch, "device": opt.device,
             "workers": opt.workers, "seed": opt.seed, "plots": False, "close_mosaic": close_mosaic,
+            "amp": getattr(opt, "amp", True),
             "exist_ok": opt.exist_ok, "project": str(Path(opt.project).resolve())}
 
 
