@@ -68,7 +68,11 @@ _BUILD_SUFFIX = "\n(rebuild only)"  # registry names a pickle's GLOBAL cannot sp
 
 
 class UnsafeCheckpointError(ValueError):
-    """A checkpoint refused by the safe loader; the message is the one-paragraph explanation."""
+    """A checkpoint refused by the safe loader; the message is the one-paragraph explanation, ``why`` its reason."""
+
+    def __init__(self, path, why: str):
+        super().__init__(paragraph(path, why))
+        self.why = why
 
 
 class MissingClassError(ValueError):
@@ -285,7 +289,7 @@ def _check_names(path, names: list[str]) -> None:
             missing = _missing_class(path, name)
             if missing:
                 raise MissingClassError(missing)
-            raise UnsafeCheckpointError(paragraph(path, reg.refusal(name)))
+            raise UnsafeCheckpointError(path, reg.refusal(name))
 
 
 def _missing_class(path, name: str) -> str | None:
@@ -341,26 +345,25 @@ def safe_load(path: str | Path | io.IOBase, trust: bool | None = None) -> Any:
         except UnsafeCheckpointError as e:
             if not is_trusted(trust):
                 raise
-            reason = str(e)
+            reason = e.why
         except pickle.UnpicklingError as e:
             refused = _refusal_of(e) or _refusal_from_message(str(e))
             if refused is None:
                 raise
             if not is_trusted(trust):
-                raise UnsafeCheckpointError(paragraph(label, refused)) from None
+                raise UnsafeCheckpointError(label, refused) from None
             reason = refused
         extra = [n for n in names or [] if n not in _registry().entries]
-        why = reason.split(": ", 1)[-1].split(". A .pt checkpoint")[0]
         print(f"{label}: loading a trusted checkpoint in full ({TRUST_ENV}=1 / --trust-checkpoint), "
               f"torch.load(weights_only=False); beyond the safe list it allowed "
-              f"{', '.join(extra) if extra else 'what the safe loader refused'}: {why}", file=sys.stderr)
+              f"{', '.join(extra) if extra else 'what the safe loader refused'}: {reason}", file=sys.stderr)
         f.seek(0)
         return torch.load(f, map_location="cpu", weights_only=False)
 
 
 def _refusal_of(e: BaseException) -> str | None:
-    """The reason of a refusal inside torch's weights_only unpickler (ours, or its own for a global outside the
-    registered ones: a legacy-format file, whose names could not be read first); None for other errors."""
+    """The reason of a refusal raised inside torch's weights_only unpickler by a stand-in or ``_forward_getattr``
+    (torch re-raises it as its own UnpicklingError); None for other errors."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -430,7 +433,7 @@ def check_model_yamls(obj, path) -> None:
     for d in yamls:
         problem = _yaml_problem(d) if isinstance(d, dict) else None
         if problem:
-            raise UnsafeCheckpointError(paragraph(path, (
+            raise UnsafeCheckpointError(path, (
                 f"its model yaml names {problem}, which Ultralytics' model builder would evaluate or call as Python "
                 f"when the model is rebuilt from the yaml (only nn.Module classes and a literal nn.<Activation>(...) "
-                f"are built safely)")))
+                f"are built safely)"))
