@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 
 PROG = "export.py"
+TARGET_NAMES = ("sim", "ort")  # quant.targets.TARGET_NAMES (not imported here: --help stays instant)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                weights_help="quantized checkpoint (.pt from train_qat.py / correct_qc.py), or an original "
                             "YOLOv5/YOLOv7 .pt")
     ap.add_argument("--format", choices=("onnx", "packed"), default="onnx")
-    ap.add_argument("--opset", type=int, default=21, help="ONNX opset; >= 21 stores <= 4-bit weights as INT4")
+    ap.add_argument("--target", choices=TARGET_NAMES, default=None,
+                    help="deploy target (quant/targets.py); default: the one the checkpoint was trained for. ort: "
+                         "onnxruntime's integer kernels (QLinearConv); sim: the paper's simulation, a float graph")
+    ap.add_argument("--opset", type=int, default=21, help="ONNX opset; >= 21 stores <= 4-bit weights as INT4 (sim target)")
     ap.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=False,
                     help="dynamic batch and image size (else --batch x 3 x --imgsz x --imgsz)")
     ap.add_argument("--offset-mode", choices=("exact", "zero_point"), default="exact",
@@ -120,7 +124,8 @@ def export(args: argparse.Namespace) -> int:
     warnings.simplefilter("always", deploy.ExportWarning)
     try:
         if args.format == "onnx":
-            deploy.export_onnx(model, out, imgsz, args.opset, args.dynamic, args.offset_mode, batch=args.batch)
+            deploy.export_onnx(model, out, imgsz, args.opset, args.dynamic, args.offset_mode, batch=args.batch,
+                               target=args.target)
         else:
             deploy.save_packed(model, out)
     except deploy.NothingQuantizedError as e:

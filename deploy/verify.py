@@ -1,6 +1,7 @@
 """Check an exported ONNX file against the PyTorch fake-quant model it came from, in onnxruntime."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,16 @@ def fake_quant_codes(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tens
     return codes, z
 
 
+def deployed_form(model: nn.Module) -> nn.Module:
+    """The model as its export computes it: for targets with an int32 bias (quant/targets.py), a fused copy,
+    whose eval forward rounds each bias to the accumulator grid as the file does (BN folded first)."""
+    from quant.targets import model_target
+
+    if model_target(model).int32_bias and hasattr(model, "fuse"):
+        return copy.deepcopy(model).fuse(verbose=False)
+    return model
+
+
 def compare_onnxruntime(model: nn.Module, path: str | Path, x: torch.Tensor) -> dict:
     """onnxruntime vs the PyTorch fake-quant model on ``x`` (batch as exported; exact offset mode).
 
@@ -123,6 +134,7 @@ def compare_onnxruntime(model: nn.Module, path: str | Path, x: torch.Tensor) -> 
     way by float arithmetic (conv accumulation order, x/s vs x*(1/s)); later flips are the
     network propagating them.
     """
+    model = deployed_form(model)
     refs = reference_outputs(model, x)
     m, code_names = _with_code_outputs(path)
     outs = ort_session(m).run(None, {"images": x.numpy()})
