@@ -4,7 +4,9 @@ The files, per image size:
 - ``FP``: Ultralytics' own ONNX export of the float model (``YOLO(ckpt).export(format="onnx", simplify=False)``:
   nothing is installed or downloaded: onnxslim is only asked for with simplify);
 - ``ORT PTQ``: onnxruntime's own static INT8 post-training quantization of that file (``quantize_static``, QDQ,
-  u8 activations, s8 per-channel weights, MinMax over ``--calib-images`` embedded-data images): what a user gets
+  u8 activations, s8 per-channel weights, MinMax over ``--calib-images`` training images of the
+  embedded data; the head's decoding after its final convs stays float, as in Ultralytics' INT8 ONNX export:
+  quantized, one u8 scale would span box pixels and class scores and round every score to 0): what a user gets
   from onnxruntime in one call;
 - ours, ``W8A8`` / ``W4A8`` / ``W4A4`` (first and last layers 8 bit, per-channel weights, calibrated on the same
   images), through ``deploy.export_onnx(..., target=T)`` for every target T the function accepts (read from its
@@ -123,7 +125,7 @@ def build_fp(cfg: str, weights: str | None, nc: int):
 
 
 def calibration_images(n: int, imgsz: int, data: str | None = None) -> list:
-    """``n`` validation images of the dataset (default: the embedded one), letterboxed to ``imgsz``, as float
+    """``n`` training images of the dataset (default: the embedded one), letterboxed to ``imgsz``, as float
     tensors (1, 3, imgsz, imgsz) in [0, 1]."""
     import cv2
     import numpy as np
@@ -134,7 +136,7 @@ def calibration_images(n: int, imgsz: int, data: str | None = None) -> list:
     from engine.calib import resolve_data
 
     d = check_det_dataset(resolve_data(data))
-    root = Path(d["val"] if isinstance(d["val"], str) else d["val"][0])
+    root = Path(d["train"] if isinstance(d["train"], str) else d["train"][0])
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp"})[:n]
     if not files:
         raise FileNotFoundError(f"no images under {root}")
@@ -159,8 +161,32 @@ def export_fp(model, path: Path, imgsz: int) -> Path:
     return Path(f)
 
 
+def decode_nodes(onnx_path: str | Path) -> list[str]:
+    """The nodes after the head's final convs (``*.2/Conv`` of cv2 / cv3 / cv4: box distribution, class and mask
+    coefficient maps), i.e. DFL, box decoding, sigmoid and the output Concat. Quantized, output0 would share one
+    u8 scale between box pixels and class scores, which rounds every score to 0 (mAP 0)."""
+    import re
+
+    import onnx
+
+    g = onnx.load(str(onnx_path)).graph
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    heads = [n for n in g.node if n.op_type == "Conv" and re.search(r"\.2/Conv$", n.name)]
+    seen, todo = set(), [o for n in heads for o in n.output]
+    while todo:
+        for c in consumers.get(todo.pop(), []):
+            if c.name not in seen:
+                seen.add(c.name)
+                todo.extend(c.output)
+    return sorted(seen)
+
+
 def export_ptq(fp_path: Path, path: Path, images: list) -> Path:
-    """onnxruntime's static INT8 PTQ of an FP ONNX: QDQ, u8 activations, s8 per-channel weights, MinMax."""
+    """onnxruntime's static INT8 PTQ of an FP ONNX: QDQ, u8 activations, s8 per-channel weights, MinMax; the head's
+    decoding after its final convs stays float (``decode_nodes``), as Ultralytics' own INT8 ONNX export keeps it."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -171,7 +197,7 @@ def export_ptq(fp_path: Path, path: Path, images: list) -> Path:
             return next(self.it, None)
 
     quantize_static(str(fp_path), str(path), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, per_channel=True)
+                    weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=decode_nodes(fp_path))
     return path
 
 
