@@ -111,7 +111,7 @@ def run(a: argparse.Namespace) -> int:
     from models.checkpoint import load_checkpoint
     from quant import is_quantized
     from engine.cli_common import InputError, input_error, output_dir
-    from engine.qc import run_qc
+    from engine.qc import budget_note, run_qc
     from quant.qc import FoldCheckError, qc_modules
     from engine.validate import format_table, trained_imgsz, validate
 
@@ -161,6 +161,7 @@ def run(a: argparse.Namespace) -> int:
         summary.append(f"fold check: every folded layer within its float32 rounding bound (worst {f.get('worst_layer')}: "
                        f"{f.get('worst_ratio', 0):.2g} of it); end to end max abs diff {f['max_abs_diff']:.3g} "
                        f"(output range {f['output_range']:.3g})")
+    summary += [n for n in (budget_note(report.get("steps", 0), report["lr"]),) if n]  # far below the paper's
     if results:
         summary.append(format_table(results))
     print("\n".join(summary))

@@ -1,0 +1,172 @@
+"""QC's budget at small scale (issue 21): on the QAT runs of a reproduce.py out dir, QC at several (steps, lr)
+points, and the control a reader asks for: the same checkpoint trained by QAT for about as many extra optimizer
+steps instead of QC. Box and mask mAP50-95 (pycocotools), per seed and paired against the run without QC.
+
+    python benchmarks/reproduce.py --cfg yolov5nu-seg --bits 4 3 --methods ema --qc --qc-steps 185 --qc-lr 1e-3 \
+        --fp-epochs 15 --qat-epochs 4 --seeds 0 1 --imgsz 128 --batch 16 --project runs/qc-budget --name base
+    python benchmarks/qc_budget.py --out runs/qc-budget/base --points 185:1e-3 16:1e-4 185:1e-2 185:1e-4 \
+        --control-epochs 12
+
+The paper's QC is one COCO epoch: 1,849 Adam steps at lr 1e-4 (lr x steps = 0.185, the most a correction can move
+in Adam's units). Each point's results are cached in <out>/qc-budget/*.json: a re-run computes only what is missing.
+The control continues QAT from the QAT run's saved (EMA) model with its settings (SGD lr0, scales Adam, EMA), for
+--control-epochs epochs (one optimizer step per batch; validated once, at the end), and is evaluated as the QAT
+cells are (weights/last.pt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import reproduce as rep  # noqa: E402
+
+
+def qat_runs(out: Path) -> list[dict]:
+    runs = []
+    for p in sorted((out / "cells").glob("qat-*.json")):
+        q = json.loads(p.read_text())
+        key = q["qat_key"]  # w4-lsq-ema0.99-s0
+        noqc = rep.read_json(out / "cells" / f"{key}--noqc.json")
+        if noqc is None:
+            continue
+        bits = int(key[1:key.index("-")])
+        seed = int(key.rsplit("-s", 1)[1])
+        runs.append({"key": key, "bits": bits, "seed": seed, "qat": q, "noqc": noqc})
+    return runs
+
+
+def settings_namespace(out: Path, device: str) -> argparse.Namespace:
+    s = json.loads((out / "settings.json").read_text())
+    return argparse.Namespace(**{"loss_hyp": None, **s, "out": out, "device": device, "workers": 0})
+
+
+def qc_point(run: dict, steps: int, lr: float, a, data: str, reuse: bool = True) -> dict:
+    from engine.qc import run_qc
+    from models.checkpoint import load_checkpoint
+
+    path = Path(a.out) / "qc-budget" / f"{run['key']}--qc{steps}x{lr:g}.json"
+    done = rep.read_json(path)
+    if done:
+        return done
+    if reuse and (steps, lr) == (a.qc_steps, a.qc_lr):  # reproduce.py's own +QC cell (per-channel scale and shift)
+        cell = rep.read_json(Path(a.out) / "cells" / f"{run['key']}--qc-channel-both.json")
+        if cell is not None:
+            return {"steps": cell["qc_steps"], "lr": lr, **{k: cell[k] for k in ("box", "mask")},
+                    **{k: cell["qc_report"].get(k) for k in ("loss_before", "loss_after")}}
+    model, _ = load_checkpoint(run["qat"]["weights"])
+    t0 = time.time()
+    model, report = run_qc(model, data=data, steps=steps, lr=lr, imgsz=a.imgsz, batch=a.batch, seed=run["seed"],
+                           device=a.device, save_dir=Path(a.out) / "qc-budget" / "work")
+    res = {"steps": report["steps"], "lr": lr, "loss_before": report.get("loss_before"),
+           "loss_after": report.get("loss_after"), "qc_s": time.time() - t0,
+           **rep.evaluate(model, a, data, Path(a.out) / "val" / path.stem)}
+    rep.write_json(path, res)
+    return res
+
+
+def control(run: dict, epochs: int, a, data: str) -> dict:
+    """QAT continued from the QAT run's saved model (the EMA, as QC starts from) for ``epochs`` more epochs."""
+    from engine.cli import qat_config, qat_overrides
+    from engine.trainer import qat_trainer_class
+
+    name = f"{run['key']}--qat+{epochs}ep"
+    path = Path(a.out) / "qc-budget" / f"{name}.json"
+    done = rep.read_json(path)
+    if done:
+        return done
+    q = run["qat"]
+    steps = rep.steps_per_epoch(data, a.batch) * epochs
+    opt = rep.cli_opt(a, data, name, weights=q["weights"], epochs=epochs, w_bits=run["bits"], a_bits=run["bits"],
+                      method="lsq", ema_decay=q["ema_decay"], ema_tau=max(1.0, steps / 10), seed=run["seed"])
+    t0 = time.time()
+    overrides = {**qat_overrides(opt, data, q["weights"], qat_config(opt).to_dict()), "val": False}  # last only
+    trainer = qat_trainer_class(rep.read_json(Path(a.out) / "fp.json")["task"])(overrides=overrides)
+    trainer.train()
+    res = {"steps": int(trainer.qat_step), "epochs": epochs, "train_s": time.time() - t0,
+           **rep.evaluate(str(Path(trainer.save_dir) / "weights" / "last.pt"), a, data, Path(a.out) / "val" / name)}
+    rep.write_json(path, res)
+    return res
+
+
+def fmt(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    m = 100 * statistics.fmean(vals)
+    return f"{m:.1f} ± {100 * statistics.stdev(vals):.1f}" if len(vals) > 1 else f"{m:.1f}"
+
+
+def paired(diffs: list[float]) -> str:
+    if not diffs:
+        return "-"
+    m = 100 * statistics.fmean(diffs)
+    wins = sum(d > 0 for d in diffs)
+    sd = f" ± {100 * statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
+    return f"{m:+.2f}{sd} ({wins}/{len(diffs)})"
+
+
+def table(rows: dict, metrics: list[str]) -> str:
+    """rows: (bits, label, lr x steps) -> list of (seed, {metric: value}, {metric: no-QC value})."""
+    head = ["bits", "what", "lr x steps"] + [f"{m} mAP50-95" for m in metrics] + [f"{m} - no QC, paired (seeds up)"
+                                                                                 for m in metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (bits, label, budget), vals in rows.items():
+        cells = [str(bits), label, budget]
+        cells += [fmt([v[m] for _, v, _ in vals if v.get(m) is not None]) for m in metrics]
+        cells += ["-" if label == "no QC" else paired([v[m] - b[m] for _, v, b in vals if v.get(m) is not None])
+                  for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="a reproduce.py out dir with QAT runs (cells/qat-*.json)")
+    ap.add_argument("--points", nargs="+", default=["185:1e-3", "16:1e-4", "185:1e-2", "185:1e-4"],
+                    help="QC budgets STEPS:LR, in the order computed (the control comes after the first)")
+    ap.add_argument("--control-epochs", type=int, default=12, help="extra QAT epochs of the control (0: none)")
+    ap.add_argument("--qc-after-control", action=argparse.BooleanOptionalAction, default=True,
+                    help="also QC (the first point) on the control's longer-trained model")
+    ap.add_argument("--device", default="cpu")
+    a_ = ap.parse_args(argv)
+    out = Path(a_.out)
+    a = settings_namespace(out, a_.device)
+    from engine.calib import resolve_data
+
+    data = resolve_data(a.data)
+    points = [(int(p.split(":")[0]), float(p.split(":")[1])) for p in a_.points]
+    runs = qat_runs(out)
+    rows: dict = {}
+    for r in sorted(runs, key=lambda r: (r["seed"], -r["bits"])):  # seed-major: a stopped run has both widths
+        base = {"box": r["noqc"]["box"], "mask": r["noqc"].get("mask")}
+        rows.setdefault((r["bits"], "no QC", "0"), []).append((r["seed"], base, base))
+        for i, (steps, lr) in enumerate(points):
+            res = qc_point(r, steps, lr, a, data)
+            rows.setdefault((r["bits"], f"QC {steps} steps x lr {lr:g}", f"{steps * lr:.3g}"), []).append(
+                (r["seed"], res, base))
+            if i == 0 and a_.control_epochs:  # right after the first point: what the control is compared with
+                res = control(r, a_.control_epochs, a, data)
+                rows.setdefault((r["bits"], f"QAT +{res['steps']} steps, no QC", "-"), []).append(
+                    (r["seed"], res, base))
+                if a_.qc_after_control:  # QC (the first point) after the longer QAT: does it still add?
+                    name = f"{r['key']}--qat+{a_.control_epochs}ep"
+                    longer = {**r, "key": name, "qat": {"weights": str(out / "runs" / name / "weights" / "last.pt")}}
+                    res = qc_point(longer, steps, lr, a, data, reuse=False)
+                    rows.setdefault((r["bits"], f"QAT +{a_.control_epochs}ep, then QC {steps} x {lr:g}",
+                                     f"{steps * lr:.3g}"), []).append((r["seed"], res, base))
+    metrics = ["box"] + (["mask"] if any(v.get("mask") is not None for vs in rows.values() for _, v, _ in vs) else [])
+    text = table(dict(sorted(rows.items(), key=lambda kv: -kv[0][0])), metrics)
+    (out / "qc-budget.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
