@@ -189,3 +189,35 @@ def test_session_loads_with_exact_arithmetic_mode(exported):
     # session.x64quantprecision once failed to load graphs whose weight DQ had explicit int8 zero points
     _, path = exported["det", "w8a8"]
     assert ort_session(path).run(None, {"images": images(1, IMGSZ, 0).numpy()})
+
+
+def test_qc_corrections_fold_into_an_integer_export(tmp_path):
+    """QC wraps each conv (a head conv's inside its QuantOut, so the correction comes before the output
+    quantizer, as BN does); folded, the export still runs every conv as QLinearConv and matches."""
+    from quant.qc import fold_qc, insert_qc, qc_parameters
+
+    q = copy.deepcopy(quantized("seg", "w4a8"))
+    assert insert_qc(q) == len(quant_convs(q))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in qc_parameters(q):
+            p.add_(torch.randn_like(p) * 0.05)
+    fold_qc(q)
+    path = deploy.export_onnx(q, tmp_path / "qc.onnx", IMGSZ)
+    assert optimized_ops(path, tmp_path)["QLinearConv"] == len(quant_convs(q))
+    for seed in range(3):
+        r = compare_onnxruntime(q, path, images(1, IMGSZ, 60 + seed))
+        if r["code_flips"]:
+            assert r["first_flip_tie_distance"] < 1e-3
+        else:
+            assert r["max_abs"] <= 1e-5 * r["max_ref"]
+
+
+def test_packed_checkpoint_of_an_ort_model_reloads_identically(tmp_path):
+    q = quantized("det", "w4a4")
+    deploy.save_packed(q, tmp_path / "q.qpk")
+    r = deploy.load_packed(tmp_path / "q.qpk")
+    assert r.quant_recipe["target"] == "ort" and output_quantizers(r)
+    x = images(2, IMGSZ, 3)
+    with torch.no_grad():
+        assert torch.equal(r.eval()(x)[0], q.eval()(x)[0])
