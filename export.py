@@ -5,9 +5,11 @@
     python export.py --weights best.pt --data data/coco.yaml --project runs/export --name v5n   # checked on val images
     python export.py --weights best.pt --format packed                                  # bit-packed integer checkpoint
 
-ONNX: BN and folded QC corrections become per-output-channel scales (Mul) after each integer conv;
-weights are integer initializers + DequantizeLinear, activations QuantizeLinear/DequantizeLinear;
-outputs are those of Ultralytics' own ONNX export (output0 [, output1]), so its NMS applies.
+ONNX, for the deploy target the checkpoint was trained for (quant/targets.py; --target only confirms it):
+``ort`` runs on onnxruntime's integer kernels (every quantized conv a QLinearConv: BN, QC and the output scale
+folded into per-channel int8 weight scales, int32 biases, integer zero points); ``sim`` (the paper's simulation,
+older checkpoints) has BN and QC as per-output-channel Mul after float convs on dequantized (INT4) weights.
+Outputs are those of Ultralytics' own ONNX export (output0 [, output1]), so its NMS applies.
 Original anchor-based YOLOv5 / YOLOv7 checkpoints (theirs as they are, or ours after QAT / QC) export
 with yolov5's output layout instead: output0 (batch, anchors, 5+nc[+nm]) [, output1 protos
 (batch, nm, h/4, w/4)], which the NMS of those repositories takes unchanged; a float one exports
