@@ -319,8 +319,9 @@ def measure(files: list[dict], threads: list[int], repeats: int, warmup: int, sp
         for t in threads:
             med = statistics.median(times[f["path"], t])
             g = graphs[f["path"]]
+            q = statistics.quantiles(times[f["path"], t], n=4) if len(times[f["path"], t]) > 1 else [med] * 3
             rows.append({"file": f["label"], "kind": f["kind"], "imgsz": f["imgsz"], "threads": t,
-                         "median_ms": 1e3 * med, "speed_vs_fp": fp[f["imgsz"], t] / med,
+                         "median_ms": 1e3 * med, "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2], "speed_vs_fp": fp[f["imgsz"], t] / med,
                          "size_mb": Path(f["path"]).stat().st_size / 2 ** 20, "integer_convs": g["integer_convs"],
                          "quantized_convs": g["quantized_convs"], "convs": g["convs"], "qdq_left": g["qdq_left"],
                          "runs": len(times[f["path"], t]),
