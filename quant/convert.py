@@ -171,6 +171,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe | dict, policy: Callabl
         replace_module(model, name, q)
     model.quant_recipe = recipe.to_dict()
     apply_target(model, get_target(recipe.target))
+    name_quantizers(model)
     fin = roles.get("finalize")
     if finalize and fin is not None:
         fin(model)
@@ -204,6 +205,14 @@ def apply_target(model: nn.Module, target: Target) -> int:
         for conv in quant_convs(model).values():
             conv.int32_bias = True
     return n
+
+
+def name_quantizers(model: nn.Module) -> None:
+    """Give every LSQQuantizer its dotted name in ``model`` (``name``), for the messages that must say which
+    layer (an uncalibrated activation quantizer in training: quant/lsq.py)."""
+    for n, m in model.named_modules():
+        if isinstance(m, LSQQuantizer):
+            m.name = n
 
 
 def _parent(model: nn.Module, name: str) -> nn.Module | None:
@@ -255,6 +264,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
     aq = activation_quantizers(model)
     if not aq:
         raise ValueError("calibrate: the model has no quantized conv (call quantize_model first)")
+    name_quantizers(model)  # models quantized before quantizers had names, or moved into a wrapper
     samples: dict[str, list[torch.Tensor]] = {n: [] for n in aq}
     hooks = []
     # The target's conv-output quantizers (quant/act.py) are observed on their own inputs.

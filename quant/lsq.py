@@ -127,6 +127,16 @@ def lsq_fake_quant(x, scale, qmin, qmax, grad_factor=1.0, axis=None, offset=None
     return y if dtype == torch.float32 else y.to(dtype)
 
 
+def _distributed() -> bool:
+    """Whether this process is one rank of several (a python-side query, no device sync)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class UncalibratedQuantizerError(RuntimeError):
+    """An activation quantizer ran in training before its step size was set (see ``LSQQuantizer.forward``)."""
+
+
 class LSQQuantizer(KeepFP32, nn.Module):
     """Learned-step-size fake quantizer.
 
@@ -140,6 +150,8 @@ class LSQQuantizer(KeepFP32, nn.Module):
     # LSQ+ offset on the integer zero-point grid (b = -zp * s, zp an integer code), as integer runtimes
     # take it; a class default too, so quantizers pickled before the option existed keep the float offset.
     integer_zero_point: bool = False
+    # The module's dotted name in its model (quant/convert.py sets it: quantize_model, calibrate), for messages.
+    name: str | None = None
 
     def __init__(self, bits: int, signed: bool = True, per_channel: bool = False, axis: int = 0,
                  channels: int = 1, learn_offset: bool = False, grad_scale: bool = True):
@@ -170,7 +182,9 @@ class LSQQuantizer(KeepFP32, nn.Module):
     @property
     def is_initialized(self) -> bool:
         """Whether the step size was set (by ``set_scale``, a range estimate, a state dict or the
-        first forward); an uninitialised quantizer initialises itself from its first input."""
+        first forward). An uninitialised weight quantizer initialises itself from its first input, an
+        activation quantizer only outside a training step and outside DDP (there:
+        ``UncalibratedQuantizerError``)."""
         return self._is_init
 
     def scale_for(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
@@ -261,14 +275,33 @@ class LSQQuantizer(KeepFP32, nn.Module):
         if not self.enabled:
             return x
         if not self._is_init:
-            # Fallback when a quantizer runs uninitialised: a weight gets its MSE range, activations
-            # the statistics of this one batch (`quant.calibrate` is the intended path for those).
-            if self.is_activation:
-                self.init_from_samples(flat_sample(x))
-            else:
+            # A weight quantizer takes its MSE range from the weight: deterministic, the same on every DDP rank.
+            # An activation quantizer's range would come from this one batch. In a training step (training mode
+            # with autograd on) or in any forward of a distributed run, that is an error: under DDP each rank
+            # would initialise from its own batch and the replicas would silently diverge (and without DDP the
+            # step would rest on one batch instead of the calibration). Elsewhere (eval / inference, which DDP
+            # never wraps, and the no-grad train-mode passes of one process that gather BN statistics) it still
+            # initialises from its first input: inspecting, exporting or preparing a quantized model without
+            # calibration data keeps working.
+            if not self.is_activation:
                 self.init_from_weight(x)
+            elif self.training and (torch.is_grad_enabled() or _distributed()):
+                raise UncalibratedQuantizerError(self._uncalibrated_message())
+            else:
+                self.init_from_samples(flat_sample(x))
         return lsq_fake_quant(x, self._scale, self.qmin, self.qmax, self._grad_factor(x),
                               self.axis if self.per_channel else None, self.effective_offset())
+
+    def _uncalibrated_message(self) -> str:
+        who = f"activation quantizer '{self.name}'" if self.name else \
+            f"an activation quantizer ({self.extra_repr()}; its layer name is not known: quant.calibrate names them)"
+        return (f"{who[0].upper()}{who[1:]} was never calibrated: its step size is unset, and in a training step it "
+                f"does not initialise itself from its first batch (under DDP every rank would take its own "
+                f"batch's range and the replicas would silently diverge). Calibrate the model before training: "
+                f"quant.calibrate(model, batches) after quant.quantize_model (the QAT trainer does this before its "
+                f"first step), or load a checkpoint whose quantizers were calibrated, or set the step with "
+                f"set_scale() / init_from_samples() (a layer only the training forward reaches, which calibration's "
+                f"eval-mode forward never sees, needs one of those).")
 
     def _grad_factor(self, x: torch.Tensor) -> float:
         if not self.grad_scale:

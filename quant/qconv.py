@@ -1,6 +1,8 @@
 """QuantConv2d: a drop-in for nn.Conv2d that fake-quantizes its input and its weight."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,8 +18,41 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast gives convolutions on ``device_type`` now, or None when autocast is off there."""
+    if not _autocast_on(device_type):
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def _conv_dtype(device_type: str) -> torch.dtype:
+    """The dtype a quantized conv runs in: fp32, or fp16 under fp16 autocast.
+
+    fp16 holds every value of an 8-bit grid to within 0.12 of a step (11 significant bits; no code
+    moves), but bf16 has 8: an 8-bit code times the step (plus the LSQ+ offset) rounds up to 0.7 of a
+    step away, and 7-8% of the codes of an evenly used 8-bit grid become another code (measured:
+    tests/test_amp_cpu.py). So under bf16 autocast (``torch.autocast(dtype=torch.bfloat16)`` from
+    Python, or CPU autocast, whose default is bf16) the quantized conv runs in fp32 on the exact grid
+    values, as without autocast, and returns its usual dtype; the rest of the network stays in bf16.
+    Ultralytics' AMP is fp16 on CUDA, so its training keeps the fp16 conv.
+    """
+    amp = _autocast_dtype(device_type)
+    return torch.float16 if amp == torch.float16 else torch.float32
+
+
+def _quantizer_input(x: torch.Tensor, conv_dtype: torch.dtype) -> torch.Tensor:
+    """What the input quantizer gets: ``x`` as it is when the conv runs in fp16 (its output is cast to fp16
+    there anyway, and on CUDA the Triton kernel reads and writes fp16 itself: no fp32 copy of the activation,
+    and the copy it keeps for the backward is the 2-byte input; values and input gradients are the same bit for
+    bit), else ``x.float()`` (an fp32 conv, bf16 autocast included, needs the exact fp32 grid values)."""
+    return x if conv_dtype == torch.float16 else x.float()
+
+
 class _RecomputedInputConv(torch.autograd.Function):
-    """``conv(input_quantizer(x), wq, bias)`` that keeps only ``x`` and ``wq`` for the backward.
+    """``conv(input_quantizer(x), wq, bias)`` that keeps only ``x`` and ``wq`` (in the conv's dtype) for the backward.
 
     Autograd would keep ``x`` (for the quantizer's gradient) and the quantized input (for the
     convolution's). Here the backward recomputes the fake quantization from ``x`` (one elementwise
@@ -28,28 +63,41 @@ class _RecomputedInputConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, wq, bias, conv, *qparams):
+    def forward(ctx, x, wq, bias, conv, dtype, *qparams):
+        # ``x`` in its own dtype (that is what is kept: an fp16 input under AMP keeps 2 bytes an element); the
+        # quantizer gets what it gets in the plain path (``_quantizer_input``). The conv runs in ``dtype`` (``_conv_dtype``) with
+        # autocast off and explicit casts: what autocast does to the plain path's conv, so under fp16 autocast
+        # outputs and gradients are bit-identical to it as well.
         with torch.no_grad():
-            xq = conv.input_quantizer(x)
-        ctx.conv, ctx.has_bias = conv, bias is not None
-        ctx.save_for_backward(x, wq)
-        return F.conv2d(xq, wq, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            xq = conv.input_quantizer(_quantizer_input(x, dtype))
+        wc = wq.to(dtype)  # the weight as the conv gets it (and as autograd would keep it)
+        ctx.conv, ctx.has_bias, ctx.dtype = conv, bias is not None, dtype
+        ctx.save_for_backward(x, wc)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.conv2d(xq.to(dtype), wc, None if bias is None else bias.to(dtype), conv.stride,
+                            conv.padding, conv.dilation, conv.groups)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, wq = ctx.saved_tensors
-        conv, need = ctx.conv, ctx.needs_input_grad
+        x, wc = ctx.saved_tensors
+        conv, need, dtype = ctx.conv, ctx.needs_input_grad, ctx.dtype
         with torch.enable_grad():
             xr = x.detach().requires_grad_(need[0])
-            xq = conv.input_quantizer(xr)
-        grad_xq, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_y.contiguous(), xq.detach(), wq, [wq.shape[0]] if ctx.has_bias else None, conv.stride, conv.padding,
-            conv.dilation, False, [0, 0], conv.groups, [True, need[1], ctx.has_bias and need[2]])
+            xq = conv.input_quantizer(_quantizer_input(xr, dtype))
+        with torch.autocast(x.device.type, enabled=False):
+            grad_xq, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_y.to(dtype).contiguous(), xq.detach().to(dtype), wc, [wc.shape[0]] if ctx.has_bias else None,
+                conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
+                [True, need[1], ctx.has_bias and need[2]])
+        # back to the fp32 operands' dtype, as the backward of autocast's casts does
+        grad_xq = grad_xq.float()
+        grad_w = grad_w.float() if grad_w is not None else None
+        grad_b = grad_b.float() if grad_b is not None else None
         qparams = list(conv.input_quantizer.parameters())  # what forward got, in the same order
-        targets = ([xr] if need[0] else []) + [p for p, n in zip(qparams, need[4:]) if n]
+        targets = ([xr] if need[0] else []) + [p for p, n in zip(qparams, need[5:]) if n]
         grads = iter(torch.autograd.grad(xq, targets, grad_xq, allow_unused=True) if targets else ())
         grad_x = next(grads) if need[0] else None
-        return (grad_x, grad_w, grad_b, None, *[next(grads) if n else None for n in need[4:]])
+        return (grad_x, grad_w, grad_b, None, None, *[next(grads) if n else None for n in need[5:]])
 
 
 class QuantConv2d(KeepFP32, nn.Conv2d):
@@ -67,15 +115,17 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
     gradient) and the quantized input (for the convolution's). One activation-sized tensor less
     per quantized conv: about the peak memory of the FP model (benchmarks/speed.py: 1.03x instead
     of 1.50x) for one more elementwise pass per conv (benchmarks/step_time.py: 1.28-1.35x FP instead of
-    1.16-1.20x). Outputs and gradients are bit-identical (tests/test_qconv_recompute.py). Not under
-    autocast (the convolution would run in half precision there): such layers keep both tensors.
+    1.16-1.20x). Outputs and gradients are bit-identical (tests/test_qconv_recompute.py), under fp16 and bf16
+    autocast too (tests/test_amp_cpu.py).
+
+    Under bf16 autocast the conv runs in fp32 (``_conv_dtype``: bf16 would move 8-bit codes); under fp16
+    autocast in fp16, as autocast runs any conv.
     """
 
     recompute_input: bool = False  # class default too: models pickled before the option existed
     # Deploy targets whose runtime adds the bias to the int32 accumulator (quant/targets.py) set this: in eval
     # the bias is then rounded to that grid, s_x * s_w (* out_scale), as the exported file rounds it.
     int32_bias: bool = False
-
     def __init__(self, *args, w_bits: int = 4, a_bits: int = 4, per_channel: bool = False,
                  act_signed: bool = False, act_offset: bool = True, recompute_input: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -126,19 +176,23 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        wq = self.weight_quantizer(self.weight.float())
-        folded = self.out_scale is not None  # the bias comes after the output scale, not inside the conv
-        bias = self.bias if self.bias is None or self.training or not self.int32_bias else self.accumulator_bias()
-        conv_bias = None if folded or bias is None else bias.float()
-        if self._recomputes(x):
-            y = _RecomputedInputConv.apply(x.float(), wq, conv_bias, self, *self.input_quantizer.parameters())
-        else:
-            y = self.convolve(self.input_quantizer(x.float()), wq, conv_bias)
-        if folded:
-            y = y * self.out_scale.view(1, -1, 1, 1)
-            if bias is not None:
-                y = y + bias.float().view(1, -1, 1, 1)
-        return y if dtype == torch.float32 else y.to(dtype)
+        conv_dtype = _conv_dtype(x.device.type)
+        amp = _autocast_on(x.device.type)
+        # bf16 autocast: the conv in fp32 on the exact grid values (``_conv_dtype``), autocast off around it
+        with torch.autocast(x.device.type, enabled=False) if amp and conv_dtype == torch.float32 else nullcontext():
+            wq = self.weight_quantizer(self.weight.float())
+            folded = self.out_scale is not None  # the bias comes after the output scale, not inside the conv
+            bias = self.bias if self.bias is None or self.training or not self.int32_bias else self.accumulator_bias()
+            conv_bias = None if folded or bias is None else bias.float()
+            if self._recomputes(x):
+                y = _RecomputedInputConv.apply(x, wq, conv_bias, self, conv_dtype, *self.input_quantizer.parameters())
+            else:
+                y = self.convolve(self.input_quantizer(_quantizer_input(x, conv_dtype)), wq, conv_bias)
+            if folded:
+                y = y * self.out_scale.view(1, -1, 1, 1)
+                if bias is not None:
+                    y = y + bias.float().view(1, -1, 1, 1)
+        return y if y.dtype == dtype else y.to(dtype)
 
     @torch.no_grad()
     def accumulator_scale(self) -> torch.Tensor:
@@ -158,12 +212,12 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
 
     def _recomputes(self, x: torch.Tensor) -> bool:
         q = self.input_quantizer
-        # An uninitialised quantizer initialises itself from its first input: that must run once, not twice.
-        # Under autocast the convolution would run in half precision: not recomputed there (same maths).
+        # An uninitialised quantizer (outside training, see LSQQuantizer.forward) initialises itself from its
+        # first input: that must run once, not twice. Under autocast the recomputing conv runs in the dtype
+        # the plain path's conv gets (``_conv_dtype``), so it is on there too.
         return (self.recompute_input and torch.is_grad_enabled() and q.enabled and q.is_initialized
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and not _autocast_on(x.device.type) and not torch.jit.is_tracing()
-                and not torch.jit.is_scripting())
+                and not torch.jit.is_tracing() and not torch.jit.is_scripting())
 
     @torch.no_grad()
     def fold_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:

@@ -157,6 +157,7 @@ def test_quant_conv_is_a_drop_in(groups):
     q = QuantConv2d.from_conv(conv, 8, 8)
     assert set(q.state_dict()) >= set(conv.state_dict())
     x = torch.rand(2, 8, 10, 10)
+    q.input_quantizer.init_from_samples(x.flatten())  # calibrated (a training step refuses an uncalibrated one)
     torch.testing.assert_close(q(x), conv(x), atol=0.05 * conv(x).abs().max().item(), rtol=0)
 
 
