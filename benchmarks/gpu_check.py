@@ -106,7 +106,7 @@ def kernel_checks(dev):
                                 bad.append(f"{tag}: {name} NaN-ness")
                         elif not torch.allclose(a, r, rtol=1e-5, atol=1e-6):
                             bad.append(f"{tag}: {name} {a.item():.8g} vs {r.item():.8g}")
-    check("triton still in use after the comparisons (no fallback)", fused_lsq._state["triton"] is not None)
+    check("triton still in use after the comparisons (no fallback)", fused_lsq.triton_module() is not None)
     check("triton vs reference on CUDA (y, dx bit for bit; ds, db 1e-5)", not bad,
           f"{n} cases" + (f"; {len(bad)} differ: {bad[:4]}" if bad else ""))
 
@@ -272,7 +272,7 @@ def qat(args, argv):
         qs = quantizers(model)
         if not qs:
             return
-        lo = min(m._scale.min().item() for m in qs)
+        lo = min(m.step_size.min().item() for m in qs)
         bad = [i for i, m in enumerate(qs) if not all(bool(torch.isfinite(p).all()) for p in m.parameters())]
         rep["scale_min"] = lo if rep["scale_min"] is None else min(lo, rep["scale_min"])
         if bad or lo <= 0:

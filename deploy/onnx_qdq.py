@@ -194,7 +194,8 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
     narrow = {n: w for n, w in weight_names.items() if convs[n].w_bits <= 4 and tgt.int4_weights}
     if tgt.name == "ort":
         layers = {n: {"weight": weight_names[n], "w_bits": c.w_bits, "a_bits": c.a_bits, "weight_dtype": "int8",
-                      "zero_point": int(c.act.zero_point)} for n, c in convs.items()}
+                      "input_scale": c.input_scale, "zero_point": int(c.input_zero_point),
+                      "shared_input": c.shared_input} for n, c in convs.items()}
         return _finish(model_onnx, m, imgsz, batch, layers, path, tgt)
     if opset >= INT4_OPSET:
         _narrow_to_int4(model_onnx, narrow)

@@ -108,7 +108,7 @@ class ORTConv2d(nn.Module):
 
     def __init__(self, qconv: QuantConv2d):
         super().__init__()
-        wq, aq = qconv.weight_quantizer, qconv.input_quantizer
+        wq, aq = qconv.weight_quantizer, qconv.input_grid
         if not (wq.enabled and aq.enabled):
             raise ValueError("the ort target needs quantized weights and inputs (an excluded or disabled "
                              "quantizer leaves a float conv)")
@@ -116,7 +116,10 @@ class ORTConv2d(nn.Module):
             raise ValueError("the ort export takes zero padding with explicit pads only")
         self.w_bits, self.a_bits = qconv.w_bits, qconv.a_bits
         self.stride, self.padding, self.dilation, self.groups = qconv.stride, qconv.padding, qconv.dilation, qconv.groups
-        self.act = _QDQ(aq)
+        # A shared input is already a DQ output of its producer's encoding: no Q/DQ here (the grid is for the bias)
+        self.act = _QDQ(aq) if qconv.input_source is None or qconv.input_is_view else None
+        self.input_scale, self.input_zero_point = (float(v) for v in _grid(aq)[:2])
+        self.shared_input = qconv.input_source is not None
         n = qconv.out_channels
         # BN, QC and the output scale go into the per-channel weight scale (the codes do not change); the bias
         # into the int32 accumulator at scale s_x * s_w, the product onnxruntime checks before it fuses.
@@ -133,7 +136,8 @@ class ORTConv2d(nn.Module):
     def forward(self, x):
         w = DequantizePerChannel.apply(self.weight_int, self.weight_scale)
         b = DequantizePerChannel.apply(self.bias_int, self.bias_scale)
-        return F.conv2d(self.act(x), w, b, self.stride, self.padding, self.dilation, self.groups)
+        x = self.act(x) if self.act is not None else x
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self):
         return f"w_bits={self.w_bits}, a_bits={self.a_bits}, weight={tuple(self.weight_int.shape)}"
@@ -147,10 +151,12 @@ class ORTAct(nn.Module):
         self.pre = _QDQ(qact.pre)
         self.sig = _QDQ(qact.sig) if qact.sig is not None else None
         self.act = None if qact.sig is not None else qact.act
+        self.out = _QDQ(qact.out) if getattr(qact, "out", None) is not None else None
 
     def forward(self, x):
         y = self.pre(x)
-        return y * self.sig(torch.sigmoid(y)) if self.sig is not None else self.act(y)
+        y = y * self.sig(torch.sigmoid(y)) if self.sig is not None else self.act(y)
+        return self.out(y) if self.out is not None else y
 
 
 class ORTOut(nn.Module):
@@ -181,4 +187,7 @@ def swap_for_ort(model: nn.Module) -> dict[str, ORTConv2d]:
     for name in outs:
         m = model.get_submodule(name)
         replace_module(model, name, ORTOut(m.conv, m.quantizer))
+    for name, m in list(model.named_modules()):  # the residual sums' encodings (models/quant_sites.py)
+        if isinstance(m, LSQQuantizer) and m.is_activation:
+            replace_module(model, name, _QDQ(m))
     return convs

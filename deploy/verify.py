@@ -103,8 +103,13 @@ def fake_quant_codes(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tens
         codes.append((y.double() / q.step).round().float())
         z.append(args[0].double() / q.step)
 
+    def view_hook(conv, args):  # a slice of an encoded tensor: the export repeats its encoding before the conv
+        lsq_hook(conv.input_source, args, args[0])
+
     hooks = [m.register_forward_hook(lsq_hook) for m in model.modules()
              if isinstance(m, LSQQuantizer) and m.is_activation and m.enabled]
+    hooks += [m.register_forward_pre_hook(view_hook) for m in model.modules()
+              if getattr(m, "input_is_view", False) and m.input_source is not None]
     hooks += [m.register_forward_hook(fixed_hook) for m in model.modules() if isinstance(m, FixedQuantizer) and m.enabled]
     with torch.no_grad():
         model.eval()(x)
@@ -149,4 +154,5 @@ def compare_onnxruntime(model: nn.Module, path: str | Path, x: torch.Tensor) -> 
     tie = None if first is None else float(((z[first][flips[first]] % 1) - 0.5).abs().max())
     return {"max_abs": max(diffs), "per_output": diffs, "max_ref": max(float(r.abs().max()) for r in refs),
             "code_flips": sum(counts), "codes": sum(c.numel() for c in codes), "first_flip_layer": first,
+            "first_flip_count": None if first is None else counts[first],
             "first_flip_tie_distance": tie, "outputs": outs[:n_out], "refs": refs}

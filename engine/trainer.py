@@ -220,7 +220,7 @@ class QATTrainerMixin:
         for group in optimizer.param_groups:  # still empty state: safe to edit the groups
             group["params"] = [p for p in group["params"] if id(p) not in qids]
         self.scale_optimizer = torch.optim.Adam(qparams, lr=self.qat.scale_lr, weight_decay=0.0)
-        self._step_sizes = [m._scale for m in unwrap_model(model).modules() if isinstance(m, LSQQuantizer)]
+        self._step_sizes = [m.step_size for m in unwrap_model(model).modules() if isinstance(m, LSQQuantizer)]
         if qparams and all(p.is_cuda for p in qparams) and all(p.is_cuda for g in optimizer.param_groups
                                                               for p in g["params"]):
             # fused kernels on CUDA: the GradScaler hands them found_inf instead of reading it on the host

@@ -19,6 +19,7 @@ from quant.qc import fold_qc
 
 from . import yolo
 from .common import RepConv
+from .quant_sites import yolo_sites
 
 HEAD_BRANCHES = ("cv2", "cv3", "cv4", "one2one_cv2", "one2one_cv3", "one2one_cv4")
 
@@ -44,7 +45,7 @@ def original_roles(model: nn.Module) -> dict | None:
     last = [f"model.{head_idx}.m.{i}" for i in range(len(head.m))]
     if isinstance(head, yolo.Segment):
         last.append(_last_conv(head.proto, f"model.{head_idx}.proto"))
-    return {"first": _stem_conv(model), "last": last, "never": [], "finalize": make_fuse_quant_aware}
+    return {"first": _stem_conv(model), "last": last, "never": [], "finalize": make_fuse_quant_aware, "sites": yolo_sites}
 
 
 def yolo_roles(model: nn.Module) -> dict | None:
@@ -71,7 +72,7 @@ def yolo_roles(model: nn.Module) -> dict | None:
     never = []
     if isinstance(getattr(head, "dfl", None), nn.Module) and hasattr(head.dfl, "conv"):
         never.append(f"model.{head_idx}.dfl.conv")
-    return {"first": first, "last": last, "never": never, "finalize": make_fuse_quant_aware}
+    return {"first": first, "last": last, "never": never, "finalize": make_fuse_quant_aware, "sites": yolo_sites}
 
 
 @register_policy

@@ -61,20 +61,21 @@ class FixedQuantizer(KeepFP32, nn.Module):
 
 class QuantAct(nn.Module):
     """A block's activation with the runtime's quantizers: ``pre`` on its input (the conv output after
-    BN and QC), and for SiLU the sigmoid on the fixed grid; other activations run in float on ``pre``'s
-    output (the runtime's next quantizer takes the result)."""
+    BN and QC), for SiLU the sigmoid on the fixed grid, and ``out`` (when the target encodes block outputs)
+    on the result: the encoding of the tensor every consumer sees (Concat, Add, Upsample, MaxPool, and the
+    convs that take it as it is: ``share_encodings``)."""
 
-    def __init__(self, act: nn.Module, bits: int = 8):
+    def __init__(self, act: nn.Module, bits: int = 8, out_bits: int | None = None):
         super().__init__()
         self.pre = output_quantizer(bits)
         self.act = act
         self.sig = FixedQuantizer() if isinstance(act, nn.SiLU) else None
+        self.out = output_quantizer(out_bits) if out_bits else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.pre(x)
-        if self.sig is not None:
-            return y * self.sig(torch.sigmoid(y))
-        return self.act(y)
+        y = y * self.sig(torch.sigmoid(y)) if self.sig is not None else self.act(y)
+        return self.out(y) if self.out is not None else y
 
 
 class QuantOut(nn.Module):
@@ -96,14 +97,25 @@ class QuantOut(nn.Module):
 
 
 def output_quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
-    """{name: quantizer} of every conv-output quantizer (QuantAct.pre, QuantOut.quantizer)."""
+    """{name: quantizer} of every quantizer a target adds beyond conv inputs: QuantAct.pre / .out,
+    QuantOut.quantizer, and the ``add_quantizer`` of residual blocks (models/quant_sites.py)."""
     out = {}
     for n, m in model.named_modules():
         if isinstance(m, QuantAct):
             out[f"{n}.pre"] = m.pre
+            if m.out is not None:
+                out[f"{n}.out"] = m.out
         elif isinstance(m, QuantOut):
             out[f"{n}.quantizer"] = m.quantizer
+        elif isinstance(getattr(m, "add_quantizer", None), LSQQuantizer):
+            out[f"{n}.add_quantizer"] = m.add_quantizer
     return out
+
+
+def encoding_quantizers(model: nn.Module) -> list[LSQQuantizer]:
+    """The quantizers whose output is a tensor's encoding (QuantAct.out, residual add quantizers)."""
+    qs = [m.out for m in model.modules() if isinstance(m, QuantAct) and m.out is not None]
+    return qs + [m.add_quantizer for m in model.modules() if isinstance(getattr(m, "add_quantizer", None), LSQQuantizer)]
 
 
 def fixed_quantizers(model: nn.Module) -> list[FixedQuantizer]:

@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .act import QuantAct, QuantOut, fixed_quantizers, output_quantizers
+from .act import QuantAct, QuantOut, encoding_quantizers, fixed_quantizers, output_quantizers
 from .batches import run_batches
 from .lsq import LSQQuantizer
 from .qconv import QuantConv2d
@@ -170,7 +170,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe | dict, policy: Callabl
         q.train(conv.training)
         replace_module(model, name, q)
     model.quant_recipe = recipe.to_dict()
-    apply_target(model, get_target(recipe.target))
+    apply_target(model, get_target(recipe.target), roles.get("sites"))
     name_quantizers(model)
     fin = roles.get("finalize")
     if finalize and fin is not None:
@@ -178,12 +178,16 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe | dict, policy: Callabl
     return model
 
 
-def apply_target(model: nn.Module, target: Target) -> int:
+def apply_target(model: nn.Module, target: Target, sites: Callable | None = None) -> int:
     """Add the quantizers ``target`` puts beyond conv inputs (quant/act.py): integer zero points on every
     activation quantizer, an output quantizer on every quantized conv (in its block's activation when it
-    has one, else around the conv). Idempotent; returns the number of output quantizers added."""
+    has one, else around the conv), and where the target encodes block outputs, the encoding of each block's
+    output, of the model's residual sums (``sites(model, bits)``, the model family's policy, which returns a
+    function running the model once) and shared encodings (``share_encodings``). Returns the number of output
+    quantizers added."""
     n = 0
     if target.output_bits is not None:
+        out_bits = target.output_bits if target.encode_outputs else None
         blocks = {id(m.conv): m for m in model.modules()
                   if isinstance(getattr(m, "conv", None), QuantConv2d) and isinstance(getattr(m, "act", None), nn.Module)
                   and not isinstance(m, QuantOut)}
@@ -193,11 +197,14 @@ def apply_target(model: nn.Module, target: Target) -> int:
             block = blocks.get(id(conv))
             if block is not None:
                 if not isinstance(block.act, QuantAct):
-                    block.act = QuantAct(block.act, target.output_bits).to(conv.weight.device)
+                    block.act = QuantAct(block.act, target.output_bits, out_bits).to(conv.weight.device)
                     n += 1
             elif not isinstance(_parent(model, name), QuantOut):
                 replace_module(model, name, QuantOut(conv, target.output_bits).to(conv.weight.device))
                 n += 1
+        if out_bits and sites is not None:
+            run = sites(model, out_bits)
+            share_encodings(model, run)
     if target.integer_zero_point:
         for q in list(activation_quantizers(model).values()) + list(output_quantizers(model).values()):
             q.integer_zero_point = True
@@ -296,3 +303,39 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
             s = s[torch.randperm(s.numel())[:sample_per_layer]]
         q.init_from_samples(s)
     return used
+
+
+@torch.no_grad()
+def share_encodings(model: nn.Module, run: Callable[[nn.Module], object]) -> int:
+    """Convs whose input is a tensor some encoding quantizer produced (or a view of one: a C2f split), on a
+    grid of the same bits and kind, take it as it is (``QuantConv2d.input_source``): one encoding per
+    tensor, so the runtime sees DQ(tensor) -> Conv with nothing to requantize. Found by running the model
+    once (``run(model)``) with quantization off. Returns the number of convs that now share."""
+    produced: dict[int, LSQQuantizer] = {}
+    takes: dict[str, LSQQuantizer] = {}
+    hooks = [q.register_forward_hook(lambda q, a, y: produced.__setitem__(id(y), (q, y))) for q in encoding_quantizers(model)]
+
+    def pre(conv, args, name):
+        x = args[0]
+        view = id(x) not in produced and x._base is not None
+        hit = produced.get(id(x._base) if view else id(x))
+        q = conv.input_quantizer
+        if hit is not None and name in enabled and (hit[0].bits, hit[0].signed) == (q.bits, q.signed):
+            takes[name] = hit[0], view
+
+    convs = quant_convs(model)
+    enabled = {n for n, c in convs.items() if c.input_quantizer.enabled}  # before the trace switches them off
+    hooks += [c.register_forward_pre_hook(lambda c, a, n=n: pre(c, a, n)) for n, c in convs.items()]
+    was_training = model.training
+    set_quantizers_enabled(model, False)
+    try:
+        model.eval()
+        run(model)
+    finally:
+        for h in hooks:
+            h.remove()
+        set_quantizers_enabled(model, True)
+        model.train(was_training)
+    for name, (src, view) in takes.items():
+        convs[name].share_input(src, view)
+    return len(takes)

@@ -180,6 +180,12 @@ class LSQQuantizer(KeepFP32, nn.Module):
         return self._scale.detach().clamp_min(MIN_SCALE)
 
     @property
+    def step_size(self) -> nn.Parameter:
+        """The learnable step-size parameter itself (raw: may go below ``MIN_SCALE`` between optimizer steps; the
+        forward floors it). For optimizers and in-place clamps; ``scale`` is the value in use."""
+        return self._scale
+
+    @property
     def is_initialized(self) -> bool:
         """Whether the step size was set (by ``set_scale``, a range estimate, a state dict or the
         first forward). An uninitialised weight quantizer initialises itself from its first input, an

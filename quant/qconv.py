@@ -126,6 +126,12 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
     # Deploy targets whose runtime adds the bias to the int32 accumulator (quant/targets.py) set this: in eval
     # the bias is then rounded to that grid, s_x * s_w (* out_scale), as the exported file rounds it.
     int32_bias: bool = False
+    # A quantizer elsewhere in the model whose output this conv takes as its input, already on that grid (one
+    # encoding per tensor, quant.act.share_encodings); None: the conv quantizes its own input. A plain
+    # attribute, not a submodule: the quantizer belongs to the module that produces the tensor.
+    input_source = None
+    input_is_view = False
+
     def __init__(self, *args, w_bits: int = 4, a_bits: int = 4, per_channel: bool = False,
                  act_signed: bool = False, act_offset: bool = True, recompute_input: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -184,7 +190,9 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
             folded = self.out_scale is not None  # the bias comes after the output scale, not inside the conv
             bias = self.bias if self.bias is None or self.training or not self.int32_bias else self.accumulator_bias()
             conv_bias = None if folded or bias is None else bias.float()
-            if self._recomputes(x):
+            if self.input_source is not None:  # already quantized by the module that made it
+                y = self.convolve(_quantizer_input(x, conv_dtype), wq, conv_bias)
+            elif self._recomputes(x):
                 y = _RecomputedInputConv.apply(x, wq, conv_bias, self, conv_dtype, *self.input_quantizer.parameters())
             else:
                 y = self.convolve(self.input_quantizer(_quantizer_input(x, conv_dtype)), wq, conv_bias)
@@ -202,7 +210,19 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
         if self.out_scale is not None:
             s_w = s_w * self.out_scale.double().reshape(-1)
         w_scale = s_w.float()
-        return w_scale, self.input_quantizer.scale.reshape(()).float() * w_scale
+        return w_scale, self.input_grid.scale.reshape(()).float() * w_scale
+
+    @property
+    def input_grid(self):
+        """The quantizer whose grid this conv's input is on: its own, or the shared ``input_source``."""
+        return self.input_source if self.input_source is not None else self.input_quantizer
+
+    def share_input(self, source, view: bool = False) -> None:
+        """Take inputs as ``source`` (an LSQQuantizer producing them) quantized them (see ``input_source``).
+        ``view``: the input is a slice of that tensor (a C2f split): the export repeats the encoding after the
+        split (same scale and zero point: the same values) so that the runtime's conv still starts at a DQ."""
+        self.__dict__["input_source"] = source
+        self.input_is_view = view
 
     @torch.no_grad()
     def accumulator_bias(self) -> torch.Tensor:

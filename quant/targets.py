@@ -11,8 +11,11 @@ it inserts) and the exporter (deploy/), so the model that trains is the model th
   per channel) + DQ(int32 bias, scale s_x * s_w) -> Conv -> Q(output) with that Q the conv's only
   consumer; INT4 initializers keep the conv in float (int8 containers instead, codes exact); a sub-8-bit
   grid stays exact as an integer Clip between Q and DQ; SiLU -> QLinearSigmoid + QLinearMul when the
-  sigmoid output is quantized. So QAT for ``ort`` adds an 8-bit quantizer on every conv output (after BN
-  and QC) and the sigmoid's fixed 1/256 grid, and puts every LSQ+ offset on the integer zero-point grid.
+  sigmoid output is quantized; Concat, Add, Resize and MaxPool stay integer (QLinearConcat, QLinearAdd, u8)
+  only between DequantizeLinear inputs and a QuantizeLinear output. So QAT for ``ort`` adds an 8-bit
+  quantizer on every conv output (after BN and QC), the sigmoid's fixed 1/256 grid, an 8-bit encoding of
+  every block output and residual sum (shared by the convs that take the tensor as it is, when their input
+  grid has those bits), and puts every LSQ+ offset on the integer zero-point grid.
 """
 from __future__ import annotations
 
@@ -24,15 +27,16 @@ class Target:
     name: str
     integer_zero_point: bool  # activation offsets on the integer zero-point grid (STE)
     output_bits: int | None  # bits of the conv-output quantizers (None: conv outputs stay float)
+    encode_outputs: bool  # block outputs and residual sums get one 8-bit encoding each, which convs share
     int4_weights: bool  # <= 4-bit weights as INT4 initializers (opset 21); else an int8 container
     int32_bias: bool  # bias as a DequantizeLinear(int32) into the conv; else Mul/Add after it
     runtime: str  # what executes it as integer kernels
 
 
 TARGETS = {
-    "sim": Target("sim", integer_zero_point=False, output_bits=None, int4_weights=True, int32_bias=False,
+    "sim": Target("sim", integer_zero_point=False, output_bits=None, encode_outputs=False, int4_weights=True, int32_bias=False,
                   runtime="none: float convs on dequantized weights (the paper's simulation, inspection)"),
-    "ort": Target("ort", integer_zero_point=True, output_bits=8, int4_weights=False, int32_bias=True,
+    "ort": Target("ort", integer_zero_point=True, output_bits=8, encode_outputs=True, int4_weights=False, int32_bias=True,
                   runtime="onnxruntime CPU: QLinearConv / QLinearSigmoid / QLinearMul"),
 }
 TARGET_NAMES = tuple(TARGETS)

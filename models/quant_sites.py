@@ -1,0 +1,57 @@
+"""YOLO-specific quantization sites of deploy targets that encode tensors (quant/targets.py ``encode_outputs``):
+the residual sums of Bottlenecks get an 8-bit encoding (onnxruntime's QLinearAdd), and the model is run once
+so that convs taking a block's output as it is share its encoding (quant.act.share_encodings).
+
+The residual blocks change class in place (as QuantRepConv does), keeping their parameters and state-dict
+keys; the sum goes through ``add_quantizer``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from ultralytics.nn.modules import block as um
+
+from quant.act import output_quantizer
+
+from . import common
+
+
+def _residual_forward(self, x: torch.Tensor) -> torch.Tensor:
+    y = self.cv2(self.cv1(x))
+    return self.add_quantizer(x + y) if self.add else y
+
+
+class QuantBottleneck(um.Bottleneck):
+    """Ultralytics' Bottleneck (C2f, C3, ...) whose residual sum is quantized."""
+
+    forward = _residual_forward
+
+
+class QuantOriginalBottleneck(common.Bottleneck):
+    """The original YOLOv5 Bottleneck (models.common) whose residual sum is quantized."""
+
+    forward = _residual_forward
+
+
+def quantize_residuals(model: nn.Module, bits: int) -> int:
+    n = 0
+    for m in model.modules():
+        if type(m) in (um.Bottleneck, common.Bottleneck) and m.add:
+            m.__class__ = QuantOriginalBottleneck if isinstance(m, common.Bottleneck) else QuantBottleneck
+            m.add_quantizer = output_quantizer(bits).to(next(m.parameters()).device)
+            n += 1
+    return n
+
+
+def yolo_sites(model: nn.Module, bits: int):
+    """The ``sites`` hook of the YOLO policies: quantize the residual sums, return how to run the model once
+    (a small image of the model's channels; its size a multiple of the largest stride)."""
+    quantize_residuals(model, bits)
+    ch = (getattr(model, "yaml", None) or {}).get("channels", 3)
+    size = int(max(getattr(model, "stride", torch.tensor([32.0])).max().item(), 32)) * 2
+    device = next(model.parameters()).device
+
+    def run(m: nn.Module):
+        return m(torch.zeros(1, ch, size, size, device=device))
+
+    return run
