@@ -23,11 +23,13 @@ SIGMOID_BITS = 8
 SIGMOID_SCALE = 1.0 / 256  # torch.ao's fixed qparams of sigmoid: codes 0..255 cover [0, 1)
 
 
-def output_quantizer(bits: int = 8) -> LSQQuantizer:
-    """An activation quantizer for a conv output: unsigned LSQ+ grid, integer zero point."""
+def output_quantizer(bits: int = 8, full_range: bool = False) -> LSQQuantizer:
+    """An activation quantizer for a conv output: unsigned LSQ+ grid, integer zero point; ``full_range``:
+    initialised over the calibrated min..max (no clipping)."""
     q = LSQQuantizer(bits, signed=False, learn_offset=True)
     q.is_activation = True
     q.integer_zero_point = True
+    q.full_range = full_range
     return q
 
 
@@ -84,7 +86,9 @@ class QuantOut(nn.Module):
 
     def __init__(self, conv: nn.Module, bits: int = 8):
         super().__init__()
-        self.conv, self.quantizer = conv, output_quantizer(bits)
+        # A head's logits: MSE clipping would saturate exactly the high-confidence detections (measured on a
+        # W4A8 QAT yolov5nu-seg: -4.2 box mAP with the MSE range, the final convs' outputs in float: no loss).
+        self.conv, self.quantizer = conv, output_quantizer(bits, full_range=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantizer(self.conv(x))

@@ -150,6 +150,9 @@ class LSQQuantizer(KeepFP32, nn.Module):
     # LSQ+ offset on the integer zero-point grid (b = -zp * s, zp an integer code), as integer runtimes
     # take it; a class default too, so quantizers pickled before the option existed keep the float offset.
     integer_zero_point: bool = False
+    # Range initialisation over the whole calibrated range instead of an MSE-optimal clip: for tensors whose
+    # rare large values matter most (a head's class and box logits: clipping them ties the best detections).
+    full_range: bool = False
     # The module's dotted name in its model (quant/convert.py sets it: quantize_model, calibrate), for messages.
     name: str | None = None
 
@@ -264,6 +267,13 @@ class LSQQuantizer(KeepFP32, nn.Module):
 
     def init_from_samples(self, samples: torch.Tensor) -> None:
         """Step size (and LSQ+ offset) from a flat sample of calibration activations."""
+        if self.full_range:
+            s = samples.float()
+            lo = s.min().clamp_max(0).reshape(1) if self.offset is not None else None
+            hi = s.max().clamp_min(0) if self.offset is not None else s.abs().max()  # the grid holds 0 (a zero point)
+            span = (hi - lo) / (self.qmax - self.qmin) if lo is not None else hi / max(self.qmax, 1)
+            self.set_scale(span.clamp_min(MIN_SCALE).reshape(1), offset=lo)
+            return
         scale, offset = activation_range(samples, self.qmin, self.qmax, self.offset is not None)
         self.set_scale(scale, offset=offset)
 
