@@ -183,7 +183,7 @@ def plot_layer_oscillations(osc_csv: str | Path, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_results_table(results: list[dict], columns: list[str], bits: list[int], metrics: list[str],
+def plot_results_table(results: list[dict], columns: list[str], bits: list, metrics: list[str],
                        fp: dict, path: Path) -> None:
     """The reproduction table as grouped bars: one panel per metric, one group per bit width, one bar
     per column (mean over seeds, whiskers = sample std, dots = the single seeds), FP as a line."""
@@ -203,7 +203,7 @@ def plot_results_table(results: list[dict], columns: list[str], bits: list[int],
                 ax.plot([x] * len(vals), vals, "k.", ms=3)
         if fp.get(metric) is not None:
             ax.axhline(100 * fp[metric], color="k", ls="--", lw=1, label="FP")
-        ax.set_xticks(range(len(bits)), [f"W{b}A{b}" for b in bits])
+        ax.set_xticks(range(len(bits)), [f"W{b}A{b}" if "a" not in str(b) else f"W{str(b).replace('a', 'A')}" for b in bits])
         ax.set_ylabel(f"{metric} mAP50-95 (%)")
         lo = min([100 * r[metric] for r in results if r.get(metric) is not None] or [0])
         ax.set_ylim(max(0.0, lo - 3), None)

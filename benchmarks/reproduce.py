@@ -25,6 +25,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -49,7 +50,7 @@ DECAYS = (0.0, 0.9, 0.99, 0.999, 0.9999)
 class Cell:
     """One QAT run (bits, method, ema_decay, distill, seed) evaluated without QC (qc=None) or with one QC
     variant (qc: the corrections; qc_mode: the loss and data they train on, a key of QC_VARIANTS)."""
-    bits: int
+    bits: str  # "4" (W4A4), "3" (W3A3), "4a8" (W4A8): ``bit_widths``
     method: str  # lsq, dampen or freeze (what train_qat.py runs)
     ema_decay: float
     seed: int
@@ -72,6 +73,24 @@ class Cell:
     @property
     def key(self) -> str:
         return f"{self.qat_key}--{self.qc_key}"
+
+
+def bits_token(s: str) -> str:
+    """``--bits`` value: N or NaM (weights N bits, activations M), e.g. 4, 3, 4a8."""
+    m = re.fullmatch(r"([2-8])(?:a([2-8]))?", str(s).strip().lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{s!r}: a bit width is N (WnAn, e.g. 4) or NaM (WnAm, e.g. 4a8), N, M in 2..8")
+    return m.group(1) if m.group(2) in (None, m.group(1)) else f"{m.group(1)}a{m.group(2)}"
+
+
+def bit_widths(token) -> tuple[int, int]:
+    w, _, a = str(token).partition("a")
+    return int(w), int(a or w)
+
+
+def bits_label(token) -> str:
+    w, a = bit_widths(token)
+    return f"W{w}A{a}"
 
 
 # -- the matrix ---------------------------------------------------------------------------------
@@ -279,8 +298,9 @@ def ensure_qat(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
     run_dir = Path(a.out) / "runs" / cell.qat_key
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run would append to its csvs
     kd = {"distill": True, "teacher": fp["weights"], "distill_weight": a.distill_weight} if cell.distill else {}
-    opt = cli_opt(a, data, cell.qat_key, weights=fp["weights"], epochs=a.qat_epochs, w_bits=cell.bits,
-                  a_bits=cell.bits, method=cell.method, ema_decay=cell.ema_decay, ema_tau=budget["ema_tau"],
+    w_bits, a_bits = bit_widths(cell.bits)
+    opt = cli_opt(a, data, cell.qat_key, weights=fp["weights"], epochs=a.qat_epochs, w_bits=w_bits,
+                  a_bits=a_bits, target=a.target, method=cell.method, ema_decay=cell.ema_decay, ema_tau=budget["ema_tau"],
                   seed=cell.seed, **kd)
     # The original anchor-based YOLOv5 / YOLOv7 models train on engine/original.py's trainers (as train_qat.py does).
     cls = qat_trainer_class(fp["task"], original=is_original_source(fp["weights"]))
@@ -312,7 +332,8 @@ def run_cell(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
     path = Path(a.out) / "cells" / f"{cell.key}.json"
     done = finished_before(path, f"cell {cell.key}")
     if done:  # the same run may sit in another table (EMA 0.99 is also "a=0.99" of the decay sweep)
-        return {"distill": False, "qc_mode": "labels", **done, "column": cell.column}  # defaults: older cells
+        # defaults: older cells (their bits were ints)
+        return {"distill": False, "qc_mode": "labels", **done, "bits": str(done["bits"]), "column": cell.column}
     qat = ensure_qat(cell, a, data, fp, budget)
     res = {**asdict(cell), "key": cell.key, "qat": qat}
     t0 = time.time()
@@ -418,7 +439,7 @@ def gap_lines(results, columns, a, fp, metrics) -> list[str]:
                     continue
                 closed = statistics.fmean(diffs)
                 share = f", {100 * closed / gap_ref[0]:.0f}% of it" if gap_ref[0] > 0 else ""
-                lines.append(f"- W{b}A{b} {m}: gap to FP {100 * gap_ref[0]:.2f} ± {100 * gap_ref[1]:.2f} ({ref}) -> "
+                lines.append(f"- {bits_label(b)} {m}: gap to FP {100 * gap_ref[0]:.2f} ± {100 * gap_ref[1]:.2f} ({ref}) -> "
                              f"{100 * gap_kd[0]:.2f} ± {100 * gap_kd[1]:.2f} ({c}): closed by {100 * closed:+.2f}"
                              + (f" ± {100 * statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "")
                              + f" points paired over {len(diffs)} seed(s){share}")
@@ -489,7 +510,7 @@ def verdict_lines(results, columns, a, metrics) -> list[str]:
             for x, y in comparisons(columns):
                 d, v = verdict(g.get((b, x), []), g.get((b, y), []))
                 if not math.isnan(d):
-                    lines.append(f"- W{b}A{b} {m}: {x} vs {y}: {100 * d:+.2f} points -> {v}; "
+                    lines.append(f"- {bits_label(b)} {m}: {x} vs {y}: {100 * d:+.2f} points -> {v}; "
                                  f"{paired_verdict(paired(results, m, b, x, y))}")
     return lines
 
@@ -600,7 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_shared(ap, PROG, project="runs/reproduce", imgsz=128, exist_ok=True, weights_required=False,
                weights_help="FP checkpoint every cell starts from (default: trained here from --cfg)")
     a("--cfg", default="yolov5nu-seg", help="model yaml / short name of the FP model trained here (no --weights)")
-    a("--bits", type=int, nargs="+", default=[4])
+    a("--bits", type=bits_token, nargs="+", default=["4"],
+      help="bit widths, one table row each: N (WnAn: 4, 3) or NaM (WnAm: 4a8, the deployable 4-bit model)")
+    a("--target", default="sim", choices=("sim", "ort"), help="deploy target every QAT run simulates (train_qat.py --target): sim (the "
+                                      "paper's) or ort (what onnxruntime's integer kernels run; quant/targets.py)")
     a("--methods", nargs="+", default=["lsq", "ema"], choices=list(LABELS))
     a("--qc", action=argparse.BooleanOptionalAction, default=False, help="also evaluate every method after QC")
     a("--qc-variants", nargs="+", choices=list(QC_VARIANTS),

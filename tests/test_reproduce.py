@@ -286,3 +286,18 @@ def test_original_yolov5n_seg_checkpoint(data3, tmp_path):
                                 "--name", "v5nseg") == 0
     table, _ = check_original_cells(out, ["Freeze", "Freeze+QC", "Freeze+QC(KD)"], "segment")
     assert "mask mAP50-95" in table
+
+
+def test_bit_width_tokens():
+    """--bits takes WnAn as N and WnAm as NaM (the W4A8 row beside W4A4 and W3A3); run names stay w4 / w3."""
+    import argparse
+
+    from benchmarks.reproduce import Cell, bit_widths, bits_label, bits_token
+
+    assert [bits_token(s) for s in ("4", "3", "4a8", "3A3", " 4a4 ")] == ["4", "3", "4a8", "3", "4"]
+    assert bit_widths("4a8") == (4, 8) and bit_widths("3") == (3, 3) and bits_label("4a8") == "W4A8"
+    assert Cell("4", "lsq", 0.99, 0, "EMA").qat_key == "w4-lsq-ema0.99-s0"  # the names of earlier runs
+    assert Cell("4a8", "lsq", 0.99, 0, "EMA").qat_key == "w4a8-lsq-ema0.99-s0"
+    for bad in ("9", "4a1", "w4", "4a8a8"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bits_token(bad)
