@@ -29,9 +29,12 @@ def ort_session(model_onnx: onnx.ModelProto | str | Path):
     # benchmarks/deploy_speed.py measures without it (a user's default session).
     # onnxruntime 1.32 bug: with the option, a per-axis DequantizeLinear of int8 weights that has no zero-point
     # input gets a scalar u8 zero point, and the run fails ("x_zero_point must be null or 1D tensor with size
-    # C"). Such graphs (the 'sim' export: float convs, no integer kernel to protect) are run without it.
+    # C"). Such graphs (the 'sim' export: float convs, no integer kernel to protect) are run without it. The
+    # 'ort' export's weight DequantizeLinear have no zero point either, but all fuse into QLinearConv, and it
+    # loads and runs with the option (an explicit int8 zero point there made the session fail to load).
+    meta = {m.key: m.value for m in proto.metadata_props}
     inits = {t.name: t for t in proto.graph.initializer}
-    per_axis_without_zp = any(
+    per_axis_without_zp = meta.get("quant_target") != "ort" and any(
         n.op_type == "DequantizeLinear" and len(n.input) < 3 and n.input[1] in inits
         and len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1 for n in proto.graph.node)
     if not per_axis_without_zp:
