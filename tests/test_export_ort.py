@@ -10,6 +10,7 @@ kernels where the U8S8 ones could saturate, i.e. without VNNI; deploy/verify.py)
 """
 import collections
 import copy
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,6 +28,7 @@ from test_quantize_yolo import build, images
 CFGS = {"det": ("yolov5nu.yaml", DetectionModel), "seg": ("yolov8n-seg.yaml", SegmentationModel)}
 BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
 IMGSZ = 64
+ROOT = Path(__file__).resolve().parents[1]
 _FP = {}
 
 
@@ -257,3 +259,23 @@ def test_head_output_quantizers_cover_the_calibrated_range():
         hi = lo + (qz.qmax - qz.qmin) * float(qz.scale)
         # calibration saw the float network, this forward the quantized one: a few per cent apart at the ends
         assert lo <= 0.9 * min(float(x.min()), 0) and hi >= 0.9 * max(float(x.max()), 0), (lo, hi, x.min(), x.max())
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "fixtures" / "original-yolo").is_dir(), reason="fixtures not found")
+@pytest.mark.parametrize("name", ["yolov5n", "yolov7-tiny"])
+def test_original_models_export_to_integer_kernels(name, tmp_path):
+    """The paper's anchor-based models (checkpoints made with the original code) for the ort target: every
+    quantized conv a QLinearConv (yolov7-tiny's LeakyReLU stays a float op between Q/DQ), codes up to ties."""
+    from test_original_quant import original
+
+    q = quantize_model(original(name), {"w_bits": 4, "a_bits": 8, "per_channel": True, "weight_init": "lsq",
+                                        "target": "ort"}).eval()
+    calibrate(q, [images(4, IMGSZ, s) for s in range(2)], num_batches=2)
+    path = deploy.export_onnx(q, tmp_path / f"{name}.onnx", IMGSZ)
+    assert optimized_ops(path, tmp_path)["QLinearConv"] == len(quant_convs(q))
+    for seed in range(2):
+        r = compare_onnxruntime(q, path, images(1, IMGSZ, 50 + seed))
+        if r["code_flips"]:
+            assert r["first_flip_tie_distance"] < 1e-3
+        else:
+            assert r["max_abs"] <= 1e-5 * r["max_ref"]
