@@ -45,7 +45,7 @@ def qat_runs(out: Path) -> list[dict]:
 
 def settings_namespace(out: Path, device: str) -> argparse.Namespace:
     s = json.loads((out / "settings.json").read_text())
-    return argparse.Namespace(**{"loss_hyp": None, **s, "out": out, "device": device, "workers": 0})
+    return argparse.Namespace(**{"loss_hyp": None, "target": "sim", **s, "out": out, "device": device, "workers": 0})
 
 
 def qc_point(run: dict, steps: int, lr: float, a, data: str, reuse: bool = True) -> dict:

@@ -213,7 +213,7 @@ def evaluate(model_or_path, a, data: str, save_dir: Path) -> dict:
 # Options that change what a finished run means but are not part of its key: an out dir holds runs of one
 # setting only, so that a re-run never mixes, say, 4-epoch and 16-epoch cells in one table.
 SETTINGS = ("data", "model", "fp_epochs", "fp_optimizer", "fp_lr0", "qat_epochs", "imgsz", "batch", "lr0",
-            "warmup_epochs", "calib_batches", "ema_tau", "loss_hyp")
+            "warmup_epochs", "calib_batches", "ema_tau", "loss_hyp", "target")
 QC_SETTINGS = ("qc_steps", "qc_calib_images", "qc_lr")  # checked only by invocations that run QC cells
 KD_SETTINGS = ("distill_weight",)  # checked only by invocations with distillation (QAT or QC)
 
@@ -223,7 +223,9 @@ def check_settings(a, with_qc: bool, with_kd: bool = False) -> None:
     path = Path(a.out) / "settings.json"
     keys = SETTINGS + (QC_SETTINGS if with_qc else ()) + (KD_SETTINGS if with_kd else ())
     now = {k: getattr(a, k) for k in keys}
-    before = read_json(path) or {}
+    recorded = read_json(path) or {}
+    # out dirs made before --target existed hold the paper's simulation: their cells are not ort runs
+    before = {**recorded, "target": recorded.get("target", "sim")} if recorded else recorded
     flag = {"model": "--weights / --cfg"}
     diff = [f"{flag.get(k, '--' + k.replace('_', '-'))} {now[k]} (the runs there used {before[k]})"
             for k in keys if k in before and before[k] != now[k]]
@@ -232,8 +234,8 @@ def check_settings(a, with_qc: bool, with_kd: bool = False) -> None:
 
         raise InputError(f"{a.out} holds runs made with other settings: " + "; ".join(diff)
                          + ". Use another --name (or --project), or the same settings to resume.")
-    if any(k not in before for k in keys):
-        write_json(path, {**before, **now})
+    if any(k not in recorded for k in keys):
+        write_json(path, {**recorded, **now})
 
 
 # -- FP -----------------------------------------------------------------------------------------

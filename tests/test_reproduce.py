@@ -301,3 +301,20 @@ def test_bit_width_tokens():
     for bad in ("9", "4a1", "w4", "4a8a8"):
         with pytest.raises(argparse.ArgumentTypeError):
             bits_token(bad)
+
+
+def test_out_dir_of_another_target_is_refused(tmp_path):
+    """A re-run with another --target must not reuse the cells (an out dir from before targets is 'sim')."""
+    from types import SimpleNamespace
+
+    from benchmarks.reproduce import SETTINGS, check_settings
+    from engine.cli_common import InputError
+
+    a = SimpleNamespace(out=str(tmp_path), **{k: None for k in SETTINGS})
+    a.target = "sim"
+    (tmp_path / "settings.json").write_text(json.dumps({k: None for k in SETTINGS if k != "target"}))
+    check_settings(a, with_qc=False)  # an old dir: the same as sim
+    assert json.loads((tmp_path / "settings.json").read_text())["target"] == "sim"
+    a.target = "ort"
+    with pytest.raises(InputError, match="--target ort"):
+        check_settings(a, with_qc=False)
