@@ -182,7 +182,7 @@ def test_the_real_scripts_exit_2(tmp_path, fp, data):
                          ("train_qat.py", ["--weights", str(evil), "--data", str(data), *runs]),
                          ("train_qat.py", ["--resume", str(evil)])):
         r = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=tmp_path, capture_output=True, text=True,
-                           env=env, timeout=300)
+                           env=env)
         assert_refused(r.returncode, r.stderr, script, name)
         assert not marker.exists(), argv
 
