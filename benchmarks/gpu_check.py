@@ -1,6 +1,7 @@
 """The Python parts of benchmarks/gpu_check.sh (issue 19). Lines start with [PASS] / [FAIL] / [INFO].
 
-    python benchmarks/gpu_check.py units [--device cuda]      # kernel vs reference, saved bytes, AMP inf,
+    python benchmarks/gpu_check.py units [--device cuda]      # kernels (per tensor, per channel) vs reference,
+                                                              # saved bytes, AMP inf,
                                                               # devices, host syncs per step, fake-quant op time
     python benchmarks/gpu_check.py qat --amp on|off --report R.json -- <train_qat.py arguments>
 
@@ -111,6 +112,109 @@ def kernel_checks(dev):
           f"{n} cases" + (f"; {len(bad)} differ: {bad[:4]}" if bad else ""))
 
 
+def channel_kernel_checks(dev):
+    """The per-channel Triton op (weight quantizers: lsq_fake_quant with axis=0 on CUDA) against the reference on
+    the same device: y, dx bit for bit, ds / db per channel to 1e-5; conv-weight shapes NCHW and channels_last,
+    ties, NaN / inf, steps at and below the floor; deterministic ds; the input alone saved (no silent fallback)."""
+    from quant import fused as fused_lsq
+    from quant.grid import MIN_SCALE, qrange
+    from quant.lsq import lsq_fake_quant
+
+    mod = fused_lsq.triton_module()
+    if mod is None:
+        return check("per-channel triton kernels", False, "quant.lsq_triton could not be imported")
+    try:  # directly: lsq_fake_quant would fall back to the reference (with a warning) if a kernel failed
+        t0 = time.perf_counter()
+        wt = torch.randn(8, 3, 3, 3, device=dev, requires_grad=True)
+        st = torch.full((8,), 0.1, device=dev, requires_grad=True)
+        mod.fake_quant(wt, st, None, -8, 7, 0.1, MIN_SCALE, axis=0).sum().backward()
+        torch.cuda.synchronize()
+        report("PASS", "per-channel triton kernels compile and run", f"{time.perf_counter() - t0:.1f} s (first call)")
+    except Exception as e:
+        return check("per-channel triton kernels compile and run", False, f"{type(e).__name__}: {str(e)[:400]}")
+    bad, n = [], 0
+    # a 1x1 conv, a 3x3 (144 weights a channel: one block), a 3x3 with 2304 a channel (several blocks)
+    for shape in ((32, 16, 1, 1), (64, 16, 3, 3), (24, 256, 3, 3)):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for nhwc in (False, True):
+                for bits, signed, off in ((4, True, None), (2, True, None), (8, True, None), (4, False, -0.25)):
+                    for special in (False, True):
+                        qmin, qmax = qrange(bits, signed)
+                        C = shape[0]
+                        g = torch.Generator(device="cpu").manual_seed(bits + 7 * nhwc + C)
+                        s = torch.tensor([2.0 ** -(2 + c % 4) for c in range(C)])
+                        s[-1], s[-2] = MIN_SCALE, 0.0  # at the floor, below it (straight-through gradient)
+                        x = torch.randn(shape, generator=g) * s.view(-1, 1, 1, 1).clamp_min(0.01) * qmax * 0.5
+                        k = torch.arange(-4, 4) + 0.5  # ties: x / s = k + 0.5 in every channel
+                        x.view(C, -1)[:, :8] = k[:8] * s.view(-1, 1)
+                        if special:
+                            x.view(C, -1)[0, -1] = float("nan")
+                            x.view(C, -1)[1, -3:] = torch.tensor([float("inf"), -float("inf"), 1e30])
+                        x = x.to(dev).to(dtype)
+                        if nhwc:
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        dy = torch.randn(shape, generator=g).to(dev).to(dtype)
+                        s = s.to(dev)
+                        b = None if off is None else torch.tensor([off * (c % 3) for c in range(C)], device=dev)
+                        outs = []
+                        for fused in (True, True, False):
+                            xa = x.detach().clone().requires_grad_()
+                            sa = s.clone().requires_grad_()
+                            ba = None if b is None else b.clone().requires_grad_()
+                            y = lsq_fake_quant(xa, sa, qmin, qmax, 0.01, 0, ba, fused=fused)
+                            y.backward(dy)
+                            outs.append((y.detach(), xa.grad, sa.grad, None if ba is None else ba.grad))
+                        (y, dx, ds, db), (_, _, ds2, db2), (yr, dxr, dsr, dbr) = outs
+                        n += 1
+                        tag = f"{tuple(shape)} {dtype} nhwc={nhwc} {bits}-bit offset={off} special={special}"
+                        if y.dtype != dtype or not _same(y, yr):
+                            bad.append(f"{tag}: y")
+                        if not _same(dx, dxr):
+                            bad.append(f"{tag}: dx")
+                        if not _same(ds, ds2) or (db is not None and not _same(db, db2)):
+                            bad.append(f"{tag}: ds/db differ between two runs")
+                        for name, a, r in (("ds", ds, dsr), ("db", db, dbr)):
+                            if a is None:
+                                continue
+                            na, nr = torch.isnan(a), torch.isnan(r)
+                            if not torch.equal(na, nr):
+                                bad.append(f"{tag}: {name} NaN channels")
+                            elif not torch.allclose(a[~na], r[~nr], rtol=1e-5, atol=1e-6):
+                                i = int(((a - r).abs().nan_to_num(0)).argmax())
+                                bad.append(f"{tag}: {name}[{i}] {a[i].item():.8g} vs {r[i].item():.8g}")
+    check("triton still in use after the per-channel comparisons (no fallback)", fused_lsq.triton_module() is not None)
+    check("per-channel triton vs reference on CUDA (y, dx bit for bit; ds, db 1e-5; ds deterministic)", not bad,
+          f"{n} cases" + (f"; {len(bad)} differ: {bad[:4]}" if bad else ""))
+
+    # the dispatch: lsq_fake_quant(axis=0) on CUDA runs the kernels (the input alone saved, not the reference's
+    # fp32 mask and error), and the time of one weight fake-quant forward + backward
+    w = torch.randn(256, 128, 3, 3, device=dev, requires_grad=True)
+    sw = torch.full((256,), 0.01, device=dev, requires_grad=True)
+    tot = []
+
+    def pack(t):
+        tot.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lsq_fake_quant(w, sw, -8, 7, 0.01, 0, None, fused=True)
+    own = w.numel() * w.element_size()
+    check("per-channel dispatch: lsq_fake_quant(axis=0) on CUDA saves the input alone", sum(tot) <= own + 4096,
+          f"{sum(tot) / own:.3f}x the weight's bytes (the reference keeps ~2x)")
+    res = {}
+    for fused in (True, False):
+        for _ in range(3):
+            lsq_fake_quant(w, sw, -8, 7, 0.01, 0, None, fused=fused).sum().backward()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            lsq_fake_quant(w, sw, -8, 7, 0.01, 0, None, fused=fused).sum().backward()
+        torch.cuda.synchronize()
+        res[fused] = (time.perf_counter() - t) / 20 * 1000
+    report("INFO", "per-channel fake-quant fwd+bwd, 256x128x3x3 fp32 weight",
+           f"triton {res[True]:.3f} ms, reference {res[False]:.3f} ms, ratio {res[False] / res[True]:.1f}x")
+
+
 def saved_and_inf_checks(dev):
     from quant.lsq import lsq_fake_quant
 
@@ -218,8 +322,8 @@ def units(args):
     torch.backends.cudnn.benchmark = True
     cuda = dev.type == "cuda"
     report("INFO", "device", f"{torch.cuda.get_device_name(dev) if cuda else 'cpu (dry run)'}, torch {torch.__version__}")
-    for fn in (kernel_checks, saved_and_inf_checks, op_time, device_checks, sync_checks) if cuda else \
-            (device_checks, sync_checks):
+    gpu = (kernel_checks, channel_kernel_checks, saved_and_inf_checks, op_time, device_checks, sync_checks)
+    for fn in gpu if cuda else (device_checks, sync_checks):
         try:
             fn(dev)
         except Exception as e:

@@ -8,7 +8,8 @@ ninja; cached under ``TORCH_EXTENSIONS_DIR``) the first time a CPU float32 tenso
 per-tensor quantizer in a process. If it cannot be built, a warning says why and the reference
 is used: results are the same, only slower.
 
-On CUDA the same role is played by two Triton kernels (quant/lsq_triton.py; ``fake_quant_cuda``):
+On CUDA the same role is played by Triton kernels (quant/lsq_triton.py; ``fake_quant_cuda``), per tensor
+and per channel (weights):
 one pass each way in the input's own dtype (fp32/fp16/bf16, NCHW or channels_last), the input alone
 saved for the backward. If Triton is missing or a kernel fails to compile, a warning says so once and
 the reference runs.
@@ -119,15 +120,16 @@ def triton_module():
 
 
 def fake_quant_cuda(x: torch.Tensor, scale: torch.Tensor, offset, qmin: int, qmax: int, grad_factor: float,
-                    min_scale: float):
-    """The Triton op on a CUDA tensor in its own dtype (per tensor), or None when it does not apply."""
+                    min_scale: float, axis: int | None = None):
+    """The Triton op on a CUDA tensor in its own dtype (per tensor, or per slice along ``axis``), or None
+    when it does not apply."""
     if _state["off"]:
         return None
     mod = triton_module()
-    if mod is None or not mod.supports(x, scale, offset):
+    if mod is None or not mod.supports(x, scale, offset, axis):
         return None
     try:
-        return mod.fake_quant(x, scale, offset, qmin, qmax, grad_factor, min_scale)
+        return mod.fake_quant(x, scale, offset, qmin, qmax, grad_factor, min_scale, axis=axis)
     except Exception as e:  # a compile failure (driver, ptxas): say it once, then use the reference
         _state["triton"] = None
         warnings.warn(f"Triton LSQ kernel failed ({type(e).__name__}: {str(e).strip()[:300]}); "

@@ -108,13 +108,14 @@ def lsq_fake_quant(x, scale, qmin, qmax, grad_factor=1.0, axis=None, offset=None
     """Functional LSQ fake quantization in fp32 (autocast disabled), returned in ``x``'s dtype.
 
     Per-tensor it runs the fused kernels (quant/fused.py): C++ on CPU when it can be built, Triton on
-    CUDA (quant/lsq_triton.py, in x's own dtype); ``fused=False`` forces the plain-PyTorch reference,
-    which is also what per-channel uses.
+    CUDA (quant/lsq_triton.py, in x's own dtype); per channel, Triton on CUDA and the reference on CPU;
+    ``fused=False`` forces the plain-PyTorch reference.
     """
     dtype = x.dtype
-    if fused and axis is None and x.device.type == "cuda":
-        # CUDA: the Triton kernels (quant/lsq_triton.py) read and write x's own dtype (no fp32 copy)
-        y = fused_lsq.fake_quant_cuda(x, scale, offset, qmin, qmax, grad_factor, MIN_SCALE)
+    if fused and x.device.type == "cuda":
+        # CUDA: the Triton kernels (quant/lsq_triton.py; per tensor or per channel) read and write x's own
+        # dtype (no fp32 copy)
+        y = fused_lsq.fake_quant_cuda(x, scale, offset, qmin, qmax, grad_factor, MIN_SCALE, axis=axis)
         if y is not None:
             return y
     xf = x.float()
