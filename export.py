@@ -7,7 +7,10 @@
 
 ONNX, for the deploy target the checkpoint was trained for (quant/targets.py; --target only confirms it):
 ``ort`` runs on onnxruntime's integer kernels (every quantized conv a QLinearConv: BN, QC and the output scale
-folded into per-channel int8 weight scales, int32 biases, integer zero points); ``sim`` (the paper's simulation,
+folded into per-channel int8 weight scales, int32 biases, integer zero points); ``npu`` the same with INT4 weight
+initializers (opset 21) and positive weight scales, for NPUs fed QDQ ONNX (QNN HTP, Ascend, CMSIS-NN); ``tensorrt``
+Q/DQ with zero point 0 (signed int8) at every conv input and block output, int8 weights with positive scales and
+float biases, for TensorRT's explicit quantization (trtexec --int8 --onnx=...); ``sim`` (the paper's simulation,
 older checkpoints) has BN and QC as per-output-channel Mul after float convs on dequantized (INT4) weights.
 Outputs are those of Ultralytics' own ONNX export (output0 [, output1]), so its NMS applies.
 Original anchor-based YOLOv5 / YOLOv7 checkpoints (theirs as they are, or ours after QAT / QC) export
@@ -30,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 
 PROG = "export.py"
-TARGET_NAMES = ("sim", "ort")  # quant.targets.TARGET_NAMES (not imported here: --help stays instant)
+TARGET_NAMES = ("sim", "ort", "npu", "tensorrt")  # quant.targets.TARGET_NAMES (not imported here: --help stays instant)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--format", choices=("onnx", "packed"), default="onnx")
     ap.add_argument("--target", choices=TARGET_NAMES, default=None,
                     help="deploy target (quant/targets.py); default: the one the checkpoint was trained for. ort: "
-                         "onnxruntime's integer kernels (QLinearConv); sim: the paper's simulation, a float graph")
-    ap.add_argument("--opset", type=int, default=21, help="ONNX opset; >= 21 stores <= 4-bit weights as INT4 (sim target)")
+                         "onnxruntime's integer kernels (QLinearConv); npu: INT4 weights, u8 activations (opset 21); "
+                         "tensorrt: signed int8, zero point 0; sim: the paper's simulation, a float graph")
+    ap.add_argument("--opset", type=int, default=21, help="ONNX opset; >= 21 stores <= 4-bit weights as INT4 (sim and npu targets)")
     ap.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=False,
                     help="dynamic batch and image size (else --batch x 3 x --imgsz x --imgsz)")
     ap.add_argument("--offset-mode", choices=("exact", "zero_point"), default="exact",

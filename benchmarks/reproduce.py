@@ -625,8 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cfg", default="yolov5nu-seg", help="model yaml / short name of the FP model trained here (no --weights)")
     a("--bits", type=bits_token, nargs="+", default=["4"],
       help="bit widths, one table row each: N (WnAn: 4, 3) or NaM (WnAm: 4a8, the deployable 4-bit model)")
-    a("--target", default="sim", choices=("sim", "ort"), help="deploy target every QAT run simulates (train_qat.py --target): sim (the "
-                                      "paper's) or ort (what onnxruntime's integer kernels run; quant/targets.py)")
+    a("--target", default="sim", choices=("sim", "ort", "npu", "tensorrt"),
+      help="deploy target every QAT run simulates (train_qat.py --target): sim (the paper's), or what a runtime's "
+           "integer kernels run: ort (onnxruntime), npu, tensorrt (8-bit activations: --bits 4a8); quant/targets.py")
     a("--methods", nargs="+", default=["lsq", "ema"], choices=list(LABELS))
     a("--qc", action=argparse.BooleanOptionalAction, default=False, help="also evaluate every method after QC")
     a("--qc-variants", nargs="+", choices=list(QC_VARIANTS),

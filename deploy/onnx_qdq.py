@@ -69,7 +69,7 @@ def _set_export_mode(model: nn.Module, imgsz: tuple[int, int], dynamic: bool) ->
 def prepare_export_model(model: nn.Module, imgsz=(640, 640), dynamic: bool = False,
                          offset_mode: str = "exact", target: str | None = None) -> tuple[nn.Module, dict]:
     """A fused, export-mode copy of ``model`` with the export form of every QuantConv2d: QDQConv2d for
-    the ``sim`` target, ORTConv2d (and the output quantizers' Q/DQ) for ``ort`` (none for a float original
+    the ``sim`` target, ORTConv2d (and the output quantizers' Q/DQ) for the integer targets (none for a float original
     YOLOv5 / YOLOv7 model, the only float models exported here). ``target`` None: the model's own."""
     from models import fold_bn_into_quant_convs, make_fuse_quant_aware
 
@@ -90,8 +90,9 @@ def prepare_export_model(model: nn.Module, imgsz=(640, 640), dynamic: bool = Fal
         fold_bn_into_quant_convs(m)
     m = m.fuse(verbose=False)
     _set_export_mode(m, imgsz, dynamic)
-    if quantized and export_target(model, target).name == "ort":
-        return m, swap_for_ort(m)
+    tgt = export_target(model, target) if quantized else None
+    if tgt is not None and tgt.integer:
+        return m, swap_for_ort(m, tgt)
     return m, swap_quant_convs(m, offset_mode)
 
 
@@ -103,9 +104,8 @@ def export_target(model: nn.Module, target: str | None = None) -> Target:
     trained = model_target(model)
     want = get_target(target) if target is not None else trained
     if want.name != trained.name and is_quantized(model):
-        hint = ("train_qat.py --weights <this checkpoint> --target ort (a short QAT continues from it: the new "
-                "conv-output quantizers are calibrated and trained)" if want.name == "ort" else
-                f"export.py --target {trained.name}")
+        hint = (f"QAT for it from the FP model: train_qat.py --weights <the FP checkpoint> --target {want.name}, "
+                f"or export this one with --target {trained.name}")
         raise ValueError(f"the model was trained for target '{trained.name}' and cannot be exported for "
                          f"'{want.name}': what runs would not be what was trained. Use {hint}")
     return want
@@ -192,8 +192,13 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
     if missing:  # the exporter renamed or folded them: the artifact could not be checked, so refuse it
         raise RuntimeError(f"ONNX export lost the integer weight initializers {missing[:3]}...")
     narrow = {n: w for n, w in weight_names.items() if convs[n].w_bits <= 4 and tgt.int4_weights}
-    if tgt.name == "ort":
-        layers = {n: {"weight": weight_names[n], "w_bits": c.w_bits, "a_bits": c.a_bits, "weight_dtype": "int8",
+    if tgt.integer:
+        if narrow and opset < INT4_OPSET:
+            raise ValueError(f"target '{tgt.name}' stores <= 4-bit weights as INT4 initializers, which need opset >= "
+                             f"{INT4_OPSET} (got --opset {opset}): use --opset {INT4_OPSET}")
+        _narrow_to_int4(model_onnx, narrow)
+        layers = {n: {"weight": weight_names[n], "w_bits": c.w_bits, "a_bits": c.a_bits,
+                      "weight_dtype": "int4" if n in narrow else "int8",
                       "input_scale": c.input_scale, "zero_point": int(c.input_zero_point),
                       "shared_input": c.shared_input} for n, c in convs.items()}
         return _finish(model_onnx, m, imgsz, batch, layers, path, tgt)

@@ -1,12 +1,15 @@
-"""Export-time modules of the ``ort`` target: the QDQ patterns onnxruntime's CPU provider turns into
-integer kernels (quant/targets.py has the rules), each a module whose torch forward computes what the
-ONNX ops it emits compute, in their order (QuantizeLinear divides by the scale and rounds half to even).
+"""Export-time modules of the integer targets (``ort``, ``npu``, ``tensorrt``; quant/targets.py has the rules):
+the QDQ patterns their runtimes turn into integer kernels, each a module whose torch forward computes what
+the ONNX ops it emits compute, in their order (QuantizeLinear divides by the scale and rounds half to even).
 
 - ``ORTConv2d``: Q(x) [-> integer Clip for a sub-8-bit grid] -> DQ, DQ(int8 weight, per-channel scale
   with BN, QC and the output scale folded in: the codes do not change), DQ(int32 bias, scale s_x * s_w)
   -> Conv. Followed by the output Q of ``ORTAct`` / ``ORTOut`` this is QLinearConv.
+  Targets with a float bias (TensorRT) put the folded bias into the Conv as it is; targets with narrow
+  weights get positive per-channel scales (a channel with a negative folded scale stores negated codes).
 - ``ORTAct``: Q/DQ of the conv output, then Sigmoid -> Q/DQ(1/256) and Mul (QLinearSigmoid, QLinearMul),
-  or another activation in float.
+  or another activation in float (TensorRT: no conv-output Q, the activation fused into its conv), then
+  the block output's encoding.
 - ``ORTOut``: a head conv's output Q/DQ.
 """
 from __future__ import annotations
@@ -104,16 +107,17 @@ class _QDQ(nn.Module):
 
 
 class ORTConv2d(nn.Module):
-    """A BN-folded QuantConv2d as DQ(x) + DQ(int8 w) + DQ(int32 b) -> Conv."""
+    """A BN-folded QuantConv2d as DQ(x) + DQ(int8 w) + DQ(int32 b) -> Conv (or a float bias: ``int32_bias``
+    False); ``positive_scales``: negative per-channel weight scales become negated codes (narrow grid only)."""
 
-    def __init__(self, qconv: QuantConv2d):
+    def __init__(self, qconv: QuantConv2d, int32_bias: bool = True, positive_scales: bool = False):
         super().__init__()
         wq, aq = qconv.weight_quantizer, qconv.input_grid
         if not (wq.enabled and aq.enabled):
-            raise ValueError("the ort target needs quantized weights and inputs (an excluded or disabled "
+            raise ValueError("integer targets need quantized weights and inputs (an excluded or disabled "
                              "quantizer leaves a float conv)")
         if qconv.padding_mode != "zeros" or isinstance(qconv.padding, str):
-            raise ValueError("the ort export takes zero padding with explicit pads only")
+            raise ValueError("the integer export takes zero padding with explicit pads only")
         self.w_bits, self.a_bits = qconv.w_bits, qconv.a_bits
         self.stride, self.padding, self.dilation, self.groups = qconv.stride, qconv.padding, qconv.dilation, qconv.groups
         # A shared input is already a DQ output of its producer's encoding: no Q/DQ here (the grid is for the bias)
@@ -124,18 +128,30 @@ class ORTConv2d(nn.Module):
         # BN, QC and the output scale go into the per-channel weight scale (the codes do not change); the bias
         # into the int32 accumulator at scale s_x * s_w, the product onnxruntime checks before it fuses.
         w_scale, b_scale = qconv.accumulator_scale()
+        codes = qconv.integer_weight()
+        if positive_scales:
+            if wq.qmin != -wq.qmax:
+                raise ValueError("positive weight scales need the narrow weight grid (a model trained for this "
+                                 "target has it): negating a code of -2^(b-1) overflows")
+            sign = torch.where(w_scale < 0, -1.0, 1.0)
+            codes = codes * sign.view(-1, *[1] * (codes.dim() - 1))
+            w_scale, b_scale = w_scale * sign, b_scale * sign
         bias = torch.zeros(n, dtype=torch.float64) if qconv.bias is None else qconv.bias.detach().double().reshape(-1)
-        b_int = torch.round(bias / b_scale.double())
-        if b_int.abs().max() > INT32_MAX:
-            raise ValueError(f"a bias does not fit int32 at scale s_x * s_w ({float(b_int.abs().max()):.3g} codes)")
-        self.register_buffer("weight_int", qconv.integer_weight().to(torch.int8))
+        self.register_buffer("weight_int", codes.to(torch.int8))
         self.register_buffer("weight_scale", w_scale)
-        self.register_buffer("bias_int", b_int.to(torch.int32))
-        self.register_buffer("bias_scale", b_scale)
+        self.int32_bias = int32_bias
+        if int32_bias:
+            b_int = torch.round(bias / b_scale.double())
+            if b_int.abs().max() > INT32_MAX:
+                raise ValueError(f"a bias does not fit int32 at scale s_x * s_w ({float(b_int.abs().max()):.3g} codes)")
+            self.register_buffer("bias_int", b_int.to(torch.int32))
+            self.register_buffer("bias_scale", b_scale)
+        else:
+            self.register_buffer("bias_float", bias.float())
 
     def forward(self, x):
         w = DequantizePerChannel.apply(self.weight_int, self.weight_scale)
-        b = DequantizePerChannel.apply(self.bias_int, self.bias_scale)
+        b = DequantizePerChannel.apply(self.bias_int, self.bias_scale) if self.int32_bias else self.bias_float
         x = self.act(x) if self.act is not None else x
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
@@ -148,13 +164,13 @@ class ORTAct(nn.Module):
 
     def __init__(self, qact):
         super().__init__()
-        self.pre = _QDQ(qact.pre)
+        self.pre = _QDQ(qact.pre) if qact.pre is not None else None
         self.sig = _QDQ(qact.sig) if qact.sig is not None else None
         self.act = None if qact.sig is not None else qact.act
         self.out = _QDQ(qact.out) if getattr(qact, "out", None) is not None else None
 
     def forward(self, x):
-        y = self.pre(x)
+        y = self.pre(x) if self.pre is not None else x
         y = y * self.sig(torch.sigmoid(y)) if self.sig is not None else self.act(y)
         return self.out(y) if self.out is not None else y
 
@@ -168,10 +184,13 @@ class ORTOut(nn.Module):
         return self.quantizer(self.conv(x))
 
 
-def swap_for_ort(model: nn.Module) -> dict[str, ORTConv2d]:
-    """Replace (in place, on a BN-folded model) QuantAct, QuantOut and QuantConv2d by their export forms;
-    returns {conv name: ORTConv2d}. Every quantized conv must have an output quantizer (a model built for
-    the ort target): a conv without one would stay a float conv in onnxruntime."""
+def swap_for_ort(model: nn.Module, target=None) -> dict[str, ORTConv2d]:
+    """Replace (in place, on a BN-folded model) QuantAct, QuantOut and QuantConv2d by their export forms for
+    ``target`` (an integer quant.targets.Target; None: ``ort``); returns {conv name: ORTConv2d}. The model must
+    have been built for that target (its output quantizers and encodings are what the runtime quantizes)."""
+    from quant.targets import get_target
+
+    target = target or get_target("ort")
     from quant import replace_module
     from quant.act import QuantAct, QuantOut
 
@@ -182,7 +201,7 @@ def swap_for_ort(model: nn.Module) -> dict[str, ORTConv2d]:
     convs = {}
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantConv2d):
-            convs[name] = ORTConv2d(m)
+            convs[name] = ORTConv2d(m, target.int32_bias, target.narrow_weights)
             replace_module(model, name, convs[name])
     for name in outs:
         m = model.get_submodule(name)

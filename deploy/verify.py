@@ -31,16 +31,30 @@ def ort_session(model_onnx: onnx.ModelProto | str | Path):
     # input gets a scalar u8 zero point, and the run fails ("x_zero_point must be null or 1D tensor with size
     # C"). Such graphs (the 'sim' export: float convs, no integer kernel to protect) are run without it. The
     # 'ort' export's weight DequantizeLinear have no zero point either, but all fuse into QLinearConv, and it
-    # loads and runs with the option (an explicit int8 zero point there made the session fail to load).
+    # loads and runs with the option (an explicit int8 zero point there made the session fail to load); so do
+    # the 'npu' export's (its INT4 weights stay float convs: the option leaves INT4 alone). The 'tensorrt'
+    # export runs in float convs here (no Q after a conv, which QLinearConv needs): nothing to saturate.
     meta = {m.key: m.value for m in proto.metadata_props}
     inits = {t.name: t for t in proto.graph.initializer}
-    per_axis_without_zp = meta.get("quant_target") != "ort" and any(
+    per_axis_without_zp = meta.get("quant_target") not in ("ort", "npu") and any(
         n.op_type == "DequantizeLinear" and len(n.input) < 3 and n.input[1] in inits
         and len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1 for n in proto.graph.node)
     if not per_axis_without_zp:
         opts.add_session_config_entry("session.x64quantprecision", "1")
     data = proto.SerializeToString() if isinstance(model_onnx, onnx.ModelProto) else str(model_onnx)
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=ort_disabled_optimizers(meta.get("quant_target")))
+
+
+def ort_disabled_optimizers(target: str | None) -> list[str]:
+    """onnxruntime (1.32) transformers to switch off for a file of ``target``. A 'tensorrt' file has signed
+    (s8, zero point 0) activations: on x86 QDQS8ToU8Transformer rewrites them to u8 while
+    QDQPropagationTransformer copies a Q past each SPPF MaxPool with an INT8 output type, and the session fails
+    to load ("output_dtype INT8 does not match y_zero_point type UINT8"). Without the rewrite it loads and
+    computes the same values (s8 grids are exact either way). And WeightBiasQuantization, which gives a float
+    layer between Q/DQ (Proto's ConvTranspose) int8 weights of onnxruntime's choosing: TensorRT runs that
+    layer in float, as the model does (with it, segmentation codes after the upsampling moved by 0.06 step)."""
+    return ["QDQS8ToU8Transformer", "WeightBiasQuantization"] if target == "tensorrt" else []
 
 
 def run_onnx(path: str | Path, x: torch.Tensor) -> list[np.ndarray]:

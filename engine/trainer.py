@@ -34,6 +34,7 @@ from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_m
 import models  # noqa: F401  (registers the YOLO layer policy)
 from models.checkpoint import load_checkpoint, save_checkpoint
 from quant import LSQQuantizer, calibrate, is_quantized, quant_convs, quantize_model, set_recompute_input
+from quant.targets import check_continued_target
 from quant.grid import MIN_SCALE
 from quant.oscillation import Dampening, DelayedCosine, OscillationTracker
 
@@ -159,6 +160,7 @@ class QATTrainerMixin:
         if str(self.model).endswith(".pt"):
             weights, source_ckpt = load_checkpoint(self.model)
             if is_quantized(weights):  # continue QAT of a quantized checkpoint as it is
+                check_continued_target(weights, self.qat.recipe.target, str(self.model))
                 self.fp_source = source_ckpt.get("fp_source")  # the FP model behind it, if it recorded one
                 self.model, self._calibrated = weights.train(), True
                 return None

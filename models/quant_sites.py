@@ -1,15 +1,18 @@
 """YOLO-specific quantization sites of deploy targets that encode tensors (quant/targets.py ``encode_outputs``):
-the residual sums of Bottlenecks get an 8-bit encoding (onnxruntime's QLinearAdd), and the model is run once
+the residual sums of Bottlenecks get an 8-bit encoding (onnxruntime's QLinearAdd), for targets that ask for it
+(``encode_concats``, TensorRT) the outputs of Concat layers too, and the model is run once
 so that convs taking a block's output as it is share its encoding (quant.act.share_encodings).
 
-The residual blocks change class in place (as QuantRepConv does), keeping their parameters and state-dict
-keys; the sum goes through ``add_quantizer``.
+The residual blocks and Concats change class in place (as QuantRepConv does), keeping their parameters and state-dict
+keys; the sum goes through ``add_quantizer``, the
+concatenation through ``cat_quantizer``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 from ultralytics.nn.modules import block as um
+from ultralytics.nn.modules.conv import Concat as UltralyticsConcat
 
 from quant.act import output_quantizer
 
@@ -33,20 +36,48 @@ class QuantOriginalBottleneck(common.Bottleneck):
     forward = _residual_forward
 
 
-def quantize_residuals(model: nn.Module, bits: int) -> int:
+def _concat_forward(self, x):
+    return self.cat_quantizer(torch.cat(x, self.d))
+
+
+class QuantConcat(UltralyticsConcat):
+    """Ultralytics' Concat whose output has one encoding (TensorRT: the convs reading it share one Q/DQ)."""
+
+    forward = _concat_forward
+
+
+class QuantOriginalConcat(common.Concat):
+    forward = _concat_forward
+
+
+def quantize_concats(model: nn.Module, bits: int, signed: bool = False) -> int:
     n = 0
     for m in model.modules():
-        if type(m) in (um.Bottleneck, common.Bottleneck) and m.add:
-            m.__class__ = QuantOriginalBottleneck if isinstance(m, common.Bottleneck) else QuantBottleneck
-            m.add_quantizer = output_quantizer(bits).to(next(m.parameters()).device)
+        if type(m) in (UltralyticsConcat, common.Concat):
+            m.__class__ = QuantOriginalConcat if isinstance(m, common.Concat) else QuantConcat
+            m.cat_quantizer = output_quantizer(bits, signed=signed).to(next(model.parameters()).device)
             n += 1
     return n
 
 
-def yolo_sites(model: nn.Module, bits: int):
-    """The ``sites`` hook of the YOLO policies: quantize the residual sums, return how to run the model once
+def quantize_residuals(model: nn.Module, bits: int, signed: bool = False) -> int:
+    n = 0
+    for m in model.modules():
+        if type(m) in (um.Bottleneck, common.Bottleneck) and m.add:
+            m.__class__ = QuantOriginalBottleneck if isinstance(m, common.Bottleneck) else QuantBottleneck
+            m.add_quantizer = output_quantizer(bits, signed=signed).to(next(m.parameters()).device)
+            n += 1
+    return n
+
+
+def yolo_sites(model: nn.Module, bits: int, signed: bool = False, concats: bool = False):
+    """The ``sites`` hook of the YOLO policies: quantize the residual sums (``signed``: on the symmetric grid of
+    targets with zero point 0) and, with ``concats``, the outputs of the model's Concat layers; return how to run
+    the model once
     (a small image of the model's channels; its size a multiple of the largest stride)."""
-    quantize_residuals(model, bits)
+    quantize_residuals(model, bits, signed)
+    if concats:
+        quantize_concats(model, bits, signed)
     ch = (getattr(model, "yaml", None) or {}).get("channels", 3)
     size = int(max(getattr(model, "stride", torch.tensor([32.0])).max().item(), 32)) * 2
     device = next(model.parameters()).device

@@ -23,12 +23,13 @@ SIGMOID_BITS = 8
 SIGMOID_SCALE = 1.0 / 256  # torch.ao's fixed qparams of sigmoid: codes 0..255 cover [0, 1)
 
 
-def output_quantizer(bits: int = 8, full_range: bool = False) -> LSQQuantizer:
-    """An activation quantizer for a conv output: unsigned LSQ+ grid, integer zero point; ``full_range``:
-    initialised over the calibrated min..max (no clipping)."""
-    q = LSQQuantizer(bits, signed=False, learn_offset=True)
+def output_quantizer(bits: int = 8, full_range: bool = False, signed: bool = False) -> LSQQuantizer:
+    """An activation quantizer for a conv output or a tensor's encoding: unsigned LSQ+ grid with an integer
+    zero point, or (``signed``, targets with symmetric activations) the signed grid with zero point 0;
+    ``full_range``: initialised over the calibrated min..max (no clipping)."""
+    q = LSQQuantizer(bits, signed=signed, learn_offset=not signed)
     q.is_activation = True
-    q.integer_zero_point = True
+    q.integer_zero_point = not signed
     q.full_range = full_range
     return q
 
@@ -63,19 +64,20 @@ class FixedQuantizer(KeepFP32, nn.Module):
 
 class QuantAct(nn.Module):
     """A block's activation with the runtime's quantizers: ``pre`` on its input (the conv output after
-    BN and QC), for SiLU the sigmoid on the fixed grid, and ``out`` (when the target encodes block outputs)
-    on the result: the encoding of the tensor every consumer sees (Concat, Add, Upsample, MaxPool, and the
-    convs that take it as it is: ``share_encodings``)."""
+    BN and QC; None where the runtime fuses the activation into the conv, TensorRT), for SiLU the sigmoid
+    on the fixed grid (with ``pre`` only), and ``out`` (when the target encodes block outputs) on the
+    result: the encoding of the tensor every consumer sees (Concat, Add, Upsample, MaxPool, and the convs
+    that take it as it is: ``share_encodings``)."""
 
-    def __init__(self, act: nn.Module, bits: int = 8, out_bits: int | None = None):
+    def __init__(self, act: nn.Module, bits: int | None = 8, out_bits: int | None = None, signed: bool = False):
         super().__init__()
-        self.pre = output_quantizer(bits)
+        self.pre = output_quantizer(bits) if bits else None
         self.act = act
-        self.sig = FixedQuantizer() if isinstance(act, nn.SiLU) else None
-        self.out = output_quantizer(out_bits) if out_bits else None
+        self.sig = FixedQuantizer() if isinstance(act, nn.SiLU) and self.pre is not None else None
+        self.out = output_quantizer(out_bits, signed=signed) if out_bits else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.pre(x)
+        y = self.pre(x) if self.pre is not None else x
         y = y * self.sig(torch.sigmoid(y)) if self.sig is not None else self.act(y)
         return self.out(y) if self.out is not None else y
 
@@ -100,26 +102,35 @@ class QuantOut(nn.Module):
             return getattr(super().__getattr__("conv"), name)
 
 
+# attributes under which a model family's sites (models/quant_sites.py) keep the encoding of a tensor they make:
+# a residual sum, a concatenation
+ENCODING_ATTRS = ("add_quantizer", "cat_quantizer")
+
+
 def output_quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
     """{name: quantizer} of every quantizer a target adds beyond conv inputs: QuantAct.pre / .out,
     QuantOut.quantizer, and the ``add_quantizer`` of residual blocks (models/quant_sites.py)."""
     out = {}
     for n, m in model.named_modules():
         if isinstance(m, QuantAct):
-            out[f"{n}.pre"] = m.pre
+            if m.pre is not None:
+                out[f"{n}.pre"] = m.pre
             if m.out is not None:
                 out[f"{n}.out"] = m.out
         elif isinstance(m, QuantOut):
             out[f"{n}.quantizer"] = m.quantizer
-        elif isinstance(getattr(m, "add_quantizer", None), LSQQuantizer):
-            out[f"{n}.add_quantizer"] = m.add_quantizer
+        else:
+            for attr in ENCODING_ATTRS:
+                if isinstance(getattr(m, attr, None), LSQQuantizer):
+                    out[f"{n}.{attr}"] = getattr(m, attr)
     return out
 
 
 def encoding_quantizers(model: nn.Module) -> list[LSQQuantizer]:
-    """The quantizers whose output is a tensor's encoding (QuantAct.out, residual add quantizers)."""
+    """The quantizers whose output is a tensor's encoding (QuantAct.out, residual sums', concatenations')."""
     qs = [m.out for m in model.modules() if isinstance(m, QuantAct) and m.out is not None]
-    return qs + [m.add_quantizer for m in model.modules() if isinstance(getattr(m, "add_quantizer", None), LSQQuantizer)]
+    return qs + [getattr(m, a) for m in model.modules() for a in ENCODING_ATTRS
+                 if isinstance(getattr(m, a, None), LSQQuantizer)]
 
 
 def fixed_quantizers(model: nn.Module) -> list[FixedQuantizer]:

@@ -170,7 +170,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe | dict, policy: Callabl
         q.train(conv.training)
         replace_module(model, name, q)
     model.quant_recipe = recipe.to_dict()
-    apply_target(model, get_target(recipe.target), roles.get("sites"))
+    apply_target(model, get_target(recipe.target), roles.get("sites"), recipe.weight_init)
     name_quantizers(model)
     fin = roles.get("finalize")
     if finalize and fin is not None:
@@ -178,16 +178,18 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe | dict, policy: Callabl
     return model
 
 
-def apply_target(model: nn.Module, target: Target, sites: Callable | None = None) -> int:
+def apply_target(model: nn.Module, target: Target, sites: Callable | None = None, weight_init: str = "mse") -> int:
     """Add the quantizers ``target`` puts beyond conv inputs (quant/act.py): integer zero points on every
     activation quantizer, an output quantizer on every quantized conv (in its block's activation when it
     has one, else around the conv), and where the target encodes block outputs, the encoding of each block's
-    output, of the model's residual sums (``sites(model, bits)``, the model family's policy, which returns a
-    function running the model once) and shared encodings (``share_encodings``). Returns the number of output
-    quantizers added."""
+    output, of the model's residual sums and, for ``encode_concats``, Concat outputs (``sites(model, bits, signed,
+    concats)``, the model family's policy, which
+    returns a function running the model once) and shared encodings (``share_encodings``). Weights go on the
+    narrow grid where the target takes them (their step sizes initialised again by ``weight_init``). Returns
+    the number of activation wrappers added (QuantAct, QuantOut)."""
     n = 0
-    if target.output_bits is not None:
-        out_bits = target.output_bits if target.encode_outputs else None
+    signed = target.symmetric_activations
+    if target.output_bits is not None or target.encode_outputs:
         blocks = {id(m.conv): m for m in model.modules()
                   if isinstance(getattr(m, "conv", None), QuantConv2d) and isinstance(getattr(m, "act", None), nn.Module)
                   and not isinstance(m, QuantOut)}
@@ -197,13 +199,13 @@ def apply_target(model: nn.Module, target: Target, sites: Callable | None = None
             block = blocks.get(id(conv))
             if block is not None:
                 if not isinstance(block.act, QuantAct):
-                    block.act = QuantAct(block.act, target.output_bits, out_bits).to(conv.weight.device)
+                    block.act = QuantAct(block.act, target.output_bits, target.encode_bits, signed).to(conv.weight.device)
                     n += 1
-            elif not isinstance(_parent(model, name), QuantOut):
+            elif target.output_bits is not None and not isinstance(_parent(model, name), QuantOut):
                 replace_module(model, name, QuantOut(conv, target.output_bits).to(conv.weight.device))
                 n += 1
-        if out_bits and sites is not None:
-            run = sites(model, out_bits)
+        if target.encode_outputs and sites is not None:
+            run = sites(model, target.encode_bits, signed, target.encode_concats)
             share_encodings(model, run)
     if target.integer_zero_point:
         for q in list(activation_quantizers(model).values()) + list(output_quantizers(model).values()):
@@ -211,6 +213,12 @@ def apply_target(model: nn.Module, target: Target, sites: Callable | None = None
     if target.int32_bias:
         for conv in quant_convs(model).values():
             conv.int32_bias = True
+    if target.narrow_weights:
+        for conv in quant_convs(model).values():
+            wq = conv.weight_quantizer
+            if wq.qmin != -wq.qmax:
+                wq.qmin = -wq.qmax
+                wq.init_from_weight(conv.weight.detach(), weight_init)
     return n
 
 

@@ -67,7 +67,9 @@ class QuantRecipe:
     target: str = field(default="sim", metadata={
         "help": f"deploy target whose quantization QAT simulates, one of {TARGET_NAMES}: sim is the paper's "
                 "(conv inputs and weights), ort adds what onnxruntime's integer kernels quantize (conv outputs, "
-                "sigmoid, integer zero points) so the export runs on them; see quant/targets.py"})
+                "sigmoid, integer zero points) so the export runs on them; npu: ort's rules with INT4 weights, 8-bit "
+                "activations; tensorrt: signed symmetric 8-bit activations (act_mode lsq+ becomes signed), int8 "
+                "weights; see quant/targets.py"})
 
     def __post_init__(self):
         _check_bits("w_bits", self.w_bits)
@@ -87,6 +89,28 @@ class QuantRecipe:
                 _check_bits(f"overrides[{name!r}].{k}", v)
         self.exclude = list(self.exclude)
         _check_choice("target", self.target, TARGET_NAMES)
+        self._check_target()
+
+    def _check_target(self) -> None:
+        """What the deploy target's runtime executes (quant/targets.py): its activation grid and bit-width."""
+        from .targets import get_target
+
+        t = get_target(self.target)
+        if t.symmetric_activations:
+            if self.act_mode == "lsq+":  # the default grid; this target's default is the signed one
+                self.act_mode = "signed"
+            elif self.act_mode != "signed":
+                raise ValueError(f"recipe field 'act_mode' = {self.act_mode!r} is invalid for target '{t.name}': it "
+                                 "runs symmetric signed activations (zero point 0): use act_mode 'signed'")
+        if t.activation_bits is not None:
+            bits = {"a_bits": self.a_bits, "first_last_bits": self.first_last_bits}
+            bits.update({f"overrides[{n!r}].a_bits": o["a_bits"] for n, o in self.overrides.items() if "a_bits" in o})
+            bad = {k: v for k, v in bits.items() if v is not None and v != t.activation_bits}
+            if bad:
+                raise ValueError(f"recipe field(s) {bad} invalid for target '{t.name}': its runtime convolves "
+                                 f"{t.activation_bits}-bit activations only (no mainstream runtime runs 4-bit "
+                                 f"activations in convolutions). Use a_bits {t.activation_bits}, e.g. W4A8: "
+                                 f"--w-bits 4 --a-bits {t.activation_bits}")
 
     @classmethod
     def from_any(cls, recipe: "QuantRecipe | dict") -> "QuantRecipe":
