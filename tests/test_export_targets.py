@@ -191,3 +191,23 @@ def test_continuing_a_quantized_checkpoint_for_another_target_is_an_error():
     check_continued_target(q, "sim")  # the recipe default: no --target given, the checkpoint's own applies
     with pytest.raises(ValueError, match="--target tensorrt cannot apply"):
         check_continued_target(q, "tensorrt", "best.pt")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_checkpoints_of_the_targets_reload_identically(target, tmp_path):
+    """Safe loading (the allowlist includes the swapped Concat / Bottleneck classes) and the packed checkpoint
+    (narrow weight grids, the targets' quantizers) give the same model."""
+    from models.checkpoint import load_checkpoint, save_checkpoint
+
+    q = quantized("det", "w4a8", target)
+    x = images(2, IMGSZ, 3)
+    with torch.no_grad():
+        want = q.eval()(x)[0]
+    loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "q.pt", q))
+    deploy.save_packed(q, tmp_path / "q.qpk")
+    packed = deploy.load_packed(tmp_path / "q.qpk")
+    for r in (loaded, packed):
+        assert r.quant_recipe["target"] == target
+        assert all(c.weight_quantizer.qmin == -c.weight_quantizer.qmax for c in quant_convs(r).values())
+        with torch.no_grad():
+            assert torch.equal(r.eval()(x)[0], want)
