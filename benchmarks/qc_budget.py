@@ -8,7 +8,11 @@ steps instead of QC. Box and mask mAP50-95 (pycocotools), per seed and paired ag
         --control-epochs 12
 
 The paper's QC is one COCO epoch: 1,849 Adam steps at lr 1e-4 (lr x steps = 0.185, the most a correction can move
-in Adam's units). Each point's results are cached in <out>/qc-budget/*.json: a re-run computes only what is missing.
+in Adam's units). Each point's results are cached in <out>/qc-budget/*.json: a re-run computes only what is missing,
+so seeds (reproduce.py --seeds 0 1 2 into the same out dir) and points can be added later. --cached-points are
+tabulated for the seeds that have them cached and never computed (points measured on some seeds only). Each row
+gives mean (min..max) over its seeds and the paired difference to the same seed's run without QC; a second table
+gives every seed's values.
 The control continues QAT from the QAT run's saved (EMA) model with its settings (SGD lr0, scales Adam, EMA), for
 --control-epochs epochs (one optimizer step per batch; validated once, at the end), and is evaluated as the QAT
 cells are (weights/last.pt).
@@ -48,10 +52,8 @@ def settings_namespace(out: Path, device: str) -> argparse.Namespace:
     return argparse.Namespace(**{"loss_hyp": None, "target": "sim", **s, "out": out, "device": device, "workers": 0})
 
 
-def qc_point(run: dict, steps: int, lr: float, a, data: str, reuse: bool = True) -> dict:
-    from engine.qc import run_qc
-    from models.checkpoint import load_checkpoint
-
+def qc_point(run: dict, steps: int, lr: float, a, data: str, reuse: bool = True, compute: bool = True) -> dict | None:
+    """QC at one (steps, lr) on the run's model: cached, reproduce.py's own +QC cell, or (``compute``) run now."""
     path = Path(a.out) / "qc-budget" / f"{run['key']}--qc{steps}x{lr:g}.json"
     done = rep.read_json(path)
     if done:
@@ -61,6 +63,11 @@ def qc_point(run: dict, steps: int, lr: float, a, data: str, reuse: bool = True)
         if cell is not None:
             return {"steps": cell["qc_steps"], "lr": lr, **{k: cell[k] for k in ("box", "mask")},
                     **{k: cell["qc_report"].get(k) for k in ("loss_before", "loss_after")}}
+    if not compute:
+        return None
+    from engine.qc import run_qc
+    from models.checkpoint import load_checkpoint
+
     model, _ = load_checkpoint(run["qat"]["weights"])
     t0 = time.time()
     model, report = run_qc(model, data=data, steps=steps, lr=lr, imgsz=a.imgsz, batch=a.batch, seed=run["seed"],
@@ -96,32 +103,59 @@ def control(run: dict, epochs: int, a, data: str) -> dict:
     return res
 
 
-def fmt(vals: list[float]) -> str:
+def pct(v: float, sign: bool = False) -> str:
+    return f"{100 * v:+.1f}" if sign else f"{100 * v:.1f}"
+
+
+def span(vals: list[float], sign: bool = False) -> str:
+    """mean (min..max) in points; the mean alone for one value."""
     if not vals:
         return "-"
-    m = 100 * statistics.fmean(vals)
-    return f"{m:.1f} ± {100 * statistics.stdev(vals):.1f}" if len(vals) > 1 else f"{m:.1f}"
+    m = pct(statistics.fmean(vals), sign)
+    return f"{m} ({pct(min(vals), sign)}..{pct(max(vals), sign)})" if len(vals) > 1 else m
 
 
 def paired(diffs: list[float]) -> str:
+    """mean (min..max) of the per-seed differences, and how many seeds were higher."""
     if not diffs:
         return "-"
-    m = 100 * statistics.fmean(diffs)
-    wins = sum(d > 0 for d in diffs)
-    sd = f" ± {100 * statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
-    return f"{m:+.2f}{sd} ({wins}/{len(diffs)})"
+    wins = f", {sum(d > 0 for d in diffs)}/{len(diffs)} up" if len(diffs) > 1 else ""
+    return span(diffs, sign=True) + wins
 
 
 def table(rows: dict, metrics: list[str]) -> str:
-    """rows: (bits, label, lr x steps) -> list of (seed, {metric: value}, {metric: no-QC value})."""
-    head = ["bits", "what", "lr x steps"] + [f"{m} mAP50-95" for m in metrics] + [f"{m} - no QC, paired (seeds up)"
-                                                                                 for m in metrics]
+    """rows: (bits, label, lr x steps) -> list of (seed, {metric: value}, {metric: no-QC value}); one line a row:
+    mean (min..max) over its seeds, and the paired difference to the same seed's run without QC."""
+    head = ["bits", "what", "lr x steps", "seeds"] + [f"{m} mAP50-95" for m in metrics] + [
+        f"{m} - no QC (paired)" for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (bits, label, budget), vals in rows.items():
-        cells = [str(bits), label, budget]
-        cells += [fmt([v[m] for _, v, _ in vals if v.get(m) is not None]) for m in metrics]
+        cells = [str(bits), label, budget, " ".join(str(sd) for sd in sorted({sd for sd, _, _ in vals}))]
+        cells += [span([v[m] for _, v, _ in vals if v.get(m) is not None]) for m in metrics]
         cells += ["-" if label == "no QC" else paired([v[m] - b[m] for _, v, b in vals if v.get(m) is not None])
                   for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_table(rows: dict, metrics: list[str]) -> str:
+    """Every seed's values: 'box / mask (box - no QC / mask - no QC)' per row and seed."""
+    seeds = sorted({sd for vals in rows.values() for sd, _, _ in vals})
+    head = ["bits", "what", "lr x steps"] + [f"seed {sd}" for sd in seeds]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (bits, label, budget), vals in rows.items():
+        by = {sd: (v, b) for sd, v, b in vals}
+        cells = [str(bits), label, budget]
+        for sd in seeds:
+            if sd not in by:
+                cells.append("-")
+                continue
+            v, b = by[sd]
+            ms = [m for m in metrics if v.get(m) is not None]
+            cell = " / ".join(pct(v[m]) for m in ms)
+            if label != "no QC":
+                cell += " (" + " / ".join(pct(v[m] - b[m], sign=True) for m in ms) + ")"
+            cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -131,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="a reproduce.py out dir with QAT runs (cells/qat-*.json)")
     ap.add_argument("--points", nargs="+", default=["185:1e-3", "16:1e-4", "185:1e-2", "185:1e-4"],
                     help="QC budgets STEPS:LR, in the order computed (the control comes after the first)")
+    ap.add_argument("--cached-points", nargs="*", default=[],
+                    help="more budgets STEPS:LR, tabulated for the seeds that have them cached, never computed")
     ap.add_argument("--control-epochs", type=int, default=12, help="extra QAT epochs of the control (0: none)")
     ap.add_argument("--qc-after-control", action=argparse.BooleanOptionalAction, default=True,
                     help="also QC (the first point) on the control's longer-trained model")
@@ -141,14 +177,17 @@ def main(argv=None) -> int:
     from engine.calib import resolve_data
 
     data = resolve_data(a.data)
-    points = [(int(p.split(":")[0]), float(p.split(":")[1])) for p in a_.points]
+    parse = lambda p: (int(p.split(":")[0]), float(p.split(":")[1]))  # noqa: E731
+    points = [(*parse(p), True) for p in a_.points] + [(*parse(p), False) for p in a_.cached_points]
     runs = qat_runs(out)
     rows: dict = {}
     for r in sorted(runs, key=lambda r: (r["seed"], -r["bits"])):  # seed-major: a stopped run has both widths
         base = {"box": r["noqc"]["box"], "mask": r["noqc"].get("mask")}
         rows.setdefault((r["bits"], "no QC", "0"), []).append((r["seed"], base, base))
-        for i, (steps, lr) in enumerate(points):
-            res = qc_point(r, steps, lr, a, data)
+        for i, (steps, lr, compute) in enumerate(points):
+            res = qc_point(r, steps, lr, a, data, compute=compute)
+            if res is None:  # a --cached-points budget this seed lacks
+                continue
             rows.setdefault((r["bits"], f"QC {steps} steps x lr {lr:g}", f"{steps * lr:.3g}"), []).append(
                 (r["seed"], res, base))
             if i == 0 and a_.control_epochs:  # right after the first point: what the control is compared with
@@ -162,7 +201,9 @@ def main(argv=None) -> int:
                     rows.setdefault((r["bits"], f"QAT +{a_.control_epochs}ep, then QC {steps} x {lr:g}",
                                      f"{steps * lr:.3g}"), []).append((r["seed"], res, base))
     metrics = ["box"] + (["mask"] if any(v.get("mask") is not None for vs in rows.values() for _, v, _ in vs) else [])
-    text = table(dict(sorted(rows.items(), key=lambda kv: -kv[0][0])), metrics)
+    rows = dict(sorted(rows.items(), key=lambda kv: -kv[0][0]))
+    text = ("mAP50-95 (pycocotools, %): mean (min..max) over seeds; paired: the same seed's run without QC\n\n"
+            f"{table(rows, metrics)}\n\nPer seed: box / mask (- no QC)\n\n{seed_table(rows, metrics)}")
     (out / "qc-budget.md").write_text(text + "\n")
     print(text)
     return 0
