@@ -368,8 +368,13 @@ def test_previous_release_checkpoints_load_unchanged():
     packed = deploy.load_packed(PREV_QPK)
     assert_loads_unchanged(PREV_QPK)
     with torch.no_grad():
-        assert torch.equal(model(refs["x"])[0], refs["checkpoint"])
-        assert torch.equal(packed(refs["x"])[0], refs["packed"])
+        y, y_packed = model(refs["x"])[0], packed(refs["x"])[0]
+    assert torch.equal(y, y_packed)  # same machine: the packed file is the checkpoint, bit for bit
+    # The references were computed on another processor: its conv kernels sum in another float order (an Intel
+    # Xeon with AMX gave 760 of 1344 outputs off by <= 2.7e-6 relative). A changed model (weights, step sizes,
+    # codes) moves outputs by a quantization step, orders of magnitude more than this tolerance.
+    for name, out in (("checkpoint", y), ("packed", y_packed)):
+        torch.testing.assert_close(out, refs[name], rtol=1e-5, atol=1e-5 * float(refs[name].abs().max()))
 
 
 def test_every_checkpoint_the_pipeline_writes_loads_safely(tmp_path, data, capsys):
