@@ -14,6 +14,8 @@ the ONNX ops it emits compute, in their order (QuantizeLinear divides by the sca
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,9 +110,11 @@ class _QDQ(nn.Module):
 
 class ORTConv2d(nn.Module):
     """A BN-folded QuantConv2d as DQ(x) + DQ(int8 w) + DQ(int32 b) -> Conv (or a float bias: ``int32_bias``
-    False); ``positive_scales``: negative per-channel weight scales become negated codes (narrow grid only)."""
+    False); ``positive_scales``: negative per-channel weight scales become negated codes (narrow grid only);
+    ``view_encoded``: a view input (a C2f split's slice) already comes out of a DequantizeLinear."""
 
-    def __init__(self, qconv: QuantConv2d, int32_bias: bool = True, positive_scales: bool = False):
+    def __init__(self, qconv: QuantConv2d, int32_bias: bool = True, positive_scales: bool = False,
+                 view_encoded: bool = False):
         super().__init__()
         wq, aq = qconv.weight_quantizer, qconv.input_grid
         if not (wq.enabled and aq.enabled):
@@ -121,7 +125,7 @@ class ORTConv2d(nn.Module):
         self.w_bits, self.a_bits = qconv.w_bits, qconv.a_bits
         self.stride, self.padding, self.dilation, self.groups = qconv.stride, qconv.padding, qconv.dilation, qconv.groups
         # A shared input is already a DQ output of its producer's encoding: no Q/DQ here (the grid is for the bias)
-        self.act = _QDQ(aq) if qconv.input_source is None or qconv.input_is_view else None
+        self.act = _QDQ(aq) if qconv.input_source is None or (qconv.input_is_view and not view_encoded) else None
         self.input_scale, self.input_zero_point = (float(v) for v in _grid(aq)[:2])
         self.shared_input = qconv.input_source is not None
         n = qconv.out_channels
@@ -184,6 +188,27 @@ class ORTOut(nn.Module):
         return self.quantizer(self.conv(x))
 
 
+def encoded_split_source(m: nn.Module) -> LSQQuantizer | None:
+    """The encoding of a C2f's ``cv1`` output (its QuantAct's ``out``) when the export repeats it on both halves of
+    the split (``swap_for_ort``): then the first Bottleneck's residual Add and the Concat take DequantizeLinear
+    outputs, which onnxruntime runs as QLinearAdd / QLinearConcat (and the Split on u8), instead of float ops on the
+    slices. The same values: the halves are on that grid already. None for any other module."""
+    from ultralytics.nn.modules.block import C2f
+
+    from quant.act import QuantAct
+
+    if not isinstance(m, C2f):
+        return None
+    act = getattr(m.cv1, "act", None)
+    return act.out if isinstance(act, QuantAct) and act.out is not None else None
+
+
+def _encoded_forward_split(self, x):
+    y = [self.split_encoding(t) for t in self.cv1(x).split((self.c, self.c), 1)]
+    y.extend(m(y[-1]) for m in self.m)
+    return self.cv2(torch.cat(y, 1))
+
+
 def swap_for_ort(model: nn.Module, target=None) -> dict[str, ORTConv2d]:
     """Replace (in place, on a BN-folded model) QuantAct, QuantOut and QuantConv2d by their export forms for
     ``target`` (an integer quant.targets.Target; None: ``ort``); returns {conv name: ORTConv2d}. The model must
@@ -194,6 +219,13 @@ def swap_for_ort(model: nn.Module, target=None) -> dict[str, ORTConv2d]:
     from quant import replace_module
     from quant.act import QuantAct, QuantOut
 
+    split_sources = set()
+    for m in list(model.modules()):  # before the QuantActs are replaced: the encoding is read from cv1's
+        q = encoded_split_source(m)
+        if q is not None:
+            m.split_encoding = _QDQ(q)
+            m.forward = types.MethodType(_encoded_forward_split, m)
+            split_sources.add(id(q))
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantAct):
             replace_module(model, name, ORTAct(m))
@@ -201,7 +233,8 @@ def swap_for_ort(model: nn.Module, target=None) -> dict[str, ORTConv2d]:
     convs = {}
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantConv2d):
-            convs[name] = ORTConv2d(m, target.int32_bias, target.narrow_weights)
+            view_encoded = m.input_is_view and id(m.input_source) in split_sources
+            convs[name] = ORTConv2d(m, target.int32_bias, target.narrow_weights, view_encoded)
             replace_module(model, name, convs[name])
     for name in outs:
         m = model.get_submodule(name)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from models.yolo import Detect as AnchorDetect
+from deploy.ort_modules import encoded_split_source
 from quant import LSQQuantizer
 from quant.act import FixedQuantizer
 
@@ -123,10 +124,18 @@ def fake_quant_codes(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tens
     def view_hook(conv, args):  # a slice of an encoded tensor: the export repeats its encoding before the conv
         lsq_hook(conv.input_source, args, args[0])
 
+    def split_hook(c2f, q, y):  # ... or right after a C2f's split, on both halves (ort_modules.encoded_split_source)
+        for t in y.split((c2f.c, c2f.c), 1):
+            lsq_hook(q, (t,), t)
+
+    splits = {m: encoded_split_source(m) for m in model.modules()}
+    splits = {m: q for m, q in splits.items() if q is not None and q.enabled}
     hooks = [m.register_forward_hook(lsq_hook) for m in model.modules()
              if isinstance(m, LSQQuantizer) and m.is_activation and m.enabled]
+    hooks += [m.cv1.register_forward_hook(lambda _, a, y, m=m, q=q: split_hook(m, q, y)) for m, q in splits.items()]
+    split_ids = {id(q) for q in splits.values()}
     hooks += [m.register_forward_pre_hook(view_hook) for m in model.modules()
-              if getattr(m, "input_is_view", False) and m.input_source is not None]
+              if getattr(m, "input_is_view", False) and m.input_source is not None and id(m.input_source) not in split_ids]
     hooks += [m.register_forward_hook(fixed_hook) for m in model.modules() if isinstance(m, FixedQuantizer) and m.enabled]
     with torch.no_grad():
         model.eval()(x)
