@@ -39,5 +39,6 @@ def reference_lines() -> str:
     seed0 = ", ".join(f"{k} {v:.1f}" for k, v in SEED0.items())
     return (f"Reference (mAP50-95 %, {DEMO_THREADS} thread): seed 0 gave {seed0} on the reference machine; "
             f"seeds 0-4 spread {spread}.\nAnother processor moves seed 0 about as much as another seed does (an "
-            f"AVX-512 EPYC gave FP box 28.4, QAT box 26.8, also with the kernels held to AVX2): values inside the "
+            f"AVX-512 EPYC gave FP box 28.4, QAT box 26.8, also with the kernels held to AVX2; an Intel Xeon with "
+            f"AVX-512 and AMX FP box 32.7, QAT box 32.1): values inside the "
             f"spread are normal on any x86 CPU, values far below it (e.g. FP box < 20) point to a broken install.")
