@@ -183,10 +183,9 @@ def apply_target(model: nn.Module, target: Target, sites: Callable | None = None
     activation quantizer, an output quantizer on every quantized conv (in its block's activation when it
     has one, else around the conv), and where the target encodes block outputs, the encoding of each block's
     output, of the model's residual sums and, for ``encode_concats``, Concat outputs (``sites(model, bits, signed,
-    concats)``, the model family's policy, which
-    returns a function running the model once) and shared encodings (``share_encodings``). Weights go on the
-    narrow grid where the target takes them (their step sizes initialised again by ``weight_init``). Returns
-    the number of activation wrappers added (QuantAct, QuantOut)."""
+    concats)``, the model family's policy, which returns a function running the model once) and shared encodings
+    (``share_encodings``). Weights go on the narrow grid where the target takes them (their step sizes initialised
+    again by ``weight_init``). Returns the number of activation wrappers added (QuantAct, QuantOut)."""
     n = 0
     signed = target.symmetric_activations
     if target.output_bits is not None or target.encode_outputs:
