@@ -27,7 +27,7 @@ from torch import nn
 
 from models.original import is_original_model
 from models.yolo import Detect as AnchorDetect
-from quant import is_quantized
+from quant import is_quantized, layer_bits
 
 from quant.targets import Target, get_target, model_target
 
@@ -169,6 +169,9 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
         raise ValueError(f"opset={opset}: quantized export needs opset >= {MIN_OPSET} (per-channel DequantizeLinear)")
     imgsz = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
     tgt = export_target(model, target) if is_quantized(model) else get_target("sim")
+    if tgt.integer and tgt.int4_weights and opset < INT4_OPSET and any(w <= 4 for w, _ in layer_bits(model).values()):
+        raise ValueError(f"target '{tgt.name}' stores <= 4-bit weights as INT4 initializers, which need opset >= "
+                         f"{INT4_OPSET} (got --opset {opset}): use --opset {INT4_OPSET}")
     m, convs = prepare_export_model(model, imgsz, dynamic, offset_mode, tgt.name)
     im = torch.zeros(batch, m.yaml.get("channels", 3), *imgsz)
     with torch.no_grad():
@@ -193,9 +196,6 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
         raise RuntimeError(f"ONNX export lost the integer weight initializers {missing[:3]}...")
     narrow = {n: w for n, w in weight_names.items() if convs[n].w_bits <= 4 and tgt.int4_weights}
     if tgt.integer:
-        if narrow and opset < INT4_OPSET:
-            raise ValueError(f"target '{tgt.name}' stores <= 4-bit weights as INT4 initializers, which need opset >= "
-                             f"{INT4_OPSET} (got --opset {opset}): use --opset {INT4_OPSET}")
         _narrow_to_int4(model_onnx, narrow)
         layers = {n: {"weight": weight_names[n], "w_bits": c.w_bits, "a_bits": c.a_bits,
                       "weight_dtype": "int4" if n in narrow else "int8",
