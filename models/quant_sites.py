@@ -50,24 +50,28 @@ class QuantOriginalConcat(common.Concat):
     forward = _concat_forward
 
 
-def quantize_concats(model: nn.Module, bits: int, signed: bool = False) -> int:
+def _swap_in(model: nn.Module, swaps: dict[type, type], attr: str, bits: int, signed: bool, when=None) -> int:
+    """Give every module whose exact class is a key of ``swaps`` (and ``when(m)``) that value's class and an
+    encoding quantizer under ``attr``; returns how many."""
+    device = next(model.parameters()).device
     n = 0
     for m in model.modules():
-        if type(m) in (UltralyticsConcat, common.Concat):
-            m.__class__ = QuantOriginalConcat if isinstance(m, common.Concat) else QuantConcat
-            m.cat_quantizer = output_quantizer(bits, signed=signed).to(next(model.parameters()).device)
+        new = swaps.get(type(m))
+        if new is not None and (when is None or when(m)):
+            m.__class__ = new
+            setattr(m, attr, output_quantizer(bits, signed=signed).to(device))
             n += 1
     return n
+
+
+def quantize_concats(model: nn.Module, bits: int, signed: bool = False) -> int:
+    return _swap_in(model, {UltralyticsConcat: QuantConcat, common.Concat: QuantOriginalConcat}, "cat_quantizer",
+                    bits, signed)
 
 
 def quantize_residuals(model: nn.Module, bits: int, signed: bool = False) -> int:
-    n = 0
-    for m in model.modules():
-        if type(m) in (um.Bottleneck, common.Bottleneck) and m.add:
-            m.__class__ = QuantOriginalBottleneck if isinstance(m, common.Bottleneck) else QuantBottleneck
-            m.add_quantizer = output_quantizer(bits, signed=signed).to(next(m.parameters()).device)
-            n += 1
-    return n
+    return _swap_in(model, {um.Bottleneck: QuantBottleneck, common.Bottleneck: QuantOriginalBottleneck},
+                    "add_quantizer", bits, signed, when=lambda m: m.add)
 
 
 def yolo_sites(model: nn.Module, bits: int, signed: bool = False, concats: bool = False):
