@@ -37,6 +37,9 @@ class QATConfig:
     dampen_lambda: float = setting(1e-2, "final oscillation-dampening strength (method dampen)")
     freeze_th_start: float = setting(0.04, "freezing threshold at the start of its cosine (method freeze)")
     freeze_th_end: float = setting(0.01, "freezing threshold at the end of its cosine (method freeze)")
+    freeze_max_bits: int = setting(8, "method freeze freezes the weights of layers with at most this many bits: 8 "
+                                      "(default) every layer; 4 leaves the 8-bit stem and head alone, whose finer grid "
+                                      "makes most of their weights count as oscillating")
     schedule_start: float = setting(0.25, "dampening / freezing are off for this share of training, in [0, 1)")
     osc_momentum: float = setting(0.01, "m of the oscillation frequency f <- m * osc + (1 - m) * f")
     osc_threshold: float = setting(0.01, "frequency above which a weight counts as oscillating in the reports")
@@ -64,6 +67,8 @@ class QATConfig:
             raise ValueError(f"scale_lr={self.scale_lr!r} is invalid: allowed values are >= 0")
         if not 0.0 <= self.schedule_start < 1.0:
             raise ValueError(f"schedule_start={self.schedule_start!r} is invalid: allowed values are in [0, 1)")
+        if not 2 <= self.freeze_max_bits <= 8:
+            raise ValueError(f"freeze_max_bits={self.freeze_max_bits!r} is invalid: allowed values are 2..8 (bits)")
         if self.calib_batches < 1:
             raise ValueError(f"calib_batches={self.calib_batches!r} is invalid: allowed values are >= 1")
 

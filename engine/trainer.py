@@ -341,7 +341,7 @@ class QATTrainerMixin:
         if self.qat.method == "freeze":
             th = self.freeze_schedule(self.progress)
             if th is not None:  # the count stays on the device; applying an empty mask changes nothing
-                self.tracker.freeze(convs, th, count=False)
+                self.tracker.freeze(convs, th, count=False, max_bits=self.qat.freeze_max_bits)
                 self.tracker.apply_frozen(convs)
         if self.ema:
             self.ema.update(self.model)

@@ -116,14 +116,18 @@ class OscillationTracker(nn.Module):
             self._buf("int_ema", i).mul_(1 - m).add_(w_int, alpha=m)
 
     @torch.no_grad()
-    def freeze(self, convs: dict[str, QuantConv2d], threshold: float | None, count: bool = True):
-        """Freeze the not-yet-frozen weights whose frequency exceeds ``threshold``; return how many (an int,
-        which reads the count on the host; ``count=False``: a 0-d tensor on the model's device, no sync)."""
+    def freeze(self, convs: dict[str, QuantConv2d], threshold: float | None, count: bool = True,
+               max_bits: int = 8):
+        """Freeze the not-yet-frozen weights whose frequency exceeds ``threshold``, in layers of at most ``max_bits``
+        weight bits; return how many (an int, which reads the count on the host; ``count=False``: a 0-d tensor on
+        the model's device, no sync)."""
         if threshold is None:
             return 0
         self._may_have_frozen = True
         n = []
         for i, conv in self._layers(convs):
+            if conv.w_bits > max_bits:
+                continue
             frozen = self._buf("frozen", i)
             new = (self._buf("freq", i) > threshold) & ~frozen
             q = conv.weight_quantizer

@@ -107,3 +107,21 @@ def test_freezing_freezes_oscillating_weights_and_keeps_their_codes(per_channel)
     tr2 = OscillationTracker(convs, momentum=0.2)
     tr2.load_state_dict(tr.state_dict())
     assert torch.equal(tr2.frozen_0, tr.frozen_0) and torch.equal(tr2.frozen_int_0, tr.frozen_int_0)
+
+
+def test_freezing_can_leave_the_8bit_layers_alone():
+    """``max_bits``: an 8-bit layer (stem, head) whose weights all oscillate is frozen only when max_bits admits it."""
+    convs = {"low": qconv(3, bits=4), "high": qconv(4, bits=8)}
+    tr = OscillationTracker(convs, momentum=0.5)
+    for t in range(6):  # every weight of both layers flips between codes 0 and 1 each step
+        with torch.no_grad():
+            for c in convs.values():
+                c.weight.fill_(float(t % 2) * float(c.weight_quantizer.scale))
+        tr.update(convs)
+    n4 = tr.freeze(convs, 0.1, max_bits=4)
+    assert n4 == convs["low"].weight.numel() and not tr.frozen_1.any()
+    assert tr.freeze(convs, 0.1) == convs["high"].weight.numel()  # the default (8) freezes the 8-bit layer too
+    with pytest.raises(ValueError, match="freeze_max_bits"):
+        from engine.config import QATConfig
+
+        QATConfig(freeze_max_bits=1)
