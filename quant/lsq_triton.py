@@ -91,23 +91,31 @@ def _store(ptr, offs, v, m, OUT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _fake_quant_values(x, s, b, qmin, qmax, HAS_B: tl.constexpr):
+    """The forward's values from loaded x, step s and offset b (per tensor or per channel alike):
+    ``s * clamp(round(x * (1/s) + (-b/s))) + b``, the reference's two roundings."""
+    inv = tl.math.div_rn(1.0, s)
+    nb = 0.0
+    if HAS_B:
+        nb = -b * inv
+    z, r, c = _levels(x, inv, nb, qmin, qmax, HAS_B)
+    y = c * s
+    if HAS_B:
+        y = y + b
+    return y
+
+
+@triton.jit
 def _lsq_fwd(x_ptr, y_ptr, s_ptr, b_ptr, n, qmin, qmax, min_scale, HAS_B: tl.constexpr, OUT_BF16: tl.constexpr,
              BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     s = _floor(tl.load(s_ptr).to(tl.float32), min_scale)
-    inv = tl.math.div_rn(1.0, s)
     b = 0.0
-    nb = 0.0
     if HAS_B:
         b = tl.load(b_ptr).to(tl.float32)
-        nb = -b * inv
-    z, r, c = _levels(x, inv, nb, qmin, qmax, HAS_B)
-    y = c * s
-    if HAS_B:
-        y = y + b
-    _store(y_ptr, offs, y, m, OUT_BF16)
+    _store(y_ptr, offs, _fake_quant_values(x, s, b, qmin, qmax, HAS_B), m, OUT_BF16)
 
 
 @triton.jit
@@ -145,17 +153,10 @@ def _lsq_fwd_pc(x_ptr, y_ptr, s_ptr, b_ptr, n, C, inner, qmin, qmax, min_scale, 
         ch = (offs // inner) % C
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     s = _floor(tl.load(s_ptr + ch, mask=m, other=1.0).to(tl.float32), min_scale)
-    inv = tl.math.div_rn(1.0, s)
     b = 0.0
-    nb = 0.0
     if HAS_B:
         b = tl.load(b_ptr + ch, mask=m, other=0.0).to(tl.float32)
-        nb = -b * inv
-    z, r, c = _levels(x, inv, nb, qmin, qmax, HAS_B)
-    y = c * s
-    if HAS_B:
-        y = y + b
-    _store(y_ptr, offs, y, m, OUT_BF16)
+    _store(y_ptr, offs, _fake_quant_values(x, s, b, qmin, qmax, HAS_B), m, OUT_BF16)
 
 
 @triton.jit
