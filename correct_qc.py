@@ -96,11 +96,12 @@ def resolve_distillation(a: argparse.Namespace, ckpt: dict) -> None:
 def main(argv=None) -> int:
     from engine.cli_common import InputError, input_error
 
+    from engine.data_download import allowing_downloads
     from models.safe_load import trusting
 
     try:
         a = parse_args(argv)
-        with trusting(a.trust_checkpoint):  # --trust-checkpoint: every checkpoint of this run loads in full
+        with trusting(a.trust_checkpoint), allowing_downloads(a.download):  # --trust-checkpoint, --download
             return run(a)
     except InputError as e:
         return input_error(PROG, e)

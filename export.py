@@ -86,20 +86,21 @@ def verify_images(data, imgsz: int, batch: int) -> torch.Tensor:
     import torch
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_yolo_dataset
-    from ultralytics.data.utils import check_det_dataset
 
     from engine.calib import resolve_data
+    from engine.data_download import check_dataset
 
-    d = check_det_dataset(resolve_data(data))
+    d = check_dataset(resolve_data(data))
     ds = build_yolo_dataset(get_cfg(overrides={"imgsz": imgsz}), d["val"], batch, d, mode="val", rect=False)
     return torch.stack([ds[i % len(ds)]["img"] for i in range(batch)]).float() / 255
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from engine.data_download import allowing_downloads
     from models.safe_load import trusting
 
-    with trusting(args.trust_checkpoint):  # --trust-checkpoint: the checkpoint loads in full
+    with trusting(args.trust_checkpoint), allowing_downloads(args.download):  # --trust-checkpoint, --download
         return export(args)
 
 
@@ -126,6 +127,14 @@ def export(args: argparse.Namespace) -> int:
     if is_original_model(model):
         model = prepare_original(model)  # names, stride, channels as the rest of the project reads them
     imgsz = (args.imgsz or trained_imgsz(model),) * 2
+    if args.verify and args.data is not None:  # a dataset that cannot be used ends the run before any file is written
+        from engine.calib import resolve_data
+        from engine.data_download import check_dataset
+
+        try:
+            check_dataset(resolve_data(args.data))
+        except FileNotFoundError as e:
+            return input_error(PROG, e)
     out = output_path(args, weights)
     warnings.simplefilter("always", deploy.ExportWarning)
     try:

@@ -51,9 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    from engine.data_download import allowing_downloads
     from models.safe_load import trusting
 
-    with trusting(a.trust_checkpoint):  # --trust-checkpoint: every checkpoint of this run loads in full
+    with trusting(a.trust_checkpoint), allowing_downloads(a.download):  # --trust-checkpoint, --download
         return validate_all(a)
 
 

@@ -131,11 +131,11 @@ def calibration_images(n: int, imgsz: int, data: str | None = None) -> list:
     import numpy as np
     import torch
     from ultralytics.data.augment import LetterBox
-    from ultralytics.data.utils import check_det_dataset
 
     from engine.calib import resolve_data
+    from engine.data_download import check_dataset
 
-    d = check_det_dataset(resolve_data(data))
+    d = check_dataset(resolve_data(data))
     root = Path(d["train"] if isinstance(d["train"], str) else d["train"][0])
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp"})[:n]
     if not files:
@@ -448,9 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from engine.cli_common import input_error
 
+    from engine.data_download import allowing_downloads
+
     opt = build_parser().parse_args(argv)
     try:
-        run(opt)
+        with allowing_downloads(opt.download):
+            run(opt)
     except (ValueError, FileNotFoundError) as e:
         return input_error(PROG, e)
     return 0

@@ -149,9 +149,11 @@ def steps_per_epoch(data: str, batch: int) -> int:
 def train_images(data: str) -> list[Path]:
     """The training split's image files: a list file's entries ('./' = its folder, as Ultralytics reads them)
     or the images under its folders."""
-    from ultralytics.data.utils import IMG_FORMATS, check_det_dataset
+    from ultralytics.data.utils import IMG_FORMATS
 
-    train = check_det_dataset(data)["train"]
+    from engine.data_download import check_dataset
+
+    train = check_dataset(data)["train"]
     files = []
     for r in train if isinstance(train, list) else [train]:
         r = Path(r)
@@ -671,9 +673,10 @@ def cells_for(a) -> list[Cell]:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    from engine.data_download import allowing_downloads
     from models.safe_load import trusting
 
-    with trusting(a.trust_checkpoint):  # --trust-checkpoint: every checkpoint of this run loads in full
+    with trusting(a.trust_checkpoint), allowing_downloads(a.download):  # --trust-checkpoint, --download
         return reproduce(a)
 
 
@@ -681,6 +684,7 @@ def reproduce(a: argparse.Namespace) -> int:
     t_start = time.time()
     from engine.calib import resolve_data
     from engine.cli_common import InputError, input_error, output_dir
+    from engine.data_download import check_dataset
 
     a.model = a.weights or a.cfg  # the FP model's name in the tables and settings.json
     try:
@@ -698,6 +702,7 @@ def reproduce(a: argparse.Namespace) -> int:
 
             check_loss_hyp(a, resolve_model(a))
         data = resolve_data(a.data)
+        check_dataset(data)  # a missing split (and no --download) ends the run here, before any stage
         out = a.out = output_dir(a)
         out.mkdir(parents=True, exist_ok=True)
         cells = cells_for(a)

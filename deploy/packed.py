@@ -121,7 +121,10 @@ def load_packed(path: str | Path) -> nn.Module:
     payload = safe_load(Path(path))  # plain data; its model yaml is checked before the model is rebuilt from it
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not a packed quantized checkpoint (written by export.py --format packed)")
-    model = _rebuild(payload)
+    from models.yaml_rule import restricted_build
+
+    with restricted_build():  # a second line behind the yaml rule safe_load applied (models/yaml_rule.py)
+        model = _rebuild(payload)
     state = {k: payload["float_blob"][i["start"]:i["start"] + torch.Size(i["shape"]).numel()].reshape(i["shape"]).clone()
              for k, i in payload["float_index"].items()}
     state.update(payload["other"])

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from ultralytics.cfg import get_cfg
 from ultralytics.data import build_dataloader, build_yolo_dataset
-from ultralytics.data.utils import check_det_dataset
 from ultralytics.utils import DEFAULT_CFG_DICT, IterableSimpleNamespace
+
+from engine.data_download import check_dataset
 
 def model_task(model: nn.Module) -> str:
     """'segment', 'detect' (or another Ultralytics task, which the callers refuse) of a model in memory."""
@@ -106,7 +107,7 @@ def calibration_loader(data: str | Path | None, task: str, imgsz: int = 640, bat
     """
     cfg = get_cfg(overrides={"task": task, "imgsz": imgsz, "batch": batch, "rect": False, "fraction": 1.0,
                              "workers": workers})
-    data_dict = check_det_dataset(resolve_data(data))
+    data_dict = check_dataset(resolve_data(data))  # a yaml's download: runs only when asked for
     files = calibration_files(_train_image_files(data_dict), n_images, fraction, seed)
     save_dir = Path(save_dir) if save_dir is not None else Path(data_dict["path"])
     save_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from engine.cli_common import InputError, add_shared, input_error
 from engine.config import QATConfig
 from engine.settings import FORMS, add_fields, config_from, mapping, parse_with_config
+from models.yaml_rule import restricted_build
 
 PROG = "train_qat.py"
 
@@ -71,9 +72,11 @@ def resolve_inputs(opt) -> tuple[str, str, str]:
     """(dataset yaml, model source, task), checked; --imgsz left out becomes the checkpoint's training
     size (640 for a model yaml). The run's first step that reads files (and may generate the dataset)."""
     from engine.calib import resolve_data
+    from engine.data_download import check_dataset
 
     try:
         data = resolve_data(opt.data)
+        check_dataset(data)  # a missing split ends the run here (its download: only with --download)
     except FileNotFoundError as e:
         raise InputError(str(e)) from None
     model_src = resolve_model(opt)
@@ -211,7 +214,8 @@ def train_fp(opt, model_src: str, task: str, data: str) -> tuple[str, dict]:
 
     cls = trainer_class(task, original=is_original_source(model_src))
     trainer = cls(overrides=fp_overrides(opt, data, model_src))
-    trainer.train()
+    with restricted_build():  # Ultralytics' own no-eval build mode behind the yaml rule (models/yaml_rule.py)
+        trainer.train()
     return str(trainer.best), dict(trainer.metrics or {})
 
 
@@ -226,7 +230,8 @@ def train(trainer, callbacks: dict | None) -> None:
     for event, fns in (callbacks or {}).items():
         for fn in fns:
             trainer.add_callback(event, fn)
-    trainer.train()
+    with restricted_build():  # Ultralytics' own no-eval build mode behind the yaml rule (models/yaml_rule.py)
+        trainer.train()
 
 
 def run(opt, callbacks: dict | None = None) -> dict:
@@ -331,15 +336,18 @@ def use_device(opt, resumed_device=None) -> None:
 
 
 def main(argv=None, callbacks: dict | None = None) -> int:
+    from engine.data_download import allowing_downloads, missing_split_in
     from models.safe_load import MissingClassError, UnsafeCheckpointError, trusting
 
     try:
         opt = parse_args(argv)
-        with trusting(opt.trust_checkpoint):
+        with trusting(opt.trust_checkpoint), allowing_downloads(opt.download):
             run(opt, callbacks)
     except InputError as e:
         return input_error(PROG, e)
     except (RuntimeError, ValueError, FileNotFoundError) as e:
+        if missing_split_in(e) is not None:  # found by Ultralytics' trainer, which re-raises it as RuntimeError
+            return input_error(PROG, missing_split_in(e))
         if isinstance(e, (UnsafeCheckpointError, MissingClassError)):  # e.g. the --teacher, loaded by the trainer
             return input_error(PROG, e)
         from engine.trainer import TrainingDiverged

@@ -1,7 +1,7 @@
 """The command-line conventions every script shares (train_qat.py, correct_qc.py, val.py, export.py,
 benchmarks/reproduce.py): the same flags with one meaning each, one boolean style, one error format.
 
-- ``--weights --trust-checkpoint --data --imgsz --batch --device --project --name --exist-ok`` (``add_shared``);
+- ``--weights --trust-checkpoint --data --download --imgsz --batch --device --project --name --exist-ok`` (``add_shared``);
 - booleans are ``--flag`` / ``--no-flag`` (``argparse.BooleanOptionalAction``) everywhere;
 - a bad input is one paragraph ``<script>: error: <what is wrong and how to fix it>`` on stderr and exit
   status 2, the format and status of argparse's own errors (``InputError`` + ``input_error``);
@@ -23,6 +23,9 @@ HELP = {
     "project": "outputs go to <project>/<name>/",
     "name": "run name: outputs go to <project>/<name>/ (<name>-2, -3, ... when it exists, unless --exist-ok)",
     "exist_ok": "write into an existing <project>/<name>/ instead of making a new one",
+    "download": "let the dataset yaml's 'download:' fetch a missing split (the same as YOLO_QAT_DOWNLOAD=1): it "
+                "runs the yaml's Python or bash script, so only for yamls you trust. Without it a missing split is "
+                "an error naming the split and its path",
     "trust_checkpoint": "load every checkpoint in full (torch.load weights_only=False; the same as "
                         "YOLO_QAT_TRUST_CHECKPOINT=1): only for files you trust, since a .pt can run code when "
                         "unpickled. Without it, checkpoints load safely and one naming anything beyond the YOLO "
@@ -55,6 +58,7 @@ def add_shared(p: argparse.ArgumentParser, prog: str, *, project: str | None, we
         p.add_argument("--trust-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                        help=HELP["trust_checkpoint"])
     p.add_argument("--data", help=data_help)
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False, help=HELP["download"])
     p.add_argument("--imgsz", type=int, default=imgsz, help=HELP["imgsz"])
     p.add_argument("--batch", type=int, default=batch, help=HELP["batch"])
     p.add_argument("--device", default=device, type=device_arg(prog) if device_now else str,

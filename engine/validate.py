@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ultralytics.data.utils import check_det_dataset
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.models.yolo.segment import SegmentationValidator
 from ultralytics.utils import LOGGER, ops
+
+from engine.data_download import check_dataset
 
 from models.checkpoint import load_checkpoint
 
@@ -145,7 +146,7 @@ def validate(weights_or_model, data=None, imgsz: int | None = None, batch: int =
         imgsz = imgsz or trained_imgsz(model)
         task = model_task(model)
     data = resolve_data(data)
-    data_dict = check_det_dataset(data)
+    data_dict = check_dataset(data)  # a yaml's download: runs only when asked for (engine/data_download.py)
     coco = is_coco_val(data_dict) and pycocotools
     if coco and not coco_annotations_path(data_dict).is_file():
         raise FileNotFoundError(f"COCO validation needs the official annotations: expected "

@@ -66,6 +66,9 @@ def resolve_model_cfg(name_or_path: str | Path) -> str:
     if key in MODEL_CFGS:
         return MODEL_CFGS[key]
     if Path(s).is_file():
+        from .yaml_rule import check_model_yaml_file
+
+        check_model_yaml_file(s)  # a user's file: built only if it follows the rule (ValueError, one paragraph)
         return s
     if s.endswith((".yaml", ".yml")) and Path(s).name == s and _is_ultralytics_cfg(s):
         return s

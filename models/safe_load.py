@@ -18,8 +18,12 @@ else before it runs, with one paragraph that names the offending global:
 - ``builtins.getattr`` (fused models pickle ``forward = forward_fuse`` bound methods, yolov5-seg pickles
   ``Detect.forward``) only resolves ``forward*`` functions of allowlisted module classes;
 - the model yaml a checkpoint carries (rebuilt by Ultralytics' ``parse_model``, which ``eval()``s its
-  ``activation`` and looks layer names up in a module namespace that also holds functions) must name only
-  ``nn.Module`` classes and a literal ``nn.<Activation>(...)``.
+  ``activation`` and looks layer names up in a module namespace that also holds functions and model classes)
+  follows the rule of ``models/yaml_rule.py`` at every depth: list-shaped layers of layer classes, a literal
+  ``nn.<Activation>(...)``;
+- size and shape limits (``models/load_limits.py``): the archive's records may not inflate beyond the file and
+  1 GiB (checked before anything is inflated), and the unpickled modules must be a tree within a depth and size
+  bound (checked before anything walks them), so a crafted file cannot exhaust memory or hang ``float()``.
 
 The names a checkpoint uses are read first with ``torch.serialization.get_unsafe_globals_in_checkpoint`` (it scans
 the pickle's opcodes, executing nothing), and only those entries are registered for the load (torch rebuilds its
@@ -49,6 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .load_limits import StructureError, check_archive, check_object_tree
+
 TRUST_ENV = "YOLO_QAT_TRUST_CHECKPOINT"
 TRUST_HOW = (f"--trust-checkpoint (train_qat.py, correct_qc.py, val.py, export.py, benchmarks/reproduce.py) or the "
              f"environment variable {TRUST_ENV}=1 (also for the Python API)")
@@ -72,6 +78,17 @@ class UnsafeCheckpointError(ValueError):
 
     def __init__(self, path, why: str):
         super().__init__(paragraph(path, why))
+        self.why = why
+
+
+class OversizedCheckpointError(UnsafeCheckpointError):
+    """A checkpoint beyond the size and shape limits of models/load_limits.py (refused with or without trust: the
+    limits guard against hangs and memory exhaustion, not code)."""
+
+    def __init__(self, path, why: str):
+        ValueError.__init__(self, f"refused to load '{path}': {why}. Nothing in it ran and nothing was built from it; no "
+                                  f"YOLO checkpoint comes near these limits (models/load_limits.py), so the file is "
+                                  f"damaged or crafted, and --trust-checkpoint does not lift them.")
         self.why = why
 
 
@@ -335,13 +352,17 @@ def safe_load(path: str | Path | io.IOBase, trust: bool | None = None) -> Any:
         f = _open(path)
         if f is not path:
             stack.callback(f.close)
+        _within_limits(label, check_archive, f)  # before anything is inflated
         names = _names(f)
         try:
             if names is not None:
                 _check_names(label, names)
             obj = _safe_unpickle(f, names)
+            _within_limits(label, check_object_tree, obj)  # before anything walks the modules (float(), to())
             check_model_yamls(obj, label)
             return obj
+        except OversizedCheckpointError:
+            raise
         except UnsafeCheckpointError as e:
             if not is_trusted(trust):
                 raise
@@ -358,7 +379,16 @@ def safe_load(path: str | Path | io.IOBase, trust: bool | None = None) -> Any:
               f"torch.load(weights_only=False); beyond the safe list it allowed "
               f"{', '.join(extra) if extra else 'what the safe loader refused'}: {reason}", file=sys.stderr)
         f.seek(0)
-        return torch.load(f, map_location="cpu", weights_only=False)
+        obj = torch.load(f, map_location="cpu", weights_only=False)
+        _within_limits(label, check_object_tree, obj)
+        return obj
+
+
+def _within_limits(label, check, what) -> None:
+    try:
+        check(what)
+    except StructureError as e:
+        raise OversizedCheckpointError(label, e.why) from None
 
 
 def _refusal_of(e: BaseException) -> str | None:
@@ -384,56 +414,17 @@ def _refusal_from_message(msg: str) -> str | None:
     return None
 
 
-# -- model yamls ----------------------------------------------------------------------------------------------
-_ACT = re.compile(r"^\s*(torch\.)?nn\.(\w+)\((.*)\)\s*$", re.S)
-
-
-def _yaml_problem(d: dict) -> str | None:
-    """What Ultralytics' parse_model would eval or call in this model yaml beyond nn.Module classes, or None."""
-    import ast
-
-    from ultralytics.nn import tasks
-
-    act = d.get("activation")
-    if act:
-        ok = False
-        m = _ACT.match(str(act)) if isinstance(act, str) else None
-        if m and isinstance(getattr(nn, m.group(2), None), type) and issubclass(getattr(nn, m.group(2)), nn.Module):
-            try:
-                call = ast.parse(f"f({m.group(3)})", mode="eval").body
-                for a in [*call.args, *(k.value for k in call.keywords)]:
-                    ast.literal_eval(a)
-                ok = True
-            except (SyntaxError, ValueError):
-                ok = False
-        if not ok:
-            return f"activation {act!r}"
-    for layer in list(d.get("backbone") or []) + list(d.get("head") or []):
-        if not isinstance(layer, (list, tuple)) or len(layer) < 3 or not isinstance(layer[2], str):
-            continue
-        name = layer[2]
-        if name.startswith("nn."):
-            obj = getattr(nn, name[3:], None)
-        elif name.startswith("torchvision.ops."):
-            obj = getattr(importlib.import_module("torchvision.ops"), name[16:], None)
-        else:
-            obj = vars(tasks).get(name)
-        if obj is not None and not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-            return f"the layer module {name!r}"
-    return None
-
-
+# -- model yamls (the rule lives in models/yaml_rule.py) ---------------------------------------------------------
 def check_model_yamls(obj, path) -> None:
     """Refuse a checkpoint whose model yaml (``model.yaml`` of its model / EMA, a packed file's ``yaml``) would run
-    code when the model is rebuilt from it (train_qat.py from an FP checkpoint, packed files)."""
+    code when the model is rebuilt from it (train_qat.py from an FP checkpoint, packed files, teachers)."""
+    from .yaml_rule import yaml_problem, yaml_refusal
+
     if not isinstance(obj, dict):
         return
     yamls = [getattr(obj.get(k), "yaml", None) for k in ("model", "ema") if isinstance(obj.get(k), nn.Module)]
     yamls.append(obj.get("yaml"))
     for d in yamls:
-        problem = _yaml_problem(d) if isinstance(d, dict) else None
+        problem = yaml_problem(d) if isinstance(d, dict) else None
         if problem:
-            raise UnsafeCheckpointError(path, (
-                f"its model yaml names {problem}, which Ultralytics' model builder would evaluate or call as Python "
-                f"when the model is rebuilt from the yaml (only nn.Module classes and a literal nn.<Activation>(...) "
-                f"are built safely)"))
+            raise UnsafeCheckpointError(path, yaml_refusal(problem))

@@ -1,0 +1,167 @@
+"""The one rule for every model yaml this project builds a model from: checkpoints' and EMAs' ``model.yaml``, packed
+files' ``yaml``, ``--cfg`` files and teachers. It carries the guarantee that building runs no code from the file.
+
+Ultralytics' ``parse_model`` ``eval()``s a yaml's ``activation``, looks each layer's module name up in a namespace
+that also holds functions and whole model classes (``DetectionModel(cfg)`` parses and builds a second yaml from the
+layer's arguments), and unpacks every layer as ``from, n, module, args`` (a dict layer unpacks its keys). So, at
+every depth of the yaml (every dict and list, not only the top level):
+
+- an ``activation`` is a literal ``[torch.]nn.<Activation>(<literal args>)``;
+- ``backbone`` and ``head`` are lists of layers, and a layer is a list ``[from, n, module, args]``;
+- a layer's module is a *layer* class: an ``nn.Module`` class of ``torch.nn``, ``torchvision.ops`` or
+  ``ultralytics.nn.modules`` (this repo's layer map for the original YOLOv5 / YOLOv7 format), never a model class
+  (``BaseModel`` subclasses, ``Ensemble``: they parse a yaml of their own), a function, or ``TorchVision`` (it
+  loads, and may download, a whole torchvision model by name).
+
+Ultralytics 8.4 has a restricted build mode of its own (``ultralytics.nn.tasks._SafeLoad``: no ``eval``, only
+``nn.Module`` layer names). It still admits model classes as layers, so it is not what the guarantee rests on:
+``restricted_build`` turns it on around the project's own rebuilds as a second line.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib
+import re
+from pathlib import Path
+
+from torch import nn
+
+MAX_YAML_NODES = 100_000  # a YOLO yaml has ~300 items; anchors (aliases) shared level by level are counted per path
+_ACT = re.compile(r"^\s*(torch\.)?nn\.(\w+)\((.*)\)\s*$", re.S)
+_LAYER_PACKAGES = ("torch.nn.modules", "torchvision.ops", "ultralytics.nn.modules")
+_NOT_LAYERS = ("TorchVision",)  # layer-package classes that load a whole model by name
+
+
+def literal_activation(act) -> bool:
+    """True for ``[torch.]nn.<nn.Module class>(<literal args>)``, the only activation built without eval."""
+    m = _ACT.match(act) if isinstance(act, str) else None
+    cls = getattr(nn, m.group(2), None) if m else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        return False
+    try:
+        call = ast.parse(f"f({m.group(3)})", mode="eval").body
+        for a in [*call.args, *(k.value for k in call.keywords)]:
+            ast.literal_eval(a)
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return False
+    return True
+
+
+def _resolve(name: str, original: bool):
+    """The object a builder would take for the layer module ``name`` (None: unknown)."""
+    if name.startswith("nn."):
+        return getattr(nn, name[3:], None)
+    if name.startswith("torchvision.ops."):
+        return getattr(importlib.import_module("torchvision.ops"), name[16:], None)
+    if original:
+        from .yolo import _MODULES
+
+        return _MODULES.get(name)
+    from ultralytics.nn import tasks
+
+    return vars(tasks).get(name)
+
+
+def _is_layer_class(obj) -> bool:
+    from ultralytics.nn.tasks import BaseModel
+
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)) or issubclass(obj, BaseModel):
+        return False
+    if obj.__name__ in _NOT_LAYERS:
+        return False
+    return obj.__module__.startswith(_LAYER_PACKAGES) or obj.__module__ in ("models.common", "models.yolo")
+
+
+def _layer_problem(layer, original: bool) -> str | None:
+    if not isinstance(layer, (list, tuple)) or len(layer) != 4:
+        return f"the layer {_short(layer)}, which is not a list [from, n, module, args]"
+    module, args = layer[2], layer[3]
+    if not isinstance(module, str) or not isinstance(args, (list, tuple)):
+        return f"the layer {_short(layer)}, whose module is not a name or whose args are not a list"
+    if not _is_layer_class(_resolve(module, original)):
+        return (f"the layer module {module!r}, which is not a layer class (a model class, a function, a whole-model "
+                f"loader or an unknown name)")
+    return None
+
+
+def _short(x) -> str:
+    s = repr(x)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _dict_problem(d: dict, original: bool) -> str | None:
+    act = d.get("activation")
+    if act and not literal_activation(act):
+        return f"activation {_short(act)}"
+    for part in ("backbone", "head"):
+        if part not in d:
+            continue
+        if not isinstance(d[part], (list, tuple)):
+            return f"a '{part}' that is not a list of layers"
+        for layer in d[part]:
+            problem = _layer_problem(layer, original)
+            if problem:
+                return problem
+    return None
+
+
+def yaml_problem(d) -> str | None:
+    """What this model yaml (a dict) names that a builder would evaluate, call or build beyond layer classes, or
+    None: the rule of the module docstring, applied to every dict at any depth."""
+    from .registry import is_original_yaml
+
+    original = isinstance(d, dict) and is_original_yaml(d)
+    stack, seen = [d], 0
+    while stack:
+        x = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            return f"more than {MAX_YAML_NODES:,} items (walked as a tree; a YOLO yaml has a few hundred)"
+        if isinstance(x, dict):
+            problem = _dict_problem(x, original)
+            if problem:
+                return problem
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return None
+
+
+def yaml_refusal(problem: str) -> str:
+    return (f"its model yaml names {problem}; Ultralytics' model builder would evaluate, call or build that as "
+            f"Python when the model is rebuilt from the yaml (only layer classes of torch.nn, torchvision.ops and "
+            f"Ultralytics' modules, layers as [from, n, module, args] lists and a literal nn.<Activation>(...) are "
+            f"built safely)")
+
+
+def check_model_yaml_file(path: str | Path) -> None:
+    """ValueError (one paragraph) for a model yaml file (``--cfg``) that breaks the rule; nothing is built."""
+    import yaml
+
+    try:
+        d = yaml.safe_load(Path(path).read_text(encoding="utf-8", errors="ignore"))
+    except (yaml.YAMLError, OSError) as e:
+        raise ValueError(f"model yaml '{path}' is not readable yaml ({' '.join(str(e).split())})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"model yaml '{path}' is not a mapping of model settings (backbone, head, ...)")
+    problem = yaml_problem(d)
+    if problem:
+        raise ValueError(f"refused to build from '{path}': {yaml_refusal(problem)}.")
+
+
+@contextlib.contextmanager
+def restricted_build():
+    """Within the block (this thread), Ultralytics' own parse_model builds without eval and only from nn.Module
+    names, where the installed Ultralytics has that mode; a no-op elsewhere. A second line behind ``yaml_problem``."""
+    safe = getattr(importlib.import_module("ultralytics.nn.tasks"), "_SafeLoad", None)
+    local = getattr(safe, "_local", None)
+    if local is None:
+        yield
+        return
+    before = getattr(local, "active", False)
+    local.active = True
+    try:
+        yield
+    finally:
+        local.active = before
