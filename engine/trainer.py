@@ -43,6 +43,7 @@ from .distill import attach_distillation, check_teacher, distillation_of, load_t
 from .ema import QATModelEMA
 from .original import OriginalDetectionTrainer, OriginalSegmentationTrainer
 from .resume_log import continued_clock, trim_epoch_logs
+from .resume_dir import resumed_save_dir
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -114,6 +115,8 @@ class QATTrainerMixin:
             if last and Path(last).is_file():
                 load_checkpoint(last)
         super().check_resume(overrides)
+        if self.resume:  # the run directory is the checkpoint's own, whatever its train_args say
+            self.args.save_dir = str(resumed_save_dir(self.args.resume, getattr(self.args, "save_dir", None)))
 
     def _check_distill_settings(self):
         q = self.qat
