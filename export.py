@@ -159,7 +159,10 @@ def export(args: argparse.Namespace) -> int:
         what = f"{len(x)} validation image(s) of {args.data}" if args.data is not None else "a random image" \
             if len(x) == 1 else f"{len(x)} random images"
         if args.format == "onnx":
-            r = compare_onnxruntime(model, out, x)
+            try:
+                r = compare_onnxruntime(model, out, x)
+            except ValueError as e:  # e.g. external data outside the file's folder (deploy/onnx_files.py)
+                return input_error(PROG, e)
             codes = (f"; activation codes differing: {r['code_flips']} of {r['codes']}" if is_quantized(model)
                      else " (float model)")
             print(f"{PROG}: onnxruntime vs PyTorch{' fake-quant' if is_quantized(model) else ''} on {what}: "

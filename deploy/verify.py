@@ -14,10 +14,14 @@ from deploy.ort_modules import encoded_split_source
 from quant import LSQQuantizer
 from quant.act import FixedQuantizer
 
+from .onnx_files import check_onnx_file
+
 
 def ort_session(model_onnx: onnx.ModelProto | str | Path):
     import onnxruntime as ort
 
+    if not isinstance(model_onnx, onnx.ModelProto):
+        check_onnx_file(model_onnx)  # external data outside the file's folder: refused before anything reads it
     proto = model_onnx if isinstance(model_onnx, onnx.ModelProto) else onnx.load(str(model_onnx))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2  # shared CPUs
@@ -82,6 +86,7 @@ def reference_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 def _with_code_outputs(path) -> tuple[onnx.ModelProto, list[str]]:
     """The graph with every activation code exposed: each QuantizeLinear's output, or the integer Clip's
     that follows it (a sub-8-bit grid in its 8-bit container)."""
+    check_onnx_file(path)
     m = onnx.load(str(path))
     consumers: dict[str, list] = {}
     for n in m.graph.node:

@@ -22,6 +22,8 @@ from unittest import mock
 
 import onnx
 
+from deploy.onnx_files import check_onnx_file
+
 
 def is_onnx(weights) -> bool:
     return isinstance(weights, (str, Path)) and str(weights).lower().endswith(".onnx")
@@ -34,6 +36,7 @@ def onnx_info(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file '{path}' does not exist")
+    check_onnx_file(path)  # external data outside the file's folder: refused before anything reads it
     try:
         m = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # truncated / not a protobuf
