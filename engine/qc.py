@@ -114,7 +114,8 @@ def fold_and_check(model: nn.Module, probe_images: torch.Tensor) -> dict:
     worst = layer_report.get("worst_layer")
     LOGGER.info(f"QC fold: {report['into_bn']} corrections into BN, {report['into_conv']} into conv output scales; "
                 f"every layer within its float32 rounding bound (worst {worst}: {report.get('worst_ratio', 0):.2g} "
-                f"of it); end to end max |folded - unfolded| = {diff:.3g} (output range {out_range:.3g})")
+                f"of it); {tie_note(layer_report)}; end to end max |folded - unfolded| = {diff:.3g} (output range "
+                f"{out_range:.3g})")
     if layer_report["unchecked"]:
         LOGGER.warning(f"QC fold: {len(layer_report['unchecked'])} folded layers never ran on the probe images, so "
                        f"their fold is unchecked: {', '.join(layer_report['unchecked'][:5])}")
@@ -125,6 +126,15 @@ def fold_and_check(model: nn.Module, probe_images: torch.Tensor) -> dict:
         LOGGER.warning(f"QC fold: end-to-end outputs differ by up to {diff:.3g} on {100 * off:.3f}% of values: "
                        f"float reordering moved activations across a rounding threshold of a quantizer")
     return report
+
+
+def tie_note(fold: dict) -> str:
+    """What the fold check says about the quantizers after the folded layers, in one clause."""
+    checked = sum(r.get("downstream") is not None for r in fold.get("layers", {}).values())
+    if not checked:
+        return "no folded layer feeds a quantizer directly"
+    return (f"{fold.get('ties', 0)} outputs of {fold.get('tie_layers', 0)} layers sat on a rounding tie of the "
+            f"quantizer after them (of {checked} such layers) and took the neighbouring code")
 
 
 def _eval_outputs_without_act_quant(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import fused as fused_lsq
 from .convert import quant_convs, replace_module
+from .grid import broadcast_scale
+from .lsq import LSQQuantizer
 from .qconv import QuantConv2d
 
 GRANULARITIES = ("channel", "tensor")
@@ -198,9 +200,23 @@ def fold_qc(model: nn.Module, bn_pairs: dict[str, str] | Callable[[nn.Module], d
 # Second, each layer's fp32 forward (before and after folding) must agree with its float64
 # evaluation within the worst-case fp32 summation bound (K + 8) * eps32 * M: proof that the
 # float64 expression is what the module computes (e.g. that the bias follows the output scale).
+# That evaluation takes the input as the forward does (a conv reading an encoding another module
+# made, ``input_source``, takes it as it is) and the bias as the forward adds it (rounded to the
+# int32 accumulator grid in eval on targets with an int32 bias: a fold into the conv re-rounds it
+# to the folded grid, a shift the comparison of the two float64 evaluations leaves out, because
+# the folded parameters are compared before any runtime rounding, and the tie band below adds).
+# Third, the quantizer that takes the layer's output as it is (a deploy target's conv-output
+# quantizer, a head's output quantizer; found by tracing the run): the folded fp32 output may
+# differ from the unfolded one by up to the sum of the bounds above (and the bias re-rounding), so
+# an output within that distance of a rounding tie of that quantizer may land on either
+# neighbouring code. Those outputs are counted (``ties``), not failed; a code that changes farther
+# from a tie than that (``tie_ratio`` > 1) fails the check like the two bounds do.
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
 _EXTRA_OPS = 8  # operations after the K-term sum: output scale, bias, QC scale and shift, BN's four
+# A quantizer computes (x - b) / s as x * fl(1/s) - b * fl(1/s) in fp32: where it puts a rounding tie differs
+# from the exact one by at most 3 ulps of |x| / s + |b| / s (here with one to spare).
+_QUANTIZER_ULPS = 4
 
 
 class FoldCheckError(RuntimeError):
@@ -221,17 +237,29 @@ def _chain(conv: QuantConv2d, qc: QCAffine | None, bn: _BatchNorm | None) -> Cal
 
 
 def _quantized_operands(conv: QuantConv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp32 quantized input and weight the conv computes itself (folding changes neither)."""
-    return conv.input_quantizer(x.float()).detach(), conv.weight_quantizer(conv.weight.float()).detach()
+    """The fp32 quantized input and weight the conv computes on (folding changes neither). A conv that
+    takes an encoding another module made (``input_source``) convolves its input as it is: its own input
+    quantizer never runs, and QAT trains the encoding away from it."""
+    xq = x.float() if conv.input_source is not None else conv.input_quantizer(x.float())
+    return xq.detach(), conv.weight_quantizer(conv.weight.float()).detach()
+
+
+def _forward_bias(conv: QuantConv2d) -> torch.Tensor | None:
+    """The bias the conv's forward adds: in eval on int32-bias targets, rounded to the accumulator grid."""
+    if conv.bias is None or conv.training or not conv.int32_bias:
+        return conv.bias
+    return conv.accumulator_bias()
 
 
 def layer_output_f64(conv: QuantConv2d, qc: QCAffine | None, bn: _BatchNorm | None, x: torch.Tensor,
-                     magnitude: bool = False, conv_out: torch.Tensor | None = None) -> torch.Tensor:
+                     magnitude: bool = False, conv_out: torch.Tensor | None = None,
+                     as_run: bool = True) -> torch.Tensor:
     """``bn(qc(conv(x)))`` (BN in eval) in float64 from the layers' fp32 parameters, on the fp32
     quantized input and weight the conv computes itself. ``magnitude=True``: the same expression
     with every term replaced by its absolute value (subtractions become additions), the sum of
     magnitudes that bounds the rounding error of any evaluation of it. ``conv_out``: the float64
-    convolution (of the magnitudes, with ``magnitude``), when already computed."""
+    convolution (of the magnitudes, with ``magnitude``), when already computed. ``as_run``: the bias
+    as the forward adds it (``_forward_bias``); False: the bias parameter itself (the fold's algebra)."""
     f = torch.abs if magnitude else (lambda t: t)
 
     def ch(t):  # a per-channel (or per-tensor) parameter, broadcast over N, H, W
@@ -243,8 +271,9 @@ def layer_output_f64(conv: QuantConv2d, qc: QCAffine | None, bn: _BatchNorm | No
     y = conv_out
     if conv.out_scale is not None:
         y = y * ch(conv.out_scale)
-    if conv.bias is not None:
-        y = y + ch(conv.bias)
+    bias = _forward_bias(conv) if as_run else conv.bias
+    if bias is not None:
+        y = y + ch(bias)
     if qc is not None:
         y = y * ch(qc.gamma) + ch(qc.beta)
     if bn is not None:
@@ -263,28 +292,111 @@ def _max_ratio(diff: torch.Tensor, bound: torch.Tensor) -> tuple[float, int]:
     return float(r[i]), i
 
 
+def _evaluations(mods: tuple, x: torch.Tensor, conv_out: dict) -> dict[tuple[bool, bool], torch.Tensor]:
+    """{(as_run, magnitude): float64 evaluation} of one layer (``layer_output_f64``)."""
+    return {(r, m): layer_output_f64(*mods, x, m, conv_out.get(m), as_run=r) for r in (False, True) for m in (False, True)}
+
+
+def downstream_ties(quantizer, before: torch.Tensor, after: torch.Tensor, ref: torch.Tensor,
+                    band: torch.Tensor) -> dict:
+    """Where ``quantizer`` (an LSQQuantizer) gives the fp32 outputs ``before`` and ``after`` different codes:
+    ``ties``, how many, and ``tie_ratio``, the largest distance of such an output's float64 value ``ref`` from
+    the rounding tie between its codes over what ``band`` (how far before and after may lie apart, elementwise)
+    and the quantizer's own fp32 arithmetic allow there (<= 1: every changed code sat on a tie; 0: none changed)."""
+    changed = quantizer.codes(before) != quantizer.codes(after)
+    n = int(changed.sum())
+    if n == 0:
+        return {"ties": 0, "tie_ratio": 0.0}
+    ref, band = ref[changed], band[changed]
+    idx = changed.nonzero(as_tuple=True)
+    s = quantizer.scale_for(before).double().expand_as(before)[idx]
+    b = quantizer.effective_offset(grad=False)
+    b = torch.zeros_like(s) if b is None else \
+        broadcast_scale(b.double(), before, quantizer.axis if quantizer.per_channel else None).expand_as(before)[idx]
+    z = (ref - b) / s
+    from_tie = (z - z.floor() - 0.5).abs()  # in steps: 0 on a tie, 0.5 on a code
+    allowed = band / s + _QUANTIZER_ULPS * EPS32 * (ref.abs() + b.abs()) / s
+    return {"ties": n, "tie_ratio": _max_ratio(from_tie, allowed)[0]}
+
+
 @torch.no_grad()
-def check_folded_layer(before: tuple, after: tuple, x: torch.Tensor) -> dict:
+def check_folded_layer(before: tuple, after: tuple, x: torch.Tensor, downstream=None) -> dict:
     """Compare one layer before folding (``(conv, qc, bn)``) and after (``(conv, None, bn)``) on
     its input ``x``. Returns the largest difference (``max_diff``), the output value there
-    (``at_value``) and two ratios that pass at <= 1: ``fold_ratio`` (float64 difference over the
-    fold's rounding bound) and ``fp32_ratio`` (fp32 forwards against their float64 evaluation,
-    over the fp32 summation bound)."""
+    (``at_value``) and ratios that pass at <= 1: ``fold_ratio`` (float64 difference over the
+    fold's rounding bound), ``fp32_ratio`` (fp32 forwards against their float64 evaluation,
+    over the fp32 summation bound) and, with ``downstream`` (the quantizer that takes the layer's
+    output), ``ties`` (its codes that differ between the two forwards) and ``tie_ratio``
+    (``downstream_ties``)."""
     k = _fan_in(before[0])
     (xb, wb), (xa, wa) = _quantized_operands(before[0], x), _quantized_operands(after[0], x)
     shared = {}
     if torch.equal(xb, xa) and torch.equal(wb, wa):  # as folding must leave them: one float64 conv for both
         shared = {m: before[0].convolve(xb.double().abs() if m else xb.double(),
                                         wb.double().abs() if m else wb.double()) for m in (False, True)}
-    ref, mag_ref = (layer_output_f64(*before, x, m, shared.get(m)) for m in (False, True))
-    out, mag_out = (layer_output_f64(*after, x, m, shared.get(m)) for m in (False, True))
-    diff = (out - ref).abs()
-    fold_ratio, i = _max_ratio(diff, EPS32 * mag_out + (k + _EXTRA_OPS) * EPS64 * (mag_out + mag_ref))
-    fp32 = [_max_ratio((_chain(*mods)(x.float()).double() - y).abs(), (k + _EXTRA_OPS) * EPS32 * m)[0]
-            for mods, y, m in ((before, ref, mag_ref), (after, out, mag_out))]
+    ref, out = _evaluations(before, x, shared), _evaluations(after, x, shared)
+    del shared
+    diff = (out[False, False] - ref[False, False]).abs()
+    fold_bound = EPS32 * out[False, True] + (k + _EXTRA_OPS) * EPS64 * (out[False, True] + ref[False, True])
+    fold_ratio, i = _max_ratio(diff, fold_bound)
+    fp32, y32, band = [], [], fold_bound
+    for mods, e in ((before, ref), (after, out)):
+        y = _chain(*mods)(x.float())
+        bound = (k + _EXTRA_OPS) * EPS32 * e[True, True]
+        fp32.append(_max_ratio((y.double() - e[True, False]).abs(), bound)[0])
+        y32.append(y)
+        band = band + bound
+    # the bias re-rounded to the folded accumulator grid (int32-bias targets): how far it moves the two apart
+    band = band + ((out[True, False] - out[False, False]) - (ref[True, False] - ref[False, False])).abs()
     j = int(diff.flatten().argmax())
-    return {"max_diff": float(diff.flatten()[j]), "at_value": float(ref.flatten()[j]), "fold_ratio": fold_ratio,
-            "fold_diff_at_worst": float(diff.flatten()[i]), "fp32_ratio": max(fp32)}
+    result = {"max_diff": float(diff.flatten()[j]), "at_value": float(ref[False, False].flatten()[j]),
+              "fold_ratio": fold_ratio, "fold_diff_at_worst": float(diff.flatten()[i]), "fp32_ratio": max(fp32)}
+    if downstream is not None:
+        result.update(downstream_ties(downstream, *y32, ref[True, False], band))
+    return result
+
+
+def _layer_ratio(r: dict) -> float:
+    return max(r["fold_ratio"], r["fp32_ratio"], r.get("tie_ratio", 0.0))
+
+
+def _trace(model: nn.Module, wrapped: dict, pairs: dict, run: Callable[[], object],
+           max_images: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Run ``run()`` once with hooks; return each wrapped layer's input (its first ``max_images``, on the CPU)
+    and the name of the enabled LSQQuantizer that takes the layer's output as it is, where one does (a float
+    activation in between, as in ``sim``, leaves none)."""
+    mods = dict(model.named_modules())
+    inputs: dict[str, torch.Tensor] = {}
+    consumers: dict[str, str] = {}
+    last = {}  # the output of the layer that ran last: its consumer runs next, if it is a quantizer
+
+    def record_output(n, y):
+        last.clear()
+        last.update(layer=n, y=y)
+
+    def record_input(n, x):  # returns None: a pre-hook's return value would replace the layer's input
+        if n not in inputs:
+            inputs[n] = x[:max_images].detach().cpu()
+
+    def record_consumer(qn, x):
+        if last and x is last["y"]:
+            consumers.setdefault(last["layer"], qn)
+        last.clear()
+
+    hooks = []
+    for n, w in wrapped.items():
+        hooks.append(w.register_forward_pre_hook(lambda m, a, n=n: record_input(n, a[0])))
+        end = mods[pairs[n]] if n in pairs else w
+        hooks.append(end.register_forward_hook(lambda m, a, y, n=n: record_output(n, y)))
+    for qn, q in mods.items():
+        if isinstance(q, LSQQuantizer) and q.enabled:
+            hooks.append(q.register_forward_pre_hook(lambda m, a, qn=qn: record_consumer(qn, a[0])))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs, consumers
 
 
 @torch.no_grad()
@@ -293,29 +405,29 @@ def fold_qc_checked(model: nn.Module, run: Callable[[], object],
                     max_images: int = 2) -> dict:
     """``fold_qc`` with every folded layer checked (``check_folded_layer``) on the input it sees
     during ``run()`` (e.g. ``lambda: model(images)``, BN in eval; the first ``max_images`` of the
-    batch: a wrong fold shows at every position, and float64 convolutions are slow). The check runs
-    on CPU copies of the layers, whatever the model's device: float64 everywhere, no TF32.
-    Returns the fold counts, the per-layer results (``layers``) and the worst layer; raises
-    ``FoldCheckError`` (one paragraph: which layer, by how much) after folding everything if a
-    layer fails."""
+    batch: a wrong fold shows at every position, and float64 convolutions are slow), and against
+    the quantizer that takes its output, when one does. The check runs on CPU copies of the layers,
+    whatever the model's device: float64 everywhere, no TF32.
+    Returns the fold counts, the per-layer results (``layers``), the worst layer and ``ties`` (outputs
+    that sat on a rounding tie of the next quantizer and took the other code; ``tie_layers``: in how
+    many layers); raises ``FoldCheckError`` (one paragraph: which layer, by how much) after folding
+    everything if a layer fails."""
     wrapped = qc_modules(model)
     pairs = (bn_pairs(model) if callable(bn_pairs) else bn_pairs) if bn_pairs is not None else default_bn_pairs(model)
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [w.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0][:max_images].detach().cpu()))
-             for n, w in wrapped.items()]
-    try:
-        run()
-    finally:
-        for h in hooks:
-            h.remove()
+    inputs, consumers = _trace(model, wrapped, pairs, run, max_images)
+
+    def cpu(m):
+        return copy.deepcopy(m).cpu() if m is not None else None
 
     def snapshot(n):  # (conv, qc, bn) of layer n as the model holds it now, copied to the CPU
         mods = dict(model.named_modules())
         w, bn = mods[n], mods[pairs[n]] if n in pairs else None
         conv, qc = (w.conv, w.qc) if isinstance(w, QCConv) else (w, None)
-        return tuple(copy.deepcopy(m).cpu() if m is not None else None for m in (conv, qc, bn))
+        return tuple(cpu(m) for m in (conv, qc, bn))
 
     before = {n: snapshot(n) for n in wrapped}
+    quantizers = dict(model.named_modules())
+    downstream = {n: cpu(quantizers[q]) for n, q in consumers.items()}
     counts = fold_qc(model, pairs)
     layers = {}
     # The CPU copies run the plain reference fake-quant (bit for bit what the fused kernels give): on a GPU
@@ -323,12 +435,14 @@ def fold_qc_checked(model: nn.Module, run: Callable[[], object],
     with fused_lsq.reference_only():
         for n, parts in before.items():
             if n in inputs:
-                layers[n] = {"into": "bn" if n in pairs else "conv",
-                             **check_folded_layer(parts, snapshot(n), inputs[n])}
-    report = {**counts, "layers": layers, "unchecked": sorted(set(before) - set(layers))}
+                r = check_folded_layer(parts, snapshot(n), inputs[n], downstream.get(n))
+                layers[n] = {"into": "bn" if n in pairs else "conv", "downstream": consumers.get(n), **r}
+    report = {**counts, "layers": layers, "unchecked": sorted(set(before) - set(layers)),
+              "ties": sum(r.get("ties", 0) for r in layers.values()),
+              "tie_layers": sum(r.get("ties", 0) > 0 for r in layers.values())}
     if layers:
-        worst = max(layers, key=lambda n: max(layers[n]["fold_ratio"], layers[n]["fp32_ratio"]))
-        report.update(worst_layer=worst, worst_ratio=max(layers[worst]["fold_ratio"], layers[worst]["fp32_ratio"]))
+        worst = max(layers, key=lambda n: _layer_ratio(layers[n]))
+        report.update(worst_layer=worst, worst_ratio=_layer_ratio(layers[worst]))
         if not report["worst_ratio"] <= 1.0:
             raise FoldCheckError(_failure_message(layers, worst), worst, report["worst_ratio"], report)
     return report
@@ -337,14 +451,19 @@ def fold_qc_checked(model: nn.Module, run: Callable[[], object],
 def _failure_message(layers: dict, worst: str) -> str:
     r = layers[worst]
     where = "the BatchNorm after it" if r["into"] == "bn" else "the conv's output scale and bias"
-    failing = sum(max(v["fold_ratio"], v["fp32_ratio"]) > 1 for v in layers.values())
-    if r["fold_ratio"] >= r["fp32_ratio"]:
+    failing = sum(_layer_ratio(v) > 1 for v in layers.values())
+    top = max(r["fold_ratio"], r["fp32_ratio"], r.get("tie_ratio", 0.0))
+    if r["fold_ratio"] == top:
         what = (f"the folded layer's output differs from the unfolded one by up to {r['max_diff']:.3g} (at an output "
                 f"of {r['at_value']:.4g}), {r['fold_ratio']:.3g} times the bound that rounding the folded parameters "
                 f"to float32 allows there (eps32 x the magnitudes summed)")
-    else:
+    elif r["fp32_ratio"] == top:
         what = (f"its float32 forward differs from its float64 evaluation by {r['fp32_ratio']:.3g} times the "
                 f"worst-case float32 summation bound, i.e. the module does not compute what its parameters say")
+    else:
+        what = (f"{r['ties']} outputs take another code of the quantizer after it ('{r['downstream']}') than before "
+                f"folding, one of them {r['tie_ratio']:.3g} times farther from a rounding tie than the float32 "
+                f"bounds allow")
     return (f"QC fold check failed at layer '{worst}' (correction folded into {where}): {what}; {failing} of "
             f"{len(layers)} folded layers fail. Rounding alone cannot do this: it is a bug in the folding code "
             f"(quant/qc.py, QuantConv2d.fold_affine) or a layer it does not handle.")
