@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from quant import QuantRecipe
 from quant.recipe import dataclass_from
+from quant.step_optim import STEP_UPDATES
 
 METHODS = ("lsq", "dampen", "freeze")
 
@@ -34,6 +35,11 @@ class QATConfig:
                                        "LSQ model is validated and saved)")
     ema_tau: float = setting(2000.0, "EMA warm-up in optimizer steps: a = decay * (1 - exp(-t / tau))")
     scale_lr: float = setting(1e-4, "lr of the quantizers' step sizes and LSQ+ offsets (Adam, no weight decay)")
+    step_update: str = setting("relative", f"how Adam moves the step sizes, one of {STEP_UPDATES}: relative (Adam on "
+                                           f"r*log(s/r), r the 4-bit per-tensor step of the same range: the paper's "
+                                           f"update for per-tensor steps of <= 4 bits, and 8-bit / per-channel steps "
+                                           f"that cannot collapse to the floor; quant/step_optim.py) or absolute "
+                                           f"(plain Adam on s)")
     dampen_lambda: float = setting(1e-2, "final oscillation-dampening strength (method dampen)")
     freeze_th_start: float = setting(0.04, "freezing threshold at the start of its cosine (method freeze)")
     freeze_th_end: float = setting(0.01, "freezing threshold at the end of its cosine (method freeze)")
@@ -65,6 +71,8 @@ class QATConfig:
             raise ValueError(f"ema_tau={self.ema_tau!r} is invalid: allowed values are > 0 (optimizer steps)")
         if self.scale_lr < 0:
             raise ValueError(f"scale_lr={self.scale_lr!r} is invalid: allowed values are >= 0")
+        if self.step_update not in STEP_UPDATES:
+            raise ValueError(f"step_update={self.step_update!r} is invalid: allowed values are {STEP_UPDATES}")
         if not 0.0 <= self.schedule_start < 1.0:
             raise ValueError(f"schedule_start={self.schedule_start!r} is invalid: allowed values are in [0, 1)")
         if not 2 <= self.freeze_max_bits <= 8:

@@ -36,6 +36,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from quant import LSQQuantizer, calibrate, is_quantized, quant_convs, quantize_model, set_recompute_input
 from quant.targets import check_continued_target
 from quant.grid import MIN_SCALE
+from quant.step_optim import NEAR_FLOOR, step_size_optimizer, steps_near_floor
 from quant.oscillation import Dampening, DelayedCosine, OscillationTracker
 
 from .config import QATConfig
@@ -224,7 +225,7 @@ class QATTrainerMixin:
         qids = {id(p) for p in qparams}
         for group in optimizer.param_groups:  # still empty state: safe to edit the groups
             group["params"] = [p for p in group["params"] if id(p) not in qids]
-        self.scale_optimizer = torch.optim.Adam(qparams, lr=self.qat.scale_lr, weight_decay=0.0)
+        self.scale_optimizer = step_size_optimizer(unwrap_model(model), self.qat.scale_lr, self.qat.step_update)
         self._step_sizes = [m.step_size for m in unwrap_model(model).modules() if isinstance(m, LSQQuantizer)]
         if qparams and all(p.is_cuda for p in qparams) and all(p.is_cuda for g in optimizer.param_groups
                                                               for p in g["params"]):
@@ -361,18 +362,34 @@ class QATTrainerMixin:
         return stats
 
     def save_metrics(self, metrics):
+        convs = quant_convs(unwrap_model(self.model))
+        floor = steps_near_floor(convs)
+        self._warn_steps_near_floor(floor)
         with continued_clock(self):
-            super().save_metrics({**metrics, **self.qat_epoch_stats()})
+            super().save_metrics({**metrics, **self.qat_epoch_stats(), "qat/steps_near_floor": sum(floor.values())})
         path = self.save_dir / "oscillations.csv"
-        bits = {n: m.w_bits for n, m in quant_convs(unwrap_model(self.model)).items()}
+        bits = {n: m.w_bits for n, m in convs.items()}
         new = not path.exists()
         with open(path, "a", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             if new:
-                w.writerow(["epoch", "step", "layer", "w_bits", "n_weights", "osc_share", "frozen_share", "mean_freq"])
+                w.writerow(["epoch", "step", "layer", "w_bits", "n_weights", "osc_share", "frozen_share", "mean_freq",
+                            "steps_near_floor"])
             for name, s in self.tracker.layer_stats(self.qat.osc_threshold).items():
                 w.writerow([self.epoch + 1, self.qat_step, name, bits.get(name, ""), s["n"],
-                            f"{s['osc_share']:.6g}", f"{s['frozen_share']:.6g}", f"{s['mean_freq']:.6g}"])
+                            f"{s['osc_share']:.6g}", f"{s['frozen_share']:.6g}", f"{s['mean_freq']:.6g}",
+                            floor.get(name, 0)])
+
+    def _warn_steps_near_floor(self, floor: dict[str, int]) -> None:
+        """One log line naming the layers whose step sizes sit at the floor (their channels quantize to zero)."""
+        if not floor:
+            return
+        worst = sorted(floor.items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"{n} ({c})" for n, c in worst[:8]) + (f", ... {len(worst) - 8} more" if len(worst) > 8 else "")
+        LOGGER.warning(f"QAT: {sum(floor.values())} step sizes in {len(floor)} layers are at most {NEAR_FLOOR:g} (the "
+                       f"floor is {MIN_SCALE:g}): their channels quantize to zero. Layers (steps): {shown}. Dead channels "
+                       f"(all weights ~0) start there; steps driven there by training come from absolute step updates "
+                       f"(--step-update relative keeps them off the floor)")
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _checkpoint_extra(self) -> dict:

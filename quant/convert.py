@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .act import QuantAct, QuantOut, encoding_quantizers, fixed_quantizers, output_quantizers
 from .batches import run_batches
+from .bn_reestimate import reestimate_bn
 from .lsq import LSQQuantizer
 from .qconv import QuantConv2d
 from .range_init import flat_sample
@@ -273,7 +276,8 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
     Activations are observed with activation quantization off (weights quantized), a random
     sample of each layer's inputs is kept, then each quantizer gets the LSQ+ offset at the minimum
     and the MSE-optimal step. ``forward(model, batch)`` runs one batch (default: ``model(batch)``).
-    Returns the number of batches used.
+    A model whose BatchNorms all hold their initial statistics (built from a yaml, never trained) gets BN
+    statistics estimated on the same batches first. Returns the number of batches used.
     """
     aq = activation_quantizers(model)
     if not aq:
@@ -289,6 +293,16 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
         def hook(mod, args, name=name):
             samples[name].append(flat_sample(args[0], sample_per_layer).cpu())
         hooks.append(m.register_forward_pre_hook(hook))
+    if _bn_never_trained(model):
+        # BN at its initial statistics (a model built from its yaml): in eval mode every layer would shrink its
+        # input (running var 1 instead of the real one), deep activations would calibrate to the step floor.
+        # Estimate the statistics the first training steps would (quantizers off, as the FP model) first.
+        batches = list(itertools.islice(iter(batches), num_batches))
+        set_quantizers_enabled(model, False)
+        try:
+            reestimate_bn(model, batches, num_batches, forward)
+        finally:
+            set_quantizers_enabled(model, True)
     was_training = model.training
     model.eval()
     set_quantizers_enabled(model, False, weights=False)
@@ -310,6 +324,12 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
             s = s[torch.randperm(s.numel())[:sample_per_layer]]
         q.init_from_samples(s)
     return used
+
+
+def _bn_never_trained(model: nn.Module) -> bool:
+    """Every BatchNorm with running statistics still holds their initial values (mean 0, var 1)."""
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    return bool(bns) and all(not m.running_mean.any() and bool((m.running_var == 1).all()) for m in bns)
 
 
 @torch.no_grad()
