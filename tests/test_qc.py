@@ -21,8 +21,9 @@ def tiny_dataset(tmp_path):
     return ensure_embedded_dataset(root=tmp_path / "ds", n_train=8, n_val=4, imgsz=64)
 
 
-def qat_like_model(data_yaml, cfg="yolov8n-seg.yaml", seed=0, bits=4):
-    """A quantized YOLO model as QAT leaves it: BN statistics from data, quantizers calibrated."""
+def fp_like_model(data_yaml, cfg="yolov8n-seg.yaml", seed=0):
+    """An FP YOLO model with BN statistics from the data (a fresh model's (0, 1) statistics shrink everything
+    to ~0), and the calibration images it saw."""
     from engine.calib import calibration_loader, preprocess
 
     torch.manual_seed(seed)
@@ -35,15 +36,21 @@ def qat_like_model(data_yaml, cfg="yolov8n-seg.yaml", seed=0, bits=4):
     imgs = [preprocess(b)["img"] for b in loader]
     for bn in m.modules():
         if isinstance(bn, nn.BatchNorm2d):
-            bn.momentum = None  # a fresh model has (0, 1) statistics that shrink everything to ~0
+            bn.momentum = None
     m.train()
     with torch.no_grad():
         for x in imgs:
             m(x)
-    m.eval()
-    quantize_model(m, {"w_bits": bits, "a_bits": bits, "first_last_bits": 8})
-    calibrate(m, imgs, num_batches=len(imgs))
     m.names = {0: "ellipse", 1: "rectangle", 2: "triangle", 3: "star"}
+    return m.eval(), imgs
+
+
+def qat_like_model(data_yaml, cfg="yolov8n-seg.yaml", seed=0, bits=4, recipe=None):
+    """A quantized YOLO model as QAT leaves it: BN statistics from data, quantizers calibrated
+    (``recipe``: the quantization recipe, default W``bits``A``bits`` with 8-bit first and last layers)."""
+    m, imgs = fp_like_model(data_yaml, cfg, seed)
+    quantize_model(m, recipe or {"w_bits": bits, "a_bits": bits, "first_last_bits": 8})
+    calibrate(m, imgs, num_batches=len(imgs))
     return m
 
 

@@ -1,0 +1,266 @@
+"""QC on every deploy target (quant/targets.py): the fold check is right for sim, ort, npu and tensorrt, det and seg.
+
+What this guards. On the integer targets most convs read a tensor another module encoded (``input_source``: a
+block output, a residual sum, a C2f split) as it is; their own input quantizer never runs, and QAT trains the
+encoding away from it. The fold check used to evaluate such a conv in float64 on its input re-quantized by that
+unused quantizer, so every one of them "differed from its float64 evaluation" by thousands of times the float32
+bound (a real YOLOv8s W4A8 ``ort`` run: 49 of 63 layers) and QC could not finish. On ``ort`` and ``npu`` a folded
+layer's output goes straight into an 8-bit quantizer: an output that sits within the float32 bounds of a rounding
+tie may take the other code after folding; the check counts those as ties and still fails a wrong fold.
+
+Models: yolov8n / yolov8n-seg, W4A8 per channel (the recipe every target takes), BN statistics and quantizer
+ranges from the embedded data, then a few QAT steps (``qat_steps``), at 64 px; the scale test below uses real
+photographs (tests/real_photos.py) at 256 px.
+"""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import models  # noqa: F401  (registers the YOLO policy)
+from models.checkpoint import load_checkpoint, save_checkpoint
+from quant import quant_convs
+from quant.qc import (EPS32, FoldCheckError, _chain, _fan_in, default_bn_pairs, downstream_ties, fold_qc_checked,
+                      insert_qc, layer_output_f64, qc_modules)
+from quant.qc import fold_into_bn as right_fold_into_bn
+from quant.qconv import QuantConv2d
+from quant.targets import TARGET_NAMES
+from test_qc import fp_like_model, qat_like_model, tiny_dataset
+
+KINDS = {"det": "yolov8n.yaml", "seg": "yolov8n-seg.yaml"}
+W4A8 = {"w_bits": 4, "a_bits": 8, "per_channel": True}
+QUANTIZED_OUTPUTS = {"ort", "npu"}  # targets with a quantizer on every conv output (after BN and QC)
+
+
+def qat_steps(model, data_yaml, steps=2, lr=1e-3, imgsz=64):
+    """A few QAT steps (Adam on the weights and every quantizer, BN statistics frozen), as QAT leaves a model:
+    the encodings of shared tensors move away from the input quantizers of the convs that read them as they are."""
+    from engine.calib import calibration_loader, ensure_loss_args, model_task, preprocess
+
+    ensure_loss_args(model)
+    loader, _ = calibration_loader(data_yaml, model_task(model), imgsz, 4, save_dir=data_yaml.parent / "qat_build")
+    batches = [preprocess(b) for b in loader]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for i in range(steps):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        loss, _ = model.loss(batches[i % len(batches)])
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def qc_like_corrections(model, size=2e-3, seed=0):
+    """Corrections of the size a few Adam steps at lr 1e-4..1e-3 give: gamma = 1 + N(0, size), beta = N(0, size)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in qc_modules(model).values():
+            w.qc.gamma.copy_(1 + size * torch.randn(w.qc.gamma.shape, generator=g))
+            w.qc.beta.copy_(size * torch.randn(w.qc.beta.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("qc_targets"))
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    """{(target, kind): W4A8 model after QAT steps}, built on first use; tests take copies."""
+    class Lazy(dict):
+        def __missing__(self, key):
+            target, kind = key
+            q = qat_like_model(data, KINDS[kind], recipe={**W4A8, "target": target})
+            self[key] = qat_steps(q, data)
+            return self[key]
+
+    return Lazy()
+
+
+def layer_inputs(model, x):
+    """{QCConv name: its input} in one eval forward."""
+    inputs = {}
+    hooks = [w.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].detach()))
+             for n, w in qc_modules(model).items()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+@torch.no_grad()
+def old_fp32_ratios(model, x):
+    """{layer: the previous check's fp32 ratio}: the fp32 forward of each (conv, QC, BN) against a float64
+    evaluation on the input re-quantized by the conv's own input quantizer, with the bias parameter as it is
+    (what the check computed before it followed the forward). > 1 failed the fold."""
+    pairs, mods = default_bn_pairs(model), dict(model.named_modules())
+    out = {}
+    for n, xi in layer_inputs(model, x).items():
+        w = mods[n]
+        conv, qc, bn = w.conv, w.qc, mods[pairs[n]] if n in pairs else None
+        xq, wq = conv.input_quantizer(xi.float()), conv.weight_quantizer(conv.weight.float())
+        ref = layer_output_f64(conv, qc, bn, xi, conv_out=conv.convolve(xq.double(), wq.double()), as_run=False)
+        mag = layer_output_f64(conv, qc, bn, xi, True, conv_out=conv.convolve(xq.double().abs(), wq.double().abs()),
+                               as_run=False)
+        diff = (_chain(conv, qc, bn)(xi).double() - ref).abs()
+        out[n] = (diff / ((_fan_in(conv) + 8) * EPS32 * mag)).max().item()
+    return out
+
+
+def probe(n=2, size=64, seed=7):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", TARGET_NAMES)
+def test_fold_check_passes_on_every_target_where_the_old_one_failed(target, trained):
+    m = copy.deepcopy(trained[target, "det"])
+    shared = {n for n, c in quant_convs(m).items() if c.input_source is not None}
+    insert_qc(m)
+    qc_like_corrections(m)
+    x = probe()
+    old = old_fp32_ratios(m, x)
+    rep = fold_qc_checked(m, lambda: m(x))
+    assert len(rep["layers"]) == len(old) and not rep["unchecked"] and rep["worst_ratio"] <= 1
+    # what the fold check follows: a conv reading a shared encoding as it is (none on sim)
+    assert (target == "sim") == (not shared), len(shared)
+    failed_before = {n for n, r in old.items() if r > 1}
+    assert failed_before <= shared  # only those failed before, and on the integer
+    if shared:  # targets (trained encodings) nearly all of them did
+        assert len(failed_before) >= len(shared) // 2, (len(failed_before), len(shared))
+    downstream = [r["downstream"] for r in rep["layers"].values()]
+    if target in QUANTIZED_OUTPUTS:  # every folded layer feeds its conv-output quantizer
+        assert all(d is not None and (d.endswith(".act.pre") or d.endswith(".quantizer")) for d in downstream)
+    else:  # a float SiLU (or the head's float output) comes first
+        assert not any(downstream) and rep["ties"] == 0
+    print(f"\n{target}: old check failed {len(failed_before)} of {len(old)} layers ({len(shared)} read a shared "
+          f"encoding), new check passes (worst {rep['worst_ratio']:.2g}), {rep['ties']} ties")
+
+
+def _beta_unscaled(bn, gamma, beta):  # adds beta to BN's bias without BN's scale k
+    right_fold_into_bn(bn, gamma, torch.zeros_like(beta))
+    with torch.no_grad():
+        bn.bias.add_(beta.reshape(-1).to(bn.bias))
+
+
+_right_fold_affine = QuantConv2d.fold_affine
+
+
+def _gamma_forgotten(conv, scale, shift):  # the output scale keeps its old value
+    _right_fold_affine(conv, torch.ones_like(scale), shift)
+
+
+PLANTED = {"beta_unscaled_into_bn": ("fold_into_bn", _beta_unscaled),
+           "gamma_forgotten_in_conv": ("fold_affine", _gamma_forgotten)}
+
+
+@pytest.mark.parametrize("bug", list(PLANTED))
+@pytest.mark.parametrize("target", TARGET_NAMES)
+def test_fold_check_fails_a_planted_fold_bug_on_every_target(target, bug, trained, monkeypatch):
+    import quant.qc as qcmod
+
+    where, wrong = PLANTED[bug]
+    if where == "fold_into_bn":
+        monkeypatch.setattr(qcmod, "fold_into_bn", wrong)
+    else:
+        monkeypatch.setattr(QuantConv2d, "fold_affine", wrong)
+    m = copy.deepcopy(trained[target, "det"])
+    insert_qc(m)
+    qc_like_corrections(m)
+    x = probe()
+    with pytest.raises(FoldCheckError) as e:
+        fold_qc_checked(m, lambda: m(x))
+    into = "the BatchNorm after it" if where == "fold_into_bn" else "the conv's output scale and bias"
+    msg = str(e.value)
+    assert e.value.ratio > 10 and f"'{e.value.layer}'" in msg and into in msg and "\n" not in msg, msg
+    assert "bug in the folding code" in msg
+    if where == "fold_affine":  # only the head's final convs fold into their own output scale
+        assert e.value.layer.startswith("model.22.") and e.value.layer.endswith(("2", "2.conv"))
+
+
+def test_downstream_ties_counts_ties_and_fails_a_code_changed_away_from_one():
+    from quant.act import output_quantizer
+
+    q = output_quantizer(8)
+    q.set_scale(torch.tensor([0.1]), offset=torch.tensor([-1.0]))  # zero point 10
+    ref = torch.tensor([0.45, 0.45, 1.2, 3.0], dtype=torch.float64)  # the first two on the tie between codes 14 and 15
+    before = torch.tensor([0.45 - 1e-6, 0.45, 1.2, 3.0])
+    after = torch.tensor([0.45 + 1e-6, 0.45, 1.2, 3.0])
+    band = torch.full((4,), 2e-6, dtype=torch.float64)
+    assert downstream_ties(q, before, after, ref, band) == {"ties": 1, "tie_ratio": pytest.approx(0, abs=0.02)}
+    moved = after.clone()
+    moved[2] = 1.3  # a whole step from a tie: no rounding can do this
+    r = downstream_ties(q, before, moved, ref, band)
+    assert r["ties"] == 2 and r["tie_ratio"] > 1e3, r
+    assert downstream_ties(q, before, before, ref, band) == {"ties": 0, "tie_ratio": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# QC for every target, task and loss (labels, distillation, label-free): in process (run_qc), and for ``ort``, the
+# target QC could not finish on, through correct_qc.py
+MODES = {"labels": [], "distill": ["--distill"], "label-free": ["--no-labels"]}
+# every target with every mode, the task alternating: each target and each mode runs on det and on seg
+RUNS = [(t, list(KINDS)[(i + j) % 2], mode) for i, t in enumerate(TARGET_NAMES) for j, mode in enumerate(MODES)]
+
+
+@pytest.fixture(scope="module")
+def teachers(data):
+    """{kind: the FP model the trained models were quantized from}."""
+    class Lazy(dict):
+        def __missing__(self, kind):
+            self[kind] = fp_like_model(data, KINDS[kind])[0]
+            return self[kind]
+
+    return Lazy()
+
+
+def qc_in_process(model, data, mode, teacher) -> dict:
+    from engine.qc import run_qc
+
+    where = {"source": data.parent / "images" / "train"} if mode == "label-free" else {"data": data}
+    _, rep = run_qc(model, imgsz=64, batch=4, steps=1, measure_loss=False,
+                    teacher=None if mode == "labels" else teacher, **where)
+    assert not qc_modules(model)
+    return rep
+
+
+def qc_cli(qat, data, mode, teacher, tmp_path, monkeypatch, capsys) -> tuple[dict, str]:
+    import correct_qc
+
+    monkeypatch.chdir(tmp_path)
+    source = ["--source", str(data.parent / "images" / "train")] if mode == "label-free" else ["--data", str(data)]
+    kd = ["--teacher", str(teacher)] if mode != "labels" else []
+    rc = correct_qc.main(["--weights", str(qat), *source, *MODES[mode], *kd, "--imgsz", "64", "--batch", "4",
+                          "--steps", "1", "--no-val", "--no-measure-loss", "--name", "t"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    folded, ckpt = load_checkpoint(tmp_path / "runs" / "qc" / "t" / "weights" / "qc.pt")
+    assert not qc_modules(folded) and ckpt["quant_recipe"]["target"] == "ort"
+    return json.loads((tmp_path / "runs" / "qc" / "t" / "qc_report.json").read_text()), out
+
+
+@pytest.mark.filterwarnings("ignore:calib_images")
+@pytest.mark.parametrize("target,kind,mode", RUNS)
+def test_qc_runs_and_folds_for_every_target(target, kind, mode, data, trained, teachers, tmp_path, monkeypatch,
+                                            capsys):
+    if target == "ort":
+        qat = save_checkpoint(tmp_path / "qat.pt", trained[target, kind])
+        fp = save_checkpoint(tmp_path / "fp.pt", teachers[kind])
+        rep, out = qc_cli(qat, data, mode, fp, tmp_path, monkeypatch, capsys)
+    else:
+        rep, out = qc_in_process(copy.deepcopy(trained[target, kind]), data, mode, teachers[kind]), None
+    fold = rep["fold"]
+    assert fold["passed"] and not fold["unchecked"] and len(fold["layers"]) == rep["corrected_convs"]
+    assert len(rep["history"]) == 1 and ("distill" in rep) == (mode != "labels")
+    assert rep.get("distill", {}).get("label_free", False) == (mode == "label-free")
+    with_quantizer = sum(r["downstream"] is not None for r in fold["layers"].values())
+    assert with_quantizer == (len(fold["layers"]) if target in QUANTIZED_OUTPUTS else 0)
+    if out is not None:  # the summary says how many outputs sat on a tie
+        assert f"{fold['ties']} outputs of {fold['tie_layers']} layers sat on a rounding tie" in out, out
