@@ -339,15 +339,17 @@ def check_folded_layer(before: tuple, after: tuple, x: torch.Tensor, downstream=
     diff = (out[False, False] - ref[False, False]).abs()
     fold_bound = EPS32 * out[False, True] + (k + _EXTRA_OPS) * EPS64 * (out[False, True] + ref[False, True])
     fold_ratio, i = _max_ratio(diff, fold_bound)
-    fp32, y32, band = [], [], fold_bound
+    fp32, y32, bounds = [], [], []
     for mods, e in ((before, ref), (after, out)):
         y = _chain(*mods)(x.float())
-        bound = (k + _EXTRA_OPS) * EPS32 * e[True, True]
-        fp32.append(_max_ratio((y.double() - e[True, False]).abs(), bound)[0])
+        bounds.append((k + _EXTRA_OPS) * EPS32 * e[True, True])
+        fp32.append(_max_ratio((y.double() - e[True, False]).abs(), bounds[-1])[0])
         y32.append(y)
-        band = band + bound
-    # the bias re-rounded to the folded accumulator grid (int32-bias targets): how far it moves the two apart
-    band = band + ((out[True, False] - out[False, False]) - (ref[True, False] - ref[False, False])).abs()
+    # How far from a tie the unfolded float64 value can be when the two fp32 forwards straddle it: the unfolded fp32
+    # output lies within its bound of that value, the folded one within every bound of the unfolded one (plus the
+    # shift of the bias re-rounded to the folded accumulator grid, on int32-bias targets).
+    shift = ((out[True, False] - out[False, False]) - (ref[True, False] - ref[False, False])).abs()
+    band = 2 * bounds[0] + bounds[1] + fold_bound + shift
     j = int(diff.flatten().argmax())
     result = {"max_diff": float(diff.flatten()[j]), "at_value": float(ref[False, False].flatten()[j]),
               "fold_ratio": fold_ratio, "fold_diff_at_worst": float(diff.flatten()[i]), "fp32_ratio": max(fp32)}

@@ -21,17 +21,18 @@ def tiny_dataset(tmp_path):
     return ensure_embedded_dataset(root=tmp_path / "ds", n_train=8, n_val=4, imgsz=64)
 
 
-def fp_like_model(data_yaml, cfg="yolov8n-seg.yaml", seed=0):
-    """An FP YOLO model with BN statistics from the data (a fresh model's (0, 1) statistics shrink everything
-    to ~0), and the calibration images it saw."""
+def fp_like_model(data_yaml, cfg="yolov8n-seg.yaml", seed=0, imgsz=64):
+    """An FP YOLO model for the classes of ``data_yaml`` with BN statistics from its images (a fresh model's (0, 1)
+    statistics shrink everything to ~0), and the calibration images it saw."""
+    import yaml
+    from ultralytics.nn.tasks import DetectionModel
+
     from engine.calib import calibration_loader, preprocess
 
+    names = yaml.safe_load(data_yaml.read_text())["names"]
     torch.manual_seed(seed)
-    m = SegmentationModel(cfg, nc=4, verbose=False) if "seg" in cfg else None
-    if m is None:
-        from ultralytics.nn.tasks import DetectionModel
-        m = DetectionModel(cfg, nc=4, verbose=False)
-    loader, _ = calibration_loader(data_yaml, "segment" if "seg" in cfg else "detect", 64, 4,
+    m = (SegmentationModel if "seg" in cfg else DetectionModel)(cfg, nc=len(names), verbose=False)
+    loader, _ = calibration_loader(data_yaml, "segment" if "seg" in cfg else "detect", imgsz, 4,
                                    save_dir=data_yaml.parent / "calib_build")
     imgs = [preprocess(b)["img"] for b in loader]
     for bn in m.modules():
@@ -41,14 +42,14 @@ def fp_like_model(data_yaml, cfg="yolov8n-seg.yaml", seed=0):
     with torch.no_grad():
         for x in imgs:
             m(x)
-    m.names = {0: "ellipse", 1: "rectangle", 2: "triangle", 3: "star"}
+    m.names = dict(names)
     return m.eval(), imgs
 
 
-def qat_like_model(data_yaml, cfg="yolov8n-seg.yaml", seed=0, bits=4, recipe=None):
+def qat_like_model(data_yaml, cfg="yolov8n-seg.yaml", seed=0, bits=4, recipe=None, imgsz=64):
     """A quantized YOLO model as QAT leaves it: BN statistics from data, quantizers calibrated
     (``recipe``: the quantization recipe, default W``bits``A``bits`` with 8-bit first and last layers)."""
-    m, imgs = fp_like_model(data_yaml, cfg, seed)
+    m, imgs = fp_like_model(data_yaml, cfg, seed, imgsz)
     quantize_model(m, recipe or {"w_bits": bits, "a_bits": bits, "first_last_bits": 8})
     calibrate(m, imgs, num_batches=len(imgs))
     return m
