@@ -23,6 +23,8 @@ from torch import nn
 from quant import LSQQuantizer, QuantConv2d
 from quant.act import FixedQuantizer
 
+from .degenerate_bias import fit_int32_bias
+
 INT32_MAX = 2**31 - 1
 
 
@@ -111,10 +113,12 @@ class _QDQ(nn.Module):
 class ORTConv2d(nn.Module):
     """A BN-folded QuantConv2d as DQ(x) + DQ(int8 w) + DQ(int32 b) -> Conv (or a float bias: ``int32_bias``
     False); ``positive_scales``: negative per-channel weight scales become negated codes (narrow grid only);
-    ``view_encoded``: a view input (a C2f split's slice) already comes out of a DequantizeLinear."""
+    ``view_encoded``: a view input (a C2f split's slice) already comes out of a DequantizeLinear. ``name`` and
+    ``out_quantizer`` (the quantizer of the conv's output) serve a bias that does not fit int32
+    (deploy/degenerate_bias.py)."""
 
     def __init__(self, qconv: QuantConv2d, int32_bias: bool = True, positive_scales: bool = False,
-                 view_encoded: bool = False):
+                 view_encoded: bool = False, name: str = "conv", out_quantizer: LSQQuantizer | None = None):
         super().__init__()
         wq, aq = qconv.weight_quantizer, qconv.input_grid
         if not (wq.enabled and aq.enabled):
@@ -141,13 +145,14 @@ class ORTConv2d(nn.Module):
             codes = codes * sign.view(-1, *[1] * (codes.dim() - 1))
             w_scale, b_scale = w_scale * sign, b_scale * sign
         bias = torch.zeros(n, dtype=torch.float64) if qconv.bias is None else qconv.bias.detach().double().reshape(-1)
+        if int32_bias:  # channels whose bias overflows int32: a coarser weight step where that is exact, or a paragraph
+            w_scale = fit_int32_bias(name, qconv, codes, w_scale, bias, out_quantizer)
+            b_scale = qconv.input_grid.scale.reshape(()).float() * w_scale
         self.register_buffer("weight_int", codes.to(torch.int8))
         self.register_buffer("weight_scale", w_scale)
         self.int32_bias = int32_bias
         if int32_bias:
             b_int = torch.round(bias / b_scale.double())
-            if b_int.abs().max() > INT32_MAX:
-                raise ValueError(f"a bias does not fit int32 at scale s_x * s_w ({float(b_int.abs().max()):.3g} codes)")
             self.register_buffer("bias_int", b_int.to(torch.int32))
             self.register_buffer("bias_scale", b_scale)
         else:
@@ -209,6 +214,21 @@ def _encoded_forward_split(self, x):
     return self.cv2(torch.cat(y, 1))
 
 
+def conv_output_quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
+    """{conv name: the quantizer of its output}: a block's QuantAct.pre beside its ``conv``, a QuantOut's own."""
+    from quant.act import QuantAct, QuantOut
+
+    out = {}
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, QuantOut):
+            out[f"{prefix}conv"] = m.quantizer
+        elif isinstance(getattr(m, "act", None), QuantAct) and m.act.pre is not None \
+                and isinstance(getattr(m, "conv", None), QuantConv2d):
+            out[f"{prefix}conv"] = m.act.pre
+    return out
+
+
 def swap_for_ort(model: nn.Module, target=None) -> dict[str, ORTConv2d]:
     """Replace (in place, on a BN-folded model) QuantAct, QuantOut and QuantConv2d by their export forms for
     ``target`` (an integer quant.targets.Target; None: ``ort``); returns {conv name: ORTConv2d}. The model must
@@ -226,6 +246,7 @@ def swap_for_ort(model: nn.Module, target=None) -> dict[str, ORTConv2d]:
             m.split_encoding = _QDQ(q)
             m.forward = types.MethodType(_encoded_forward_split, m)
             split_sources.add(id(q))
+    out_quantizers = conv_output_quantizers(model)  # before QuantAct / QuantOut are replaced
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantAct):
             replace_module(model, name, ORTAct(m))
@@ -234,7 +255,8 @@ def swap_for_ort(model: nn.Module, target=None) -> dict[str, ORTConv2d]:
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantConv2d):
             view_encoded = m.input_is_view and id(m.input_source) in split_sources
-            convs[name] = ORTConv2d(m, target.int32_bias, target.narrow_weights, view_encoded)
+            convs[name] = ORTConv2d(m, target.int32_bias, target.narrow_weights, view_encoded, name,
+                                    out_quantizers.get(name))
             replace_module(model, name, convs[name])
     for name in outs:
         m = model.get_submodule(name)

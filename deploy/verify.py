@@ -151,11 +151,20 @@ def fake_quant_codes(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tens
 
 def deployed_form(model: nn.Module) -> nn.Module:
     """The model as its export computes it: for targets with an int32 bias (quant/targets.py), a fused copy,
-    whose eval forward rounds each bias to the accumulator grid as the file does (BN folded first)."""
+    whose eval forward rounds each bias to the accumulator grid as the file does (BN folded first); otherwise the
+    model, without the unused branch of an end-to-end head."""
     from quant.targets import model_target
 
     if model_target(model).int32_bias and hasattr(model, "fuse"):
         return copy.deepcopy(model).fuse(verbose=False)
+    if not any(getattr(m, "one2one_cv2", None) is not None for m in model.modules()):
+        return model
+    # An end-to-end head (YOLO26) computes both branches in eval; the export is fused, which drops the unused one,
+    # so the reference drops it too (its quantizers are not in the graph).
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if getattr(m, "one2one_cv2", None) is not None and hasattr(m, "fuse"):
+            m.fuse()
     return model
 
 
