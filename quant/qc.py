@@ -202,9 +202,9 @@ def fold_qc(model: nn.Module, bn_pairs: dict[str, str] | Callable[[nn.Module], d
 # float64 expression is what the module computes (e.g. that the bias follows the output scale).
 # That evaluation takes the input as the forward does (a conv reading an encoding another module
 # made, ``input_source``, takes it as it is) and the bias as the forward adds it (rounded to the
-# int32 accumulator grid in eval on targets with an int32 bias: a fold into the conv re-rounds it
-# to the folded grid, a shift the comparison of the two float64 evaluations leaves out, because
-# the folded parameters are compared before any runtime rounding, and the tie band below adds).
+# int32 accumulator grid in eval on targets with an int32 bias). A fold into such a conv re-rounds
+# its bias to the folded grid: the first comparison is of the parameters (the fold's algebra),
+# and that shift goes into the tie band below.
 # Third, the quantizer that takes the layer's output as it is (a deploy target's conv-output
 # quantizer, a head's output quantizer; found by tracing the run): the folded fp32 output may
 # differ from the unfolded one by up to the sum of the bounds above (and the bias re-rounding), so
@@ -293,8 +293,13 @@ def _max_ratio(diff: torch.Tensor, bound: torch.Tensor) -> tuple[float, int]:
 
 
 def _evaluations(mods: tuple, x: torch.Tensor, conv_out: dict) -> dict[tuple[bool, bool], torch.Tensor]:
-    """{(as_run, magnitude): float64 evaluation} of one layer (``layer_output_f64``)."""
-    return {(r, m): layer_output_f64(*mods, x, m, conv_out.get(m), as_run=r) for r in (False, True) for m in (False, True)}
+    """{(as_run, magnitude): float64 evaluation} of one layer (``layer_output_f64``); the as-run ones are the
+    same tensors where the forward adds the bias parameter itself (no int32 rounding: most layers)."""
+    e = {(False, m): layer_output_f64(*mods, x, m, conv_out.get(m), as_run=False) for m in (False, True)}
+    rounded = _forward_bias(mods[0]) is not mods[0].bias
+    e.update({(True, m): layer_output_f64(*mods, x, m, conv_out.get(m)) if rounded else e[False, m]
+              for m in (False, True)})
+    return e
 
 
 def downstream_ties(quantizer, before: torch.Tensor, after: torch.Tensor, ref: torch.Tensor,
