@@ -375,7 +375,7 @@ def _trace(model: nn.Module, wrapped: dict, pairs: dict, run: Callable[[], objec
     mods = dict(model.named_modules())
     inputs: dict[str, torch.Tensor] = {}
     consumers: dict[str, str] = {}
-    last = {}  # the output of the layer that ran last: its consumer runs next, if it is a quantizer
+    last = {}  # the output of the folded layer that ran last (only it: the others' outputs may be freed)
 
     def record_output(n, y):
         last.clear()
@@ -385,10 +385,9 @@ def _trace(model: nn.Module, wrapped: dict, pairs: dict, run: Callable[[], objec
         if n not in inputs:
             inputs[n] = x[:max_images].detach().cpu()
 
-    def record_consumer(qn, x):
+    def record_consumer(qn, x):  # the very tensor: nothing computed on it in between (an Identity passes it on)
         if last and x is last["y"]:
             consumers.setdefault(last["layer"], qn)
-        last.clear()
 
     hooks = []
     for n, w in wrapped.items():

@@ -2,9 +2,11 @@
 W4A4 and W3A3, through correct_qc.py: the folds pass their per-layer check, both checkpoints are
 written and the unfolded one folds later to the same model, and a wrong fold still fails the check.
 
-What this guards: on such models the final head convs output their bias almost unchanged everywhere
-(the class and box logits of a barely trained head), so a check relative to the output's range failed
-on float32 rounding alone (issue 12: "max diff 0.00103 of its range > 0.0001") and the QC run was lost.
+What this guarded first: QAT from a model yaml used to calibrate on BN's initial statistics, and the final
+head convs then output their bias almost unchanged everywhere, so a check relative to the output's range
+failed on float32 rounding alone ("max diff 0.00103 of its range > 0.0001") and the QC run was lost.
+Calibration now estimates BN statistics for a never-trained model first, so these runs no longer make such
+a head; tests/test_qc.py (test_fold_check_passes_a_near_constant_head_output) keeps that case.
 """
 import json
 
@@ -92,7 +94,7 @@ def probe_images(data_yaml, n=4, size=64) -> torch.Tensor:
 
 @pytest.mark.filterwarnings("ignore:calib_images")
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_qc_folds_real_photo_model_and_keeps_both_checkpoints(case, qc_runs, photos):
+def test_qc_folds_real_photo_model_and_keeps_both_checkpoints(case, qc_runs):
     rc, out = qc_runs(case)
     assert rc == 0, f"correct_qc.py failed on {case}"
     report = json.loads((out / "qc_report.json").read_text())
@@ -105,18 +107,6 @@ def test_qc_folds_real_photo_model_and_keeps_both_checkpoints(case, qc_runs, pho
     unfolded, ckpt = load_checkpoint(out / "weights" / "qc_unfolded.pt")
     assert not qc_modules(folded) and len(qc_modules(unfolded)) == report["corrected_convs"]
     assert ckpt["quant_recipe"]["w_bits"] == case[1] and len(ckpt["qc"]["history"]) == 2
-
-    # The trigger of issue 12 is present: a head conv whose output hardly varies against its size.
-    x = probe_images(photos)
-    outs = {}
-    hooks = [m.register_forward_hook(lambda mod, a, y, n=n: outs.__setitem__(n, y.detach()))
-             for n, m in qc_modules(unfolded).items() if n.startswith("model.24.")]
-    with torch.no_grad():
-        unfolded(x)
-    for h in hooks:
-        h.remove()
-    flatness = min(((y.max() - y.min()) / y.abs().max()).item() for y in outs.values())
-    assert flatness < 1e-2, f"no near-constant head output ({flatness:.3g}): this test lost what it guards"
 
     fold_qc(unfolded)  # folding the saved corrections later gives qc.pt exactly
     state = folded.state_dict()

@@ -185,6 +185,19 @@ def test_fold_check_fails_a_planted_fold_bug_on_every_target(target, bug, traine
         assert e.value.layer.startswith("model.22.") and e.value.layer.endswith(("2", "2.conv"))
 
 
+def test_the_quantizer_after_a_layer_is_the_one_that_takes_its_output_as_it_is():
+    from test_qc import X, randomise_corrections, toy_model
+
+    m = toy_model()
+    m[0].act = nn.Identity()  # the next conv's input quantizer takes block 0's BN output as it is
+    insert_qc(m)
+    randomise_corrections(m)
+    layers = fold_qc_checked(m, lambda: m(X))["layers"]
+    assert layers["0.conv"]["downstream"] == "1.conv.conv.input_quantizer" and layers["0.conv"]["ties"] >= 0
+    assert layers["1.conv"]["downstream"] is None  # a float SiLU comes first
+    assert layers["2"]["downstream"] is None and "ties" not in layers["2"]  # the model's output
+
+
 def test_downstream_ties_counts_ties_and_fails_a_code_changed_away_from_one():
     from quant.act import output_quantizer
 
