@@ -1,6 +1,6 @@
 """Size and shape limits on what a checkpoint file may hold, checked before anything inflates or walks it.
 
-A file that runs no code can still hang or exhaust a machine: a zip record that inflates from 1 MB to 1 GiB, or a
+A file that runs no code can still hang or exhaust a machine: a zip record that inflates from 250 KB to 256 MiB, or a
 module tree whose children are shared level by level (a DAG of 64 levels is 2^64 paths for ``_apply`` /
 ``float()`` / ``to()``, which visit a module once per path). The safe loader (``models/safe_load.py``) runs
 ``check_archive`` before ``torch.load`` and ``check_object_tree`` on what the unpickler returns, before anything
@@ -8,8 +8,10 @@ else touches it. The bounds are far above any real YOLO and are stated with what
 
 - archive: a torch.save zip stores its records uncompressed, so their sizes sum to less than the file; up to
   ``MAX_INFLATION`` times the file is allowed (a re-zipped checkpoint: float weights do not compress that well),
-  and never more than ``MAX_ARCHIVE_BYTES`` (1 GiB: the largest YOLO checkpoint, yolo11x-seg with optimizer
-  state, is ~0.25 GB). torch itself refuses a storage whose declared size differs from its record's.
+  which is what stops a compression bomb, and never more than ``MAX_ARCHIVE_BYTES`` (8 GiB). Not 1 GB: the largest
+  YOLO, yolov8x-seg (72 M parameters, 0.29 GB per fp32 copy), saved as a QAT ``last.pt`` keeps the model, its EMA
+  and the optimizer's momentum in fp32 (0.86 GB) plus per-weight oscillation state; Ultralytics' ``YOLO.save`` of
+  it (fp16) is 0.14 GB. torch itself refuses a storage whose declared byte size differs from its record's.
 - module trees: a module with children of its own is the child of at most one module in the whole file (a
   childless one may repeat: every Ultralytics Conv shares one SiLU instance, ``Conv.default_act``), so the paths
   ``_apply`` walks are at most the edges; at most ``MAX_MODULE_DEPTH`` (64) levels and ``MAX_MODULES`` (100,000)
@@ -17,7 +19,7 @@ else touches it. The bounds are far above any real YOLO and are stated with what
   7 levels and 834 / 948 / 627 modules; quantization and QC add two levels and at most three modules per conv.
 - everything else (dicts, lists, tuples, namespaces, objects' attributes) is walked as a tree too, counting a
   container reached twice twice: at most ``MAX_NODES`` (1,000,000) nodes and ``MAX_DEPTH`` (200) levels. A real
-  checkpoint has ~20 nodes per module (its hook dicts) plus its optimizer state: ~30,000 for yolov5s. A shared
+  checkpoint has ~10 items per module (its hook dicts) plus its optimizer state: < 10,000 for yolov5s (YOLO.save). A shared
   container in a crafted file is counted once per path, so a DAG that would make ``str()`` or a printer walk 2^64
   paths is refused after 1,000,000 steps, and a cycle at the depth bound.
 """
@@ -31,7 +33,7 @@ import zipfile
 import torch
 from torch import nn
 
-MAX_ARCHIVE_BYTES = 1 << 30
+MAX_ARCHIVE_BYTES = 8 << 30
 MAX_INFLATION = 4
 MAX_MODULE_DEPTH = 64
 MAX_MODULES = 100_000
@@ -80,8 +82,8 @@ def check_archive(f) -> None:
     size = _file_size(f)
     if total > MAX_ARCHIVE_BYTES:
         raise StructureError(f"its records inflate to {total / 2**30:.2f} GiB, more than the {MAX_ARCHIVE_BYTES >> 30} "
-                             f"GiB any YOLO checkpoint needs (the largest, yolo11x-seg with its optimizer state, is "
-                             f"~0.25 GB)")
+                             f"GiB any YOLO checkpoint needs (the largest, yolov8x-seg as a QAT last.pt in fp32 with "
+                             f"EMA and optimizer state, holds ~1 GB)")
     if total > MAX_INFLATION * size + (1 << 20):
         raise StructureError(f"its records inflate to {total:,} bytes from a {size:,}-byte file ({total / max(size, 1):.0f}"
                              f"x): torch.save stores records uncompressed, and float weights do not compress "
@@ -100,8 +102,8 @@ def check_object_tree(obj) -> None:
         x, depth, mdepth = stack.pop()
         nodes += 1
         if nodes > MAX_NODES:
-            raise StructureError(f"walked as a tree, its data has more than {MAX_NODES:,} items (a real YOLO "
-                                 f"checkpoint has ~30,000; containers shared level by level multiply the paths "
+            raise StructureError(f"walked as a tree, its data has more than {MAX_NODES:,} items (a yolov5s "
+                                 f"checkpoint has < 10,000; containers shared level by level multiply the paths "
                                  f"every printer and copier walks)")
         if depth > MAX_DEPTH:
             raise StructureError(f"its data nests more than {MAX_DEPTH} levels deep (a real YOLO checkpoint: ~20), "
