@@ -22,30 +22,36 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
-import re
 from pathlib import Path
 
 from torch import nn
 
 MAX_YAML_NODES = 100_000  # a YOLO yaml has ~300 items; anchors (aliases) shared level by level are counted per path
-_ACT = re.compile(r"^\s*(torch\.)?nn\.(\w+)\((.*)\)\s*$", re.S)
 _LAYER_PACKAGES = ("torch.nn.modules", "torchvision.ops", "ultralytics.nn.modules")
 _NOT_LAYERS = ("TorchVision",)  # layer-package classes that load a whole model by name
 
 
 def literal_activation(act) -> bool:
-    """True for ``[torch.]nn.<nn.Module class>(<literal args>)``, the only activation built without eval."""
-    m = _ACT.match(act) if isinstance(act, str) else None
-    cls = getattr(nn, m.group(2), None) if m else None
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+    """True for ``[torch.]nn.<nn.Module class>(<literal args>)``, the only activation built without eval: one call of
+    that attribute chain, every argument a literal, no ``*`` / ``**`` unpacking."""
+    if not isinstance(act, str) or len(act) > 1000:
         return False
     try:
-        call = ast.parse(f"f({m.group(3)})", mode="eval").body
+        call = ast.parse(act.strip(), mode="eval").body
+        if not isinstance(call, ast.Call) or any(k.arg is None for k in call.keywords):
+            return False
+        chain, node = [], call.func
+        while isinstance(node, ast.Attribute):
+            chain.append(node.attr)
+            node = node.value
+        if not isinstance(node, ast.Name) or [*chain[1:], node.id] not in (["nn"], ["nn", "torch"]):
+            return False
         for a in [*call.args, *(k.value for k in call.keywords)]:
-            ast.literal_eval(a)
+            ast.literal_eval(a)  # a Starred or any expression raises
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
         return False
-    return True
+    cls = getattr(nn, chain[0], None)
+    return isinstance(cls, type) and issubclass(cls, nn.Module)
 
 
 def _resolve(name: str, original: bool):
