@@ -72,17 +72,28 @@ def resolve_inputs(opt) -> tuple[str, str, str]:
     """(dataset yaml, model source, task), checked; --imgsz left out becomes the checkpoint's training
     size (640 for a model yaml). The run's first step that reads files (and may generate the dataset)."""
     from engine.calib import resolve_data
-    from engine.data_download import check_dataset
 
     try:
         data = resolve_data(opt.data)
-        check_dataset(data)  # a missing split ends the run here (its download: only with --download)
     except FileNotFoundError as e:
         raise InputError(str(e)) from None
     model_src = resolve_model(opt)
     task, imgsz = inspect_source(model_src)
     opt.imgsz = opt.imgsz or imgsz
     return data, model_src, task
+
+
+def check_data(data: str) -> None:
+    """The dataset yaml, checked before any training: a missing split ends the run with one paragraph (its
+    download: runs only with --download, engine/data_download.py), as do Ultralytics' checks of its keys."""
+    from engine.data_download import check_dataset
+
+    try:
+        check_dataset(data)
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
+    except (SyntaxError, TypeError, ValueError) as e:
+        raise InputError(f"--data '{data}' is not a usable dataset yaml: {' '.join(str(e).split())}") from None
 
 
 def inspect_source(source: str) -> tuple[str, int]:
@@ -251,6 +262,7 @@ def run(opt, callbacks: dict | None = None) -> dict:
 
         pin_threads()  # the thread count changes the numbers: the demo's reference is for 1 thread
     data, model_src, task = resolve_inputs(opt)
+    check_data(data)
     check_loss_hyp(opt, model_src)
     rows = {}
     if not model_src.endswith(".pt") and opt.fp_epochs > 0:

@@ -7,15 +7,14 @@ starts with ``bash ``. A data yaml is then code. Here it runs only with ``--down
 ``YOLO_QAT_DOWNLOAD=1`` (the Python API, DDP workers); otherwise a missing split is one paragraph naming the split,
 the path and the flag (``MissingSplitError``).
 
-The project's own calls go through ``check_dataset``; Ultralytics' trainer and validator call ``check_det_dataset``
-themselves, so importing this module also points their module-level name at the same guard (``_guard_ultralytics``),
-which only ever turns ``autodownload`` off, never on.
+The project's own calls go through ``check_dataset``; Ultralytics' trainer, validator and exporter call
+``check_det_dataset`` themselves, so importing this module (``engine`` does) also points their module-level name at
+the same guard (``_guard_ultralytics``), which only ever turns ``autodownload`` off, never on.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import os
 import re
 from pathlib import Path
@@ -105,11 +104,13 @@ def missing_split_in(e: BaseException | None) -> MissingSplitError | None:
 
 
 def _guard_ultralytics() -> None:
-    for name in _ULTRALYTICS_CALLERS:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
+    """Point ``check_det_dataset`` at the guard in Ultralytics' data utils (for modules that import it later) and in
+    its trainer, validator and exporter where they are already imported (they hold the name themselves)."""
+    import sys
+
+    import ultralytics.data.utils as data_utils
+
+    for mod in [data_utils, *(sys.modules[n] for n in _ULTRALYTICS_CALLERS if n in sys.modules)]:
         check = getattr(mod, "check_det_dataset", None)
         if check is None or hasattr(check, "__wrapped__"):
             continue
