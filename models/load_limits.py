@@ -15,13 +15,13 @@ else touches it. The bounds are far above any real YOLO and are stated with what
 - module trees: a module with children of its own is the child of at most one module in the whole file (a
   childless one may repeat: every Ultralytics Conv shares one SiLU instance, ``Conv.default_act``), so the paths
   ``_apply`` walks are at most the edges; at most ``MAX_MODULE_DEPTH`` (64) levels and ``MAX_MODULES`` (100,000)
-  modules. Measured: yolo11x-seg / yolo26x-seg / yolov5xu have 9 / 9 /
-  7 levels and 834 / 948 / 627 modules; quantization and QC add two levels and at most three modules per conv.
+  modules. Measured: yolo11x-seg / yolo26x-seg / yolov5xu have 9 / 9 / 7 levels and 834 / 948 / 627 modules;
+  quantization and QC add two levels and at most three modules per conv.
 - everything else (dicts, lists, tuples, namespaces, objects' attributes) is walked as a tree too, counting a
   container reached twice twice: at most ``MAX_NODES`` (1,000,000) nodes and ``MAX_DEPTH`` (200) levels. A real
-  checkpoint has ~10 items per module (its hook dicts) plus its optimizer state: < 10,000 for yolov5s (YOLO.save). A shared
-  container in a crafted file is counted once per path, so a DAG that would make ``str()`` or a printer walk 2^64
-  paths is refused after 1,000,000 steps, and a cycle at the depth bound.
+  checkpoint has ~10 items per module (its hook dicts) plus its optimizer state: < 10,000 for yolov5s (YOLO.save).
+  A shared container in a crafted file is counted once per path, so a DAG that would make ``str()`` or a printer
+  walk 2^64 paths is refused after 1,000,000 steps, and a cycle at the depth bound.
 """
 from __future__ import annotations
 
@@ -85,8 +85,9 @@ def check_archive(f) -> None:
                              f"GiB any YOLO checkpoint needs (the largest, yolov8x-seg as a QAT last.pt in fp32 with "
                              f"EMA and optimizer state, holds ~1 GB)")
     if total > MAX_INFLATION * size + (1 << 20):
-        raise StructureError(f"its records inflate to {total:,} bytes from a {size:,}-byte file ({total / max(size, 1):.0f}"
-                             f"x): torch.save stores records uncompressed, and float weights do not compress "
+        ratio = total / max(size, 1)
+        raise StructureError(f"its records inflate to {total:,} bytes from a {size:,}-byte file ({ratio:.0f}x): "
+                             f"torch.save stores records uncompressed, and float weights do not compress "
                              f"{MAX_INFLATION}x, so this is a compression bomb, not a checkpoint")
 
 
@@ -124,7 +125,11 @@ def check_object_tree(obj) -> None:
 
 
 def _push_module(m: nn.Module, depth: int, mdepth: int, modules: set, stack: list) -> None:
-    children = [c for c in vars(m).get("_modules", {}).values() if c is not None]
+    held = vars(m).get("_modules", {})
+    children = [c for c in (held.values() if isinstance(held, dict) else [held]) if c is not None]
+    if not all(isinstance(c, nn.Module) for c in children):
+        raise StructureError(f"its module {type(m).__name__} lists something other than modules as its children "
+                             f"(float() / to() would call methods on it that it does not have)")
     if children and mdepth + 1 > MAX_MODULE_DEPTH:
         raise StructureError(f"its module tree is more than {MAX_MODULE_DEPTH} levels deep (the largest YOLO "
                              f"models have 9, quantized 11)")

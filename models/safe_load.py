@@ -86,9 +86,9 @@ class OversizedCheckpointError(UnsafeCheckpointError):
     limits guard against hangs and memory exhaustion, not code)."""
 
     def __init__(self, path, why: str):
-        ValueError.__init__(self, f"refused to load '{path}': {why}. Nothing in it ran and nothing was built from it; no "
-                                  f"YOLO checkpoint comes near these limits (models/load_limits.py), so the file is "
-                                  f"damaged or crafted, and --trust-checkpoint does not lift them.")
+        ValueError.__init__(self, f"refused to load '{path}': {why}. Nothing in it ran and nothing was built from "
+                                  f"it; no YOLO checkpoint comes near these limits (models/load_limits.py), so the file "
+                                  f"is damaged or crafted, and --trust-checkpoint does not lift them.")
         self.why = why
 
 

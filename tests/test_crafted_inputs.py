@@ -197,7 +197,8 @@ def test_shared_children_dag_is_refused_without_hanging(fp, data, tmp_path):
         import deploy, test_safe_load as tsl
         from models.checkpoint import load_checkpoint
         out = []
-        for name, (run, prog) in tsl.entry_points(Path({str(data)!r}), Path({str(fp)!r}), Path({str(tmp_path)!r})).items():
+        points = tsl.entry_points(Path({str(data)!r}), Path({str(fp)!r}), Path({str(tmp_path)!r}))
+        for name, (run, prog) in points.items():
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
                 code = run(Path({str(path)!r}))
