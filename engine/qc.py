@@ -132,7 +132,7 @@ def tie_note(fold: dict) -> str:
     """What the fold check says about the quantizers after the folded layers, in one clause."""
     checked = sum(r.get("downstream") is not None for r in fold.get("layers", {}).values())
     if not checked:
-        return "no folded layer feeds a quantizer directly"
+        return "no quantizer takes a folded layer's output (float arithmetic comes first)"
     return (f"{fold.get('ties', 0)} outputs of {fold.get('tie_layers', 0)} layers sat on a rounding tie of the "
             f"quantizer after them (of {checked} such layers) and took the neighbouring code")
 

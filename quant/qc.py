@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import fused as fused_lsq
+from .act import QuantAct
 from .convert import quant_convs, replace_module
 from .grid import broadcast_scale
 from .lsq import LSQQuantizer
@@ -205,18 +206,26 @@ def fold_qc(model: nn.Module, bn_pairs: dict[str, str] | Callable[[nn.Module], d
 # int32 accumulator grid in eval on targets with an int32 bias). A fold into such a conv re-rounds
 # its bias to the folded grid: the first comparison is of the parameters (the fold's algebra),
 # and that shift goes into the tie band below.
-# Third, the quantizer that takes the layer's output as it is (a deploy target's conv-output
-# quantizer, a head's output quantizer; found by tracing the run): the folded fp32 output may
-# differ from the unfolded one by up to the sum of the bounds above (and the bias re-rounding), so
-# an output within that distance of a rounding tie of that quantizer may land on either
-# neighbouring code. Those outputs are counted (``ties``), not failed; a code that changes farther
-# from a tie than that (``tie_ratio`` > 1) fails the check like the two bounds do.
+# Third, the quantizer that takes the layer's output (found by tracing the run): as it is (a
+# deploy target's conv-output quantizer, a head's output quantizer) or through an elementwise
+# activation of bounded slope (TensorRT's fused SiLU, then the block output's encoding): the
+# folded fp32 output may differ from the unfolded one by up to the sum of the bounds above (and
+# the bias re-rounding), so an output within that distance of a rounding tie of that quantizer
+# may land on either neighbouring code. Those outputs are counted (``ties``), not failed; a code
+# that changes farther from a tie than that (``tie_ratio`` > 1) fails the check like the two
+# bounds do.
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
 _EXTRA_OPS = 8  # operations after the K-term sum: output scale, bias, QC scale and shift, BN's four
 # A quantizer computes (x - b) / s as x * fl(1/s) - b * fl(1/s) in fp32: where it puts a rounding tie differs
 # from the exact one by at most 3 ulps of |x| / s + |b| / s (here with one to spare).
 _QUANTIZER_ULPS = 4
+# Elementwise activations a folded layer's output may pass, in float, on its way to the quantizer (TensorRT fuses
+# the SiLU into the conv; the block output's encoding comes after it): the largest slope of each, so a distance
+# between two inputs bounds the distance between the outputs (SiLU: 1.0998 at x = 2.40), and the fp32 error of
+# evaluating it, in ulps of the output (x / (1 + exp(-x)) with an exp within an ulp, here with margin).
+_ACT_SLOPE = {nn.SiLU: 1.1, nn.ReLU: 1.0, nn.Identity: 1.0}
+_ACT_ULPS = 4
 
 
 class FoldCheckError(RuntimeError):
@@ -330,9 +339,9 @@ def check_folded_layer(before: tuple, after: tuple, x: torch.Tensor, downstream=
     its input ``x``. Returns the largest difference (``max_diff``), the output value there
     (``at_value``) and ratios that pass at <= 1: ``fold_ratio`` (float64 difference over the
     fold's rounding bound), ``fp32_ratio`` (fp32 forwards against their float64 evaluation,
-    over the fp32 summation bound) and, with ``downstream`` (the quantizer that takes the layer's
-    output), ``ties`` (its codes that differ between the two forwards) and ``tie_ratio``
-    (``downstream_ties``)."""
+    over the fp32 summation bound) and, with ``downstream`` (``(quantizer, activation)``: the quantizer
+    that takes the layer's output, after that elementwise activation or, with None, as it is),
+    ``ties`` (its codes that differ between the two forwards) and ``tie_ratio`` (``downstream_ties``)."""
     k = _fan_in(before[0])
     (xb, wb), (xa, wa) = _quantized_operands(before[0], x), _quantized_operands(after[0], x)
     shared = {}
@@ -359,8 +368,20 @@ def check_folded_layer(before: tuple, after: tuple, x: torch.Tensor, downstream=
     result = {"max_diff": float(diff.flatten()[j]), "at_value": float(ref[False, False].flatten()[j]),
               "fold_ratio": fold_ratio, "fold_diff_at_worst": float(diff.flatten()[i]), "fp32_ratio": max(fp32)}
     if downstream is not None:
-        result.update(downstream_ties(downstream, *y32, ref[True, False], band))
+        result.update(_ties_after(*downstream, y32, ref[True, False], band))
     return result
+
+
+def _ties_after(quantizer, act: nn.Module | None, y32: list[torch.Tensor], ref: torch.Tensor,
+                band: torch.Tensor) -> dict:
+    """``downstream_ties`` for a quantizer that takes the layer's outputs (``y32``: before and after folding) as they
+    are, or after the elementwise ``act``: then the band grows by its slope and by its own fp32 evaluation error
+    (of the unfolded output, of the folded one, and of the float64 value's distance argument)."""
+    if act is None:
+        return downstream_ties(quantizer, *y32, ref, band)
+    ref = act(ref)
+    return downstream_ties(quantizer, act(y32[0]), act(y32[1]), ref,
+                           _ACT_SLOPE[type(act)] * band + 3 * _ACT_ULPS * EPS32 * ref.abs())
 
 
 def _layer_ratio(r: dict) -> float:
@@ -368,13 +389,15 @@ def _layer_ratio(r: dict) -> float:
 
 
 def _trace(model: nn.Module, wrapped: dict, pairs: dict, run: Callable[[], object],
-           max_images: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+           max_images: int) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, nn.Module | None]]]:
     """Run ``run()`` once with hooks; return each wrapped layer's input (its first ``max_images``, on the CPU)
-    and the name of the enabled LSQQuantizer that takes the layer's output as it is, where one does (a float
-    activation in between, as in ``sim``, leaves none)."""
+    and, where one takes the layer's output, ``(quantizer name, activation or None)``: an enabled LSQQuantizer
+    that takes the output as it is, or the encoding (``out``) of a QuantAct that applies only an elementwise
+    activation of known slope to it first (``tensorrt``). None where the output goes on in float (``sim``: a SiLU
+    whose output several convs quantize each their own way)."""
     mods = dict(model.named_modules())
     inputs: dict[str, torch.Tensor] = {}
-    consumers: dict[str, str] = {}
+    consumers: dict[str, tuple[str, nn.Module | None]] = {}
     last = {}  # the output of the folded layer that ran last (only it: the others' outputs may be freed)
 
     def record_output(n, y):
@@ -385,9 +408,9 @@ def _trace(model: nn.Module, wrapped: dict, pairs: dict, run: Callable[[], objec
         if n not in inputs:
             inputs[n] = x[:max_images].detach().cpu()
 
-    def record_consumer(qn, x):  # the very tensor: nothing computed on it in between (an Identity passes it on)
+    def record_consumer(found, x):  # the very tensor: nothing computed on it in between (an Identity passes it on)
         if last and x is last["y"]:
-            consumers.setdefault(last["layer"], qn)
+            consumers.setdefault(last["layer"], found)
 
     hooks = []
     for n, w in wrapped.items():
@@ -396,7 +419,13 @@ def _trace(model: nn.Module, wrapped: dict, pairs: dict, run: Callable[[], objec
         hooks.append(end.register_forward_hook(lambda m, a, y, n=n: record_output(n, y)))
     for qn, q in mods.items():
         if isinstance(q, LSQQuantizer) and q.enabled:
-            hooks.append(q.register_forward_pre_hook(lambda m, a, qn=qn: record_consumer(qn, a[0])))
+            found = (qn, None)
+        elif isinstance(q, QuantAct) and q.pre is None and q.out is not None and q.out.enabled \
+                and type(q.act) in _ACT_SLOPE:
+            found = (f"{qn}.out", q.act)  # the module, not its name: Ultralytics shares one SiLU across blocks
+        else:
+            continue
+        hooks.append(q.register_forward_pre_hook(lambda m, a, found=found: record_consumer(found, a[0])))
     try:
         run()
     finally:
@@ -433,7 +462,7 @@ def fold_qc_checked(model: nn.Module, run: Callable[[], object],
 
     before = {n: snapshot(n) for n in wrapped}
     quantizers = dict(model.named_modules())
-    downstream = {n: cpu(quantizers[q]) for n, q in consumers.items()}
+    downstream = {n: (cpu(quantizers[q]), cpu(act)) for n, (q, act) in consumers.items()}
     counts = fold_qc(model, pairs)
     layers = {}
     # The CPU copies run the plain reference fake-quant (bit for bit what the fused kernels give): on a GPU
@@ -442,7 +471,9 @@ def fold_qc_checked(model: nn.Module, run: Callable[[], object],
         for n, parts in before.items():
             if n in inputs:
                 r = check_folded_layer(parts, snapshot(n), inputs[n], downstream.get(n))
-                layers[n] = {"into": "bn" if n in pairs else "conv", "downstream": consumers.get(n), **r}
+                q, act = consumers.get(n, (None, None))
+                layers[n] = {"into": "bn" if n in pairs else "conv", "downstream": q,
+                             "through": type(act).__name__ if act is not None else None, **r}
     report = {**counts, "layers": layers, "unchecked": sorted(set(before) - set(layers)),
               "ties": sum(r.get("ties", 0) for r in layers.values()),
               "tie_layers": sum(r.get("ties", 0) > 0 for r in layers.values())}
