@@ -18,9 +18,9 @@ Every flag can also be set in a --config yaml (keys: the flag names with '_'). W
   weights/qc.pt           the folded model (integer weights unchanged): the one to validate and export
   qc_report.json          losses, the fold check per layer, mAP before / after
 Each folded layer is checked against its unfolded self in float64, within the bound that rounding the
-folded parameters to float32 allows; where a quantizer takes its output (the conv-output quantizers of the
-ort and npu targets), an output that sat within that bound of a rounding tie may take the neighbouring code:
-those are counted as ties (in the summary and qc_report.json), not failures. A fold that fails its check
+folded parameters to float32 allows; where a quantizer takes its output (ort and npu: every conv output;
+tensorrt: the block's encoding after the fused SiLU), an output that sat within that bound of a rounding tie
+may take the neighbouring code: those are counted as ties (in the summary and qc_report.json), not failures. A fold that fails its check
 still leaves both checkpoints, prints which layer failed and by how much, and exits with status 3.
 """
 from __future__ import annotations
