@@ -221,6 +221,17 @@ def test_downstream_ties_counts_ties_and_fails_a_code_changed_away_from_one():
     assert downstream_ties(q, before, before, ref, band) == {"ties": 0, "tie_ratio": 0.0}
 
 
+def test_a_code_changed_away_from_a_tie_fails_in_one_paragraph_naming_layer_and_quantizer():
+    from quant.qc import _failure_message
+
+    ok = {"into": "bn", "fold_ratio": 0.4, "fp32_ratio": 0.01, "ties": 2, "tie_ratio": 0.3,
+          "downstream": "model.4.act.pre", "max_diff": 1e-7, "at_value": 0.5}
+    bad = {**ok, "ties": 3, "tie_ratio": 4e3, "downstream": "model.6.cv1.act.pre"}
+    msg = _failure_message({"model.4.conv": ok, "model.6.cv1.conv": bad}, "model.6.cv1.conv")
+    assert "'model.6.cv1.conv'" in msg and "'model.6.cv1.act.pre'" in msg and "3 outputs" in msg, msg
+    assert "4e+03 times farther from a rounding tie" in msg and "1 of 2 folded layers fail" in msg and "\n" not in msg
+
+
 # ---------------------------------------------------------------------------------------------
 # QC for every target, task and loss (labels, distillation, label-free): in process (run_qc), and for ``ort``, the
 # target QC could not finish on, through correct_qc.py
