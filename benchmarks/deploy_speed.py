@@ -278,6 +278,26 @@ def build_files(opt, out: Path) -> list[dict]:
             name = f"ours_{bits}" + (f"_{t}" if t else "")
             files.append({"label": f"ours {bits}" + (f" ({t})" if t else ""), "kind": "ours", "imgsz": s,
                           "target": t, "bits": bits, "path": str(export_ours(q, out / f"{name}_{s}.onnx", s, t))})
+    files += extra_files(opt.extra, opt.imgsz)
+    return files
+
+
+def extra_files(specs: list[str], sizes: list[int]) -> list[dict]:
+    """``LABEL=PATH`` ONNX files made elsewhere (a trained checkpoint's export, another tool's INT8 file), timed
+    beside the others at their own static input size, which must be one of ``sizes`` (its FP file is the baseline)."""
+    import onnx
+
+    files = []
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not Path(path).is_file():
+            raise ValueError(f"--extra {spec!r}: expected LABEL=PATH of an existing .onnx file")
+        dims = onnx.load(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        size = dims[-1].dim_value
+        if size not in sizes:
+            raise ValueError(f"--extra {spec!r}: the file's input is {size} px, not one of --imgsz {sizes}: pass its "
+                             f"size to --imgsz so that the FP file of that size is its baseline")
+        files.append({"label": label, "kind": "extra", "imgsz": size, "path": str(Path(path).resolve())})
     return files
 
 
@@ -440,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS), help="our quantized files")
     p.add_argument("--targets", nargs="+", default=None, help="deploy targets (default: all deploy.export_onnx takes)")
     p.add_argument("--calib-images", type=int, default=8, help="calibration images (ours and the ORT PTQ)")
+    p.add_argument("--extra", nargs="*", default=[], metavar="LABEL=PATH",
+                   help="more ONNX files to time beside the others (e.g. a trained checkpoint's export, Ultralytics' "
+                        "INT8 file), each at its own static size")
     p.add_argument("--spin", action=argparse.BooleanOptionalAction, default=False,
                    help="let onnxruntime's threads spin while waiting (its default; off: a shared machine)")
     return p
