@@ -1,0 +1,428 @@
+"""Mixed precision for YOLO: per-layer sensitivity of an FP checkpoint, bit allocation under a budget on a deploy
+target, the recipe ``train_qat.py --config`` takes (mixed_precision.py is the command line).
+
+The model-agnostic parts are quant/sensitivity.py (the proxy), quant/costs.py (what a width costs per target) and
+quant/allocate.py (the exact multiple-choice knapsack). Here: the calibration batches from the dataset, the output
+groups of a YOLO head, the mAP check of the proxy and the recipe file.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from quant import QuantRecipe, calibrate, is_quantized, quant_convs, quantize_model
+from quant.allocate import Allocation, allocate
+from quant.costs import COSTS, LayerGeometry, get_costs, option_cost, pays, weight_cost
+from quant.recipe import BIT_CHOICES, dataclass_from
+from quant.sensitivity import collect_inputs, layer_sensitivity, lowered, reference_outputs, spearman, sqnr_db
+
+MEASURES = {"bytes": None, "bits": None, "bitops": "bitops"}  # the budget's unit -> cost measure (None: --cost)
+RECIPE_FIELDS = ("per_channel", "act_mode", "weight_init", "exclude", "target")
+
+
+def _setting(default, help: str):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class MixedPrecisionConfig:
+    """The settings of mixed_precision.py beyond the recipe's (its flags and --config keys are generated from these)."""
+
+    w_bits_choices: list = _setting([8, 4, 3], "candidate weight widths; the widest is the reference every other "
+                                               "layer stays at while one layer is lowered")
+    a_bits_choices: list = _setting([8, 4], "candidate activation widths (those below --a-bits-min are dropped)")
+    a_bits_min: int | None = _setting(None, "activation floor: no layer's input goes below it (default: the "
+                                            "narrowest the target convolves, quant/costs.py: npu and tensorrt 8)")
+    budget_bytes: float | None = _setting(None, "budget: weight bytes of the quantized convs (in the --cost accounting)")
+    budget_bits: float | None = _setting(None, "budget: average weight bits of the quantized convs (--cost accounting)")
+    budget_bitops: float | None = _setting(None, "budget: bit-ops per image at --imgsz (MACs x runtime weight bits x "
+                                                 "runtime activation bits)")
+    cost: str = _setting("runtime", "weight accounting of --budget-bytes / --budget-bits: runtime (what the target's "
+                                    "runtime holds: ort and tensorrt keep <= 4-bit weights in int8), onnx (the exported "
+                                    "file) or packed (export.py --format packed)")
+    calib_images: int = _setting(64, "training images for calibration and the proxy")
+    calib_batches: int = _setting(4, "batches that calibrate the model and measure the proxy")
+    validate_layers: int = _setting(0, "check the proxy against mAP on this many layers (spread over the proxy's "
+                                       "ranking, each lowered alone to its narrowest width): Spearman correlation")
+    max_states: int = _setting(20000, "budget states of the allocation's dynamic programme (exact when the costs' "
+                                      "common divisor leaves at most this many)")
+    seed: int = _setting(0, "chooses the calibration images")
+
+    def __post_init__(self):
+        for name in ("w_bits_choices", "a_bits_choices"):
+            try:
+                vals = sorted({int(v) for v in getattr(self, name)}, reverse=True)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: allowed values are integers "
+                                 f"{BIT_CHOICES[0]}..{BIT_CHOICES[-1]}") from None
+            if not vals or not set(vals) <= set(BIT_CHOICES):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: give one or more of the integers "
+                                 f"{BIT_CHOICES[0]}..{BIT_CHOICES[-1]}")
+            setattr(self, name, vals)
+        given = [k for k in ("budget_bytes", "budget_bits", "budget_bitops") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} are both set: give one budget")
+        for k in given:
+            if not getattr(self, k) > 0:
+                raise ValueError(f"{k}={getattr(self, k)!r} is invalid: allowed values are > 0")
+        if self.cost not in ("runtime", "onnx", "packed"):
+            raise ValueError(f"cost={self.cost!r} is invalid: allowed values are ('runtime', 'onnx', 'packed')")
+        if self.calib_batches < 1 or self.calib_images < 1:
+            raise ValueError("calib_batches and calib_images must be >= 1")
+        if self.validate_layers < 0 or self.max_states < 1:
+            raise ValueError("validate_layers must be >= 0 and max_states >= 1")
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        for unit in ("bytes", "bits", "bitops"):
+            v = getattr(self, f"budget_{unit}")
+            if v is not None:
+                return unit, float(v)
+        return None
+
+    @property
+    def measure(self) -> str:
+        b = self.budget
+        return "bitops" if b is not None and b[0] == "bitops" else self.cost
+
+    @classmethod
+    def from_any(cls, cfg) -> "MixedPrecisionConfig":
+        return dataclass_from(cls, cfg, "mixed-precision config")
+
+
+def candidate_widths(cfg: MixedPrecisionConfig, target: str) -> list[tuple[int, int]]:
+    """(w, a) pairs from the choices, activations at or above the floor; ValueError for a floor the target's
+    runtime cannot convolve."""
+    floor = get_costs(target).act_floor
+    a_min = cfg.a_bits_min if cfg.a_bits_min is not None else floor
+    if a_min < floor:
+        raise ValueError(f"a_bits_min={a_min} is below what target '{target}' convolves ({floor}-bit activations "
+                         f"and up: quant/costs.py)")
+    acts = [a for a in cfg.a_bits_choices if a >= a_min]
+    if not acts:
+        raise ValueError(f"no activation width of a_bits_choices={cfg.a_bits_choices} is >= the floor {a_min} "
+                         f"(target '{target}'): add {a_min} to the choices")
+    return [(w, a) for w in cfg.w_bits_choices for a in acts]
+
+
+# --------------------------------------------------------------------------------------------------- YOLO glue
+
+def yolo_outputs(model: nn.Module, img: torch.Tensor) -> list[torch.Tensor]:
+    """Output groups of an Ultralytics detection / segmentation model in eval mode: decoded boxes (xywh, pixels),
+    class scores, mask coefficients and prototypes where there are any; an anchor-based original model's prediction
+    tensor as one group."""
+    out = model(img)
+    pred = out[0] if isinstance(out, (tuple, list)) else out
+    proto = None
+    if isinstance(pred, (tuple, list)):
+        pred, proto = pred[0], pred[1]
+    nc = len(getattr(model, "names", {}) or {}) or getattr(model, "nc", 0)
+    groups = [pred.detach().float()]
+    if pred.dim() == 3 and nc and pred.shape[1] >= 4 + nc and pred.shape[1] < pred.shape[2]:  # (B, 4+nc(+nm), A)
+        p = pred.detach().float()
+        groups = [p[:, :4], p[:, 4:4 + nc]] + ([p[:, 4 + nc:]] if p.shape[1] > 4 + nc else [])
+    if isinstance(proto, torch.Tensor):
+        groups.append(proto.detach().float())
+    return groups
+
+
+def yolo_noise(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """Mean over output groups of the relative noise power; the box and mask-coefficient errors of an anchor-free
+    head weighted by the reference's best class score per anchor (the anchors NMS keeps), so that the boxes of
+    background anchors, which no detection uses, do not swamp them."""
+    from quant.sensitivity import nsr
+
+    if len(ref) >= 2 and ref[0].dim() == 3 and ref[0].shape[1] == 4:
+        w = ref[1].amax(1, keepdim=True)  # (B, 1, A)
+        vals = []
+        for i, (o, r) in enumerate(zip(out, ref)):
+            if i == 1 or r.dim() != 3 or r.shape[-1] != w.shape[-1]:
+                vals.append(nsr([o], [r]))
+                continue
+            mean = (r * w).sum((0, 2), keepdim=True) / w.sum().clamp_min(1e-12)
+            var = ((r - mean).pow(2) * w).sum().item()
+            err = ((o - r).pow(2) * w).sum().item()
+            vals.append(err / var if var > 0 else (0.0 if err == 0 else math.inf))
+        return sum(vals) / len(vals)
+    return nsr(out, ref)
+
+
+def layer_geometry(model: nn.Module, imgsz: int, device="cpu") -> dict[str, LayerGeometry]:
+    """Shapes and MACs of every quantized conv at a square ``imgsz`` input (one forward)."""
+    convs = quant_convs(model)
+    hw = {}
+    hooks = [c.register_forward_hook(lambda m, a, y, n=n: hw.__setitem__(n, tuple(y.shape[-2:]))) for n, c in convs.items()]
+    ch = (getattr(model, "yaml", None) or {}).get("channels", 3)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, ch, imgsz, imgsz, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return {n: LayerGeometry.of_conv(n, c, hw.get(n, (0, 0))) for n, c in convs.items()}
+
+
+def calibration_images(data, task: str, imgsz: int, batch: int, cfg: MixedPrecisionConfig, device) -> list[torch.Tensor]:
+    from engine.calib import calibration_loader, preprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loader, _ = calibration_loader(data, task, imgsz=imgsz, batch=batch, n_images=cfg.calib_images, seed=cfg.seed,
+                                       shuffle=False, save_dir=Path(tmp))
+        imgs = [preprocess(b, device)["img"] for b in itertools.islice(loader, cfg.calib_batches)]
+        if hasattr(loader, "close"):
+            loader.close()
+    return imgs
+
+
+def reference_recipe(recipe: dict, cfg: MixedPrecisionConfig) -> QuantRecipe:
+    """Every layer at the widest candidate (the reference; first and last layers too: they are allocated like the
+    rest), the recipe's granularity, grids, target and excluded layers."""
+    r = {k: v for k, v in (recipe or {}).items() if k in RECIPE_FIELDS}
+    return QuantRecipe(w_bits=max(cfg.w_bits_choices), a_bits=max(cfg.a_bits_choices), first_last_bits=None, **r)
+
+
+def measure(weights, data=None, recipe: dict | None = None, cfg: MixedPrecisionConfig | dict | None = None,
+            imgsz: int | None = None, batch: int = 16, device="cpu", log=print) -> dict:
+    """Per-layer sensitivity of the FP checkpoint (or FP model) ``weights`` on the target of ``recipe``: a report
+    (plain data, json-able) with every quantized conv's geometry and the proxy of each candidate width that pays
+    on the target under the budget's measure, and with ``cfg.validate_layers`` its mAP check."""
+    from engine.calib import model_task
+    from engine.validate import load_model, trained_imgsz
+
+    cfg = MixedPrecisionConfig.from_any(cfg)
+    ref_recipe = reference_recipe(recipe, cfg)
+    target = ref_recipe.target
+    widths = candidate_widths(cfg, target)
+    model, name = load_model(weights)
+    if is_quantized(model):
+        raise ValueError(f"'{name}' is already quantized: measure sensitivity on the FP checkpoint QAT starts from")
+    task = model_task(model)
+    imgsz = imgsz or trained_imgsz(model)
+    model = model.to(device).eval()
+    t0 = time.time()
+    imgs = calibration_images(data, task, imgsz, batch, cfg, device)
+    quantize_model(model, ref_recipe)
+    model.to(device)
+    calibrate(model, imgs, num_batches=len(imgs))
+    model.eval()
+    geometry = layer_geometry(model, imgsz, device)
+    samples = collect_inputs(model, imgs)
+    measure_name = cfg.measure
+    todo = {}
+    for n, g in geometry.items():
+        ok = [w for w in widths if pays(target, g, w, widths, measure_name)]
+        todo[n] = ok
+    if cfg.budget is not None:  # before the measurement: an impossible budget is known from the costs alone
+        check_budget({n: {w: (option_cost(target, geometry[n], w, measure_name),) for w in ws} for n, ws in todo.items()},
+                     cfg, geometry, target)
+    ref = reference_outputs(model, imgs, yolo_outputs)
+    log(f"mixed precision: {len(todo)} quantized convs, reference W{ref_recipe.w_bits}A{ref_recipe.a_bits}, target "
+        f"{target}, {sum(len(v) - 1 for v in todo.values())} lowered widths to measure on {len(imgs)} batches")
+    last = [time.time()]
+
+    def progress(done, total, layer):
+        if time.time() - last[0] > 10 or done == total:
+            last[0] = time.time()
+            log(f"  proxy {done}/{total} ({layer}), {time.time() - t0:.0f} s")
+
+    sens = layer_sensitivity(model, todo, imgs, samples, yolo_outputs, ref_recipe.weight_init, ref, progress,
+                             noise=yolo_noise)
+    report = {"weights": name, "task": task, "imgsz": imgsz, "recipe": ref_recipe.to_dict(), "config": asdict(cfg),
+              "reference": [ref_recipe.w_bits, ref_recipe.a_bits], "measure": measure_name,
+              "proxy": "mean over output groups of relative noise power (boxes and mask coefficients weighted by the "
+                       "reference's class score), model with one conv lowered vs all at the reference",
+              "layers": [{**geometry[n].to_dict(),
+                          "sensitivity": {f"w{w}a{a}": s for (w, a), s in sens[n].items()}} for n in geometry],
+              "seconds": round(time.time() - t0, 1)}
+    if cfg.validate_layers:
+        report["validation"] = validate_proxy(model, data, imgsz, batch, device, sens, samples, ref_recipe,
+                                              cfg.validate_layers, task, log)
+    return report
+
+
+def validate_proxy(model, data, imgsz, batch, device, sens, samples, ref_recipe, n_layers, task, log=print) -> dict:
+    """mAP of the model with one layer lowered to its narrowest measured width, for ``n_layers`` layers spread over
+    the proxy's ranking, against the reference model's; Spearman correlation of the drop with the proxy."""
+    from engine.validate import validate
+
+    ref_width = (ref_recipe.w_bits, ref_recipe.a_bits)
+    lowest = {n: min((w for w in s if w != ref_width), default=None) for n, s in sens.items()}
+    ranked = sorted((n for n in sens if lowest[n] is not None), key=lambda n: sens[n][lowest[n]])
+    if len(ranked) < 2:
+        raise ValueError("validate_layers: fewer than two layers have a lowered width to check")
+    k = min(n_layers, len(ranked))
+    picked = [ranked[round(i * (len(ranked) - 1) / max(k - 1, 1))] for i in range(k)]
+    picked = list(dict.fromkeys(picked))
+    keys = ("box.map", "mask.map") if task == "segment" else ("box.map",)
+
+    def score():
+        with tempfile.TemporaryDirectory() as tmp:
+            r = validate(model, data, imgsz=imgsz, batch=batch, device=str(device), save_dir=tmp, verbose=False,
+                         pycocotools=False, workers=0)
+        return {k: 100 * r["ultralytics"][k] for k in keys}
+
+    t0 = time.time()
+    ref = score()
+    convs = quant_convs(model)
+    rows = []
+    for i, n in enumerate(picked):
+        w, a = lowest[n]
+        with lowered(convs[n], w, a, samples.get(n), ref_recipe.weight_init):
+            m = score()
+        rows.append({"layer": n, "width": f"w{w}a{a}", "proxy": sens[n][(w, a)],
+                     **{f"{k} drop": ref[k] - m[k] for k in keys}})
+        log(f"  mAP check {i + 1}/{len(picked)}: {n} W{w}A{a}: proxy {sens[n][(w, a)]:.3g}, "
+            + ", ".join(f"{k} {m[k]:.2f} (ref {ref[k]:.2f})" for k in keys) + f", {time.time() - t0:.0f} s")
+    out = {"reference_map": ref, "layers": rows,
+           "spearman": {k: spearman([r["proxy"] for r in rows], [r[f"{k} drop"] for r in rows]) for k in keys}}
+    log("  proxy vs mAP drop, Spearman: " + ", ".join(f"{k} {v:.3f}" for k, v in out["spearman"].items()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- allocation
+
+def _width_key(key: str) -> tuple[int, int]:
+    w, a = key[1:].split("a")
+    return int(w), int(a)
+
+
+def allocation_options(report: dict, measure: str) -> tuple[dict, dict[str, LayerGeometry]]:
+    """{layer: {width: (cost, sensitivity)}} from a report: its measured widths that pay under ``measure``."""
+    target = report["recipe"]["target"]
+    geo, options = {}, {}
+    for layer in report["layers"]:
+        g = LayerGeometry.from_dict(layer)
+        geo[g.name] = g
+        ws = {_width_key(k): float(v) for k, v in layer["sensitivity"].items()}
+        ok = [w for w in ws if pays(target, g, w, list(ws), measure)]
+        options[g.name] = {w: (option_cost(target, g, w, measure), ws[w]) for w in ok}
+    return options, geo
+
+
+def budget_in_cost_units(report: dict, cfg: MixedPrecisionConfig, geo: dict[str, LayerGeometry]) -> int:
+    unit, value = cfg.budget
+    if unit == "bytes":
+        return int(math.floor(value * 8))
+    if unit == "bits":
+        return int(math.floor(value * sum(g.params for g in geo.values())))
+    return int(math.floor(value))
+
+
+def allocate_report(report: dict, cfg: MixedPrecisionConfig | dict | None = None) -> Allocation:
+    """The allocation of ``report``'s layers under ``cfg``'s budget (ValueError when none is given, or when the
+    budget is below what the target's narrowest paying widths cost)."""
+    cfg = MixedPrecisionConfig.from_any(cfg)
+    if cfg.budget is None:
+        raise ValueError("no budget: give one of budget_bytes, budget_bits, budget_bitops")
+    measure = cfg.measure
+    target = report["recipe"]["target"]
+    options, geo = allocation_options(report, measure)
+    budget = budget_in_cost_units(report, cfg, geo)
+    check_budget(options, cfg, geo, target)
+    return allocate(options, budget, cfg.max_states)
+
+
+def check_budget(options: dict, cfg: MixedPrecisionConfig, geo: dict[str, LayerGeometry], target: str) -> None:
+    """ValueError (one paragraph: what the narrowest paying widths cost, and why on this target) when the budget is
+    below the cheapest allocation of ``options`` ({layer: {width: (cost, ...)}})."""
+    budget = budget_in_cost_units({}, cfg, geo)
+    low = sum(min(c for c, *_ in o.values()) for o in options.values())
+    if low <= budget:
+        return
+    total = sum(g.params for g in geo.values())
+    floor = {"bytes": f"{low / 8:,.0f} bytes", "bits": f"{low / max(total, 1):.2f} average bits",
+             "bitops": f"{low:.4g} bit-ops"}[cfg.budget[0]]
+    hint = ""
+    if cfg.measure in ("runtime", "onnx"):
+        hint = (f" On '{target}': {COSTS[target].note}. --cost packed budgets the packed checkpoint "
+                f"(export.py --format packed) instead.")
+    raise ValueError(f"budget {cfg.budget[1]:g} {cfg.budget[0]} cannot be met on target '{target}' ({cfg.measure} "
+                     f"accounting): the narrowest widths that pay there cost {floor}.{hint}")
+
+
+def recipe_dict(report: dict, alloc: Allocation) -> dict:
+    """The recipe train_qat.py --config takes: the reference width as the default, ``overrides`` for the lowered
+    layers, the measured recipe's granularity, grids, target and exclusions."""
+    r = report["recipe"]
+    ref_w, ref_a = report["reference"]
+    overrides = {n: {"w_bits": w, "a_bits": a} for n, (w, a) in alloc.widths.items() if (w, a) != (ref_w, ref_a)}
+    out = {"w_bits": ref_w, "a_bits": ref_a, "first_last_bits": None, "per_channel": r["per_channel"],
+           "act_mode": r["act_mode"], "weight_init": r["weight_init"], "target": r["target"],
+           "exclude": list(r["exclude"]), "overrides": overrides}
+    QuantRecipe(**out)  # the file must load: checked here, not in the QAT run
+    return out
+
+
+def write_recipe(path, report: dict, alloc: Allocation, cfg: MixedPrecisionConfig) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unit, value = cfg.budget
+    head = (f"# mixed_precision.py: per-layer widths for target '{report['recipe']['target']}' from {report['weights']}\n"
+            f"# budget {value:g} {unit} ({cfg.measure} accounting): cost {alloc.cost} of {alloc.budget}, summed proxy "
+            f"{alloc.sensitivity:.4g}{'' if alloc.exact else ' (costs rounded up to ' + str(alloc.unit) + ')'}\n"
+            f"# use: python train_qat.py --weights {report['weights']} --config {path.name} [QAT flags]\n")
+    path.write_text(head + yaml.safe_dump(recipe_dict(report, alloc), sort_keys=False))
+    return path
+
+
+def allocation_table(report: dict, alloc: Allocation, cfg: MixedPrecisionConfig) -> str:
+    """One line per layer: geometry, chosen width, its proxy (and SQNR) and its cost, then the totals beside the
+    uniform reference."""
+    target = report["recipe"]["target"]
+    measure = cfg.measure
+    _, geo = allocation_options(report, measure)
+    sens = {l["name"]: {_width_key(k): v for k, v in l["sensitivity"].items()} for l in report["layers"]}
+    ref = tuple(report["reference"])
+    unit = "bit-ops" if measure == "bitops" else "weight bytes"
+    scale = 1 if measure == "bitops" else 1 / 8
+    lines = [f"{'layer':<28} {'kernel':>7} {'c_out':>5} {'params':>8} {'width':>6} {'proxy':>9} {'SQNR dB':>7} "
+             f"{unit + ' (' + measure + ')':>22}"]
+    for n, g in geo.items():
+        w = alloc.widths[n]
+        s = sens[n].get(w, 0.0)
+        k = f"{g.kernel[0]}x{g.kernel[1]}/{g.stride[0]}"
+        lines.append(f"{n:<28} {k:>7} {g.out_channels:>5} {g.params:>8} {'W%dA%d' % w:>6} {s:>9.3g} "
+                     f"{sqnr_db(s):>7.1f} {option_cost(target, g, w, measure) * scale:>22,.0f}")
+    ref_cost = sum(option_cost(target, g, ref, measure) for g in geo.values())
+    params = sum(g.params for g in geo.values())
+    avg = sum(weight_cost(target, g, alloc.widths[n][0], cfg.cost) for n, g in geo.items()) / max(params, 1)
+    lines.append(f"total: {alloc.cost * scale:,.0f} {unit} ({alloc.cost / max(ref_cost, 1):.3f} of uniform "
+                 f"W{ref[0]}A{ref[1]}: {ref_cost * scale:,.0f}), average weight bits {avg:.2f} ({cfg.cost}), summed "
+                 f"proxy {alloc.sensitivity:.4g}, {sum(w != ref for w in alloc.widths.values())} of {len(geo)} layers "
+                 f"lowered; {'exact' if alloc.exact else 'optimal for costs rounded up to %d' % alloc.unit}")
+    return "\n".join(lines)
+
+
+def mixed_precision(weights, data=None, recipe: dict | None = None, cfg: MixedPrecisionConfig | dict | None = None,
+                    out: str | Path | None = None, imgsz: int | None = None, batch: int = 16, device="cpu",
+                    report: dict | None = None, log=print) -> dict:
+    """Measure (unless a ``report`` of an earlier measurement is given), allocate under ``cfg``'s budget, write the
+    recipe to ``out``. Returns {"report", "allocation", "recipe", "table", "path"}."""
+    cfg = MixedPrecisionConfig.from_any(cfg)
+    if report is None:
+        report = measure(weights, data, recipe, cfg, imgsz, batch, device, log)
+    alloc = allocate_report(report, cfg)
+    table = allocation_table(report, alloc, cfg)
+    path = write_recipe(out, report, alloc, cfg) if out is not None else None
+    return {"report": report, "allocation": alloc, "recipe": recipe_dict(report, alloc), "table": table, "path": path}
+
+
+def save_report(report: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    return path
