@@ -76,7 +76,10 @@ def run(opt) -> int:
         raise InputError("--weights is required (the FP checkpoint to measure), or --sensitivity FILE of an earlier run")
     elif not Path(opt.weights).is_file() or not str(opt.weights).endswith(".pt"):
         raise InputError(f"--weights '{opt.weights}' is not a .pt file: pass the FP checkpoint QAT will start from")
-    recipe = config_from(QuantRecipe, opt, "recipe").to_dict()
+    # the reference width (every layer at the widest candidate) with the flags' granularity, grids and target
+    ref = argparse.Namespace(**{k: getattr(opt, k) for k in RECIPE_FIELDS}, w_bits=max(cfg.w_bits_choices),
+                             a_bits=max(cfg.a_bits_choices), first_last_bits=None)
+    recipe = config_from(QuantRecipe, ref, "recipe").to_dict()
     recipe = {k: recipe[k] for k in RECIPE_FIELDS}
     save = output_dir(opt)
     out = Path(opt.out) if opt.out else save / "recipe.yaml"

@@ -23,7 +23,8 @@ from quant import QuantRecipe, calibrate, is_quantized, quant_convs, quantize_mo
 from quant.allocate import Allocation, allocate
 from quant.costs import COSTS, LayerGeometry, get_costs, option_cost, pays, weight_cost
 from quant.recipe import BIT_CHOICES, dataclass_from
-from quant.sensitivity import collect_inputs, layer_sensitivity, lowered, reference_outputs, spearman, sqnr_db
+from quant.sensitivity import (collect_inputs, layer_sensitivity, lowered, recipe_names, reference_outputs, spearman,
+                              sqnr_db)
 
 MEASURES = {"bytes": None, "bits": None, "bitops": "bitops"}  # the budget's unit -> cost measure (None: --cost)
 RECIPE_FIELDS = ("per_channel", "act_mode", "weight_init", "exclude", "target")
@@ -173,7 +174,8 @@ def layer_geometry(model: nn.Module, imgsz: int, device="cpu") -> dict[str, Laye
         for h in hooks:
             h.remove()
         model.train(was)
-    return {n: LayerGeometry.of_conv(n, c, hw.get(n, (0, 0))) for n, c in convs.items()}
+    names = recipe_names(model)  # the layers' names in a recipe (a deploy target's QuantOut moves head convs)
+    return {n: LayerGeometry.of_conv(names[n], c, hw.get(n, (0, 0))) for n, c in convs.items()}
 
 
 def calibration_images(data, task: str, imgsz: int, batch: int, cfg: MixedPrecisionConfig, device) -> list[torch.Tensor]:
@@ -278,14 +280,15 @@ def validate_proxy(model, data, imgsz, batch, device, sens, samples, ref_recipe,
     t0 = time.time()
     ref = score()
     convs = quant_convs(model)
+    names = recipe_names(model)
     rows = []
     for i, n in enumerate(picked):
         w, a = lowest[n]
         with lowered(convs[n], w, a, samples.get(n), ref_recipe.weight_init):
             m = score()
-        rows.append({"layer": n, "width": f"w{w}a{a}", "proxy": sens[n][(w, a)],
+        rows.append({"layer": names[n], "width": f"w{w}a{a}", "proxy": sens[n][(w, a)],
                      **{f"{k} drop": ref[k] - m[k] for k in keys}})
-        log(f"  mAP check {i + 1}/{len(picked)}: {n} W{w}A{a}: proxy {sens[n][(w, a)]:.3g}, "
+        log(f"  mAP check {i + 1}/{len(picked)}: {names[n]} W{w}A{a}: proxy {sens[n][(w, a)]:.3g}, "
             + ", ".join(f"{k} {m[k]:.2f} (ref {ref[k]:.2f})" for k in keys) + f", {time.time() - t0:.0f} s")
     out = {"reference_map": ref, "layers": rows,
            "spearman": {k: spearman([r["proxy"] for r in rows], [r[f"{k} drop"] for r in rows]) for k in keys}}

@@ -125,6 +125,17 @@ def lowered(conv: QuantConv2d, w_bits: int, a_bits: int, input_sample: torch.Ten
             conv.__dict__["input_source"] = source
 
 
+def recipe_names(model: nn.Module) -> dict[str, str]:
+    """{quantized conv's module name: the name a recipe gives it}. Deploy targets wrap a head's final conv in a
+    ``QuantOut`` (its output quantizer), which moves the conv to ``<name>.conv``; recipes (``overrides``,
+    ``exclude``) name the conv of the FP model, i.e. the wrapper's place."""
+    from .act import QuantOut
+
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, QuantOut)}
+    return {n: (n.rpartition(".")[0] if n.rpartition(".")[0] in wrapped and n.endswith(".conv") else n)
+            for n in quant_convs(model)}
+
+
 def nsr(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     """Mean over output groups of sum (out - ref)^2 / sum (ref - mean ref)^2 (0: identical)."""
     vals = []
