@@ -98,8 +98,9 @@ def run(opt) -> int:
     print("\n" + res["table"])
     val = res["report"].get("validation")
     if val:
-        print("proxy vs mAP drop of one layer lowered (Spearman): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in val["spearman"].items()) + f" over {len(val['layers'])} layers")
+        for proxy, per in val["spearman"].items():
+            print(f"{proxy} proxy vs mAP drop of one layer lowered, Spearman over {len(val['layers'])} layers: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
     print(f"\nrecipe: {res['path']}  (python train_qat.py --weights {res['report']['weights']} --config {res['path']})")
     return 0
 

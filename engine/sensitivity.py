@@ -27,6 +27,7 @@ from quant.sensitivity import (collect_inputs, layer_sensitivity, lowered, recip
                               sqnr_db)
 
 MEASURES = {"bytes": None, "bits": None, "bitops": "bitops"}  # the budget's unit -> cost measure (None: --cost)
+PROXIES = ("loss", "noise")
 RECIPE_FIELDS = ("per_channel", "act_mode", "weight_init", "exclude", "target")
 
 
@@ -52,6 +53,9 @@ class MixedPrecisionConfig:
     cost: str = _setting("runtime", "weight accounting of --budget-bytes / --budget-bits: runtime (what the target's "
                                     "runtime holds: ort and tensorrt keep <= 4-bit weights in int8), onnx (the exported "
                                     "file) or packed (export.py --format packed)")
+    proxy: str = _setting("loss", "sensitivity of a lowered layer: loss (increase of the model's training loss on the "
+                                  "calibration batches, labels included) or noise (relative noise power added to the "
+                                  "head's outputs: boxes relative to their size, scores, masks); both are measured")
     calib_images: int = _setting(64, "training images for calibration and the proxy")
     calib_batches: int = _setting(4, "batches that calibrate the model and measure the proxy")
     validate_layers: int = _setting(0, "check the proxy against mAP on this many layers (spread over the proxy's "
@@ -77,6 +81,8 @@ class MixedPrecisionConfig:
         for k in given:
             if not getattr(self, k) > 0:
                 raise ValueError(f"{k}={getattr(self, k)!r} is invalid: allowed values are > 0")
+        if self.proxy not in PROXIES:
+            raise ValueError(f"proxy={self.proxy!r} is invalid: allowed values are {PROXIES}")
         if self.cost not in ("runtime", "onnx", "packed"):
             raise ValueError(f"cost={self.cost!r} is invalid: allowed values are ('runtime', 'onnx', 'packed')")
         if self.calib_batches < 1 or self.calib_images < 1:
@@ -119,11 +125,10 @@ def candidate_widths(cfg: MixedPrecisionConfig, target: str) -> list[tuple[int, 
 
 # --------------------------------------------------------------------------------------------------- YOLO glue
 
-def yolo_outputs(model: nn.Module, img: torch.Tensor) -> list[torch.Tensor]:
-    """Output groups of an Ultralytics detection / segmentation model in eval mode: decoded boxes (xywh, pixels),
-    class scores, mask coefficients and prototypes where there are any; an anchor-based original model's prediction
-    tensor as one group."""
-    out = model(img)
+def output_groups(model: nn.Module, out) -> list[torch.Tensor]:
+    """Output groups of an Ultralytics detection / segmentation model's eval-mode output: decoded boxes (xywh,
+    pixels), class scores, mask coefficients and prototypes where there are any; an anchor-based original model's
+    prediction tensor as one group."""
     pred = out[0] if isinstance(out, (tuple, list)) else out
     proto = None
     if isinstance(pred, (tuple, list)):
@@ -138,20 +143,41 @@ def yolo_outputs(model: nn.Module, img: torch.Tensor) -> list[torch.Tensor]:
     return groups
 
 
+def yolo_outputs(model: nn.Module, img: torch.Tensor) -> list[torch.Tensor]:
+    """``output_groups`` of one forward of ``img``."""
+    return output_groups(model, model(img))
+
+
+def yolo_eval(model: nn.Module, batch: dict) -> dict:
+    """One forward of a calibration batch (a preprocessed dataloader batch with its labels): the output groups and
+    the training loss per image (Ultralytics' criterion on the eval-mode predictions: BN with running statistics)."""
+    out = model(batch["img"])
+    loss, _ = model.loss(batch, out)
+    return {"groups": output_groups(model, out), "loss": float(loss.detach().sum()) / batch["img"].shape[0]}
+
+
+def yolo_proxies(out: dict, ref: dict) -> dict:
+    """Both proxies of one batch: the loss increase and the output noise (``yolo_noise``)."""
+    return {"loss": out["loss"] - ref["loss"], "noise": yolo_noise(out["groups"], ref["groups"])}
+
+
 def yolo_noise(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    """Mean over output groups of the relative noise power; the box and mask-coefficient errors of an anchor-free
-    head weighted by the reference's best class score per anchor (the anchors NMS keeps), so that the boxes of
-    background anchors, which no detection uses, do not swamp them."""
+    """Mean over output groups of the relative noise power. For an anchor-free head the box error is taken relative
+    to the reference box's size (mAP's IoU thresholds scale with it: 2 px move a 10 px box as much as 20 px move a
+    100 px one) and, like the mask-coefficient error, weighted by the reference's best class score per anchor (the
+    anchors NMS keeps), so that background anchors, which no detection uses, do not swamp them."""
     from quant.sensitivity import nsr
 
     if len(ref) >= 2 and ref[0].dim() == 3 and ref[0].shape[1] == 4:
         w = ref[1].amax(1, keepdim=True)  # (B, 1, A)
-        vals = []
-        for i, (o, r) in enumerate(zip(out, ref)):
+        wsum = w.sum().clamp_min(1e-12)
+        size = ref[0][:, 2:4].clamp_min(1.0)
+        vals = [(((out[0] - ref[0]) / torch.cat([size, size], 1)).pow(2) * w).sum().item() / wsum.item()]
+        for i, (o, r) in enumerate(zip(out[1:], ref[1:]), 1):
             if i == 1 or r.dim() != 3 or r.shape[-1] != w.shape[-1]:
                 vals.append(nsr([o], [r]))
                 continue
-            mean = (r * w).sum((0, 2), keepdim=True) / w.sum().clamp_min(1e-12)
+            mean = (r * w).sum((0, 2), keepdim=True) / wsum
             var = ((r - mean).pow(2) * w).sum().item()
             err = ((o - r).pow(2) * w).sum().item()
             vals.append(err / var if var > 0 else (0.0 if err == 0 else math.inf))
@@ -178,16 +204,21 @@ def layer_geometry(model: nn.Module, imgsz: int, device="cpu") -> dict[str, Laye
     return {n: LayerGeometry.of_conv(names[n], c, hw.get(n, (0, 0))) for n, c in convs.items()}
 
 
-def calibration_images(data, task: str, imgsz: int, batch: int, cfg: MixedPrecisionConfig, device) -> list[torch.Tensor]:
+def calibration_batches(data, task: str, imgsz: int, batch: int, cfg: MixedPrecisionConfig, device) -> list[dict]:
+    """``cfg.calib_batches`` letterboxed batches (images and labels) of a seeded subset of the training split."""
     from engine.calib import calibration_loader, preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         loader, _ = calibration_loader(data, task, imgsz=imgsz, batch=batch, n_images=cfg.calib_images, seed=cfg.seed,
                                        shuffle=False, save_dir=Path(tmp))
-        imgs = [preprocess(b, device)["img"] for b in itertools.islice(loader, cfg.calib_batches)]
+        out = [preprocess(b, device) for b in itertools.islice(loader, cfg.calib_batches)]
         if hasattr(loader, "close"):
             loader.close()
-    return imgs
+    return out
+
+
+def _img(model, batch):
+    return model(batch["img"])
 
 
 def reference_recipe(recipe: dict, cfg: MixedPrecisionConfig) -> QuantRecipe:
@@ -203,6 +234,7 @@ def measure(weights, data=None, recipe: dict | None = None, cfg: MixedPrecisionC
     (plain data, json-able) with every quantized conv's geometry and the proxy of each candidate width that pays
     on the target under the budget's measure, and with ``cfg.validate_layers`` its mAP check."""
     from engine.calib import model_task
+    from engine.calib import ensure_loss_args
     from engine.validate import load_model, trained_imgsz
 
     cfg = MixedPrecisionConfig.from_any(cfg)
@@ -216,13 +248,14 @@ def measure(weights, data=None, recipe: dict | None = None, cfg: MixedPrecisionC
     imgsz = imgsz or trained_imgsz(model)
     model = model.to(device).eval()
     t0 = time.time()
-    imgs = calibration_images(data, task, imgsz, batch, cfg, device)
+    batches = calibration_batches(data, task, imgsz, batch, cfg, device)
     quantize_model(model, ref_recipe)
     model.to(device)
-    calibrate(model, imgs, num_batches=len(imgs))
+    calibrate(model, batches, num_batches=len(batches), forward=_img)
     model.eval()
+    ensure_loss_args(model)
     geometry = layer_geometry(model, imgsz, device)
-    samples = collect_inputs(model, imgs)
+    samples = collect_inputs(model, batches, forward=_img)
     measure_name = cfg.measure
     todo = {}
     for n, g in geometry.items():
@@ -231,9 +264,9 @@ def measure(weights, data=None, recipe: dict | None = None, cfg: MixedPrecisionC
     if cfg.budget is not None:  # before the measurement: an impossible budget is known from the costs alone
         check_budget({n: {w: (option_cost(target, geometry[n], w, measure_name),) for w in ws} for n, ws in todo.items()},
                      cfg, geometry, target)
-    ref = reference_outputs(model, imgs, yolo_outputs)
+    ref = reference_outputs(model, batches, yolo_eval)
     log(f"mixed precision: {len(todo)} quantized convs, reference W{ref_recipe.w_bits}A{ref_recipe.a_bits}, target "
-        f"{target}, {sum(len(v) - 1 for v in todo.values())} lowered widths to measure on {len(imgs)} batches")
+        f"{target}, {sum(len(v) - 1 for v in todo.values())} lowered widths to measure on {len(batches)} batches")
     last = [time.time()]
 
     def progress(done, total, layer):
@@ -241,34 +274,36 @@ def measure(weights, data=None, recipe: dict | None = None, cfg: MixedPrecisionC
             last[0] = time.time()
             log(f"  proxy {done}/{total} ({layer}), {time.time() - t0:.0f} s")
 
-    sens = layer_sensitivity(model, todo, imgs, samples, yolo_outputs, ref_recipe.weight_init, ref, progress,
-                             noise=yolo_noise)
+    sens = layer_sensitivity(model, todo, batches, samples, yolo_eval, ref_recipe.weight_init, ref, progress,
+                             noise=yolo_proxies)
     report = {"weights": name, "task": task, "imgsz": imgsz, "recipe": ref_recipe.to_dict(), "config": asdict(cfg),
-              "reference": [ref_recipe.w_bits, ref_recipe.a_bits], "measure": measure_name,
-              "proxy": "mean over output groups of relative noise power (boxes and mask coefficients weighted by the "
-                       "reference's class score), model with one conv lowered vs all at the reference",
+              "reference": [ref_recipe.w_bits, ref_recipe.a_bits], "measure": measure_name, "proxy": cfg.proxy,
+              "proxies": {"loss": "training loss per image, one conv lowered minus all at the reference",
+                          "noise": "mean over output groups of the relative noise power (yolo_noise), one conv "
+                                   "lowered vs all at the reference"},
               "layers": [{**geometry[n].to_dict(),
                           "sensitivity": {f"w{w}a{a}": s for (w, a), s in sens[n].items()}} for n in geometry],
               "seconds": round(time.time() - t0, 1)}
     if cfg.validate_layers:
         report["validation"] = validate_proxy(model, data, imgsz, batch, device, sens, samples, ref_recipe,
-                                              cfg.validate_layers, task, log)
+                                              cfg.validate_layers, task, cfg.proxy, log)
     return report
 
 
-def validate_proxy(model, data, imgsz, batch, device, sens, samples, ref_recipe, n_layers, task, log=print) -> dict:
-    """mAP of the model with one layer lowered to its narrowest measured width, for ``n_layers`` layers spread over
-    the proxy's ranking, against the reference model's; Spearman correlation of the drop with the proxy."""
+def validate_proxy(model, data, imgsz, batch, device, sens, samples, ref_recipe, n_layers, task, proxy="loss",
+                   log=print) -> dict:
+    """mAP of the model with one layer lowered to its narrowest measured width, for ``n_layers`` layers spread evenly
+    over the ``proxy``'s ranking, against the reference model's; Spearman correlation of each proxy with the drop
+    (box, and for a segmenter mask and the mean of both)."""
     from engine.validate import validate
 
     ref_width = (ref_recipe.w_bits, ref_recipe.a_bits)
     lowest = {n: min((w for w in s if w != ref_width), default=None) for n, s in sens.items()}
-    ranked = sorted((n for n in sens if lowest[n] is not None), key=lambda n: sens[n][lowest[n]])
+    ranked = sorted((n for n in sens if lowest[n] is not None), key=lambda n: sens[n][lowest[n]][proxy])
     if len(ranked) < 2:
         raise ValueError("validate_layers: fewer than two layers have a lowered width to check")
     k = min(n_layers, len(ranked))
-    picked = [ranked[round(i * (len(ranked) - 1) / max(k - 1, 1))] for i in range(k)]
-    picked = list(dict.fromkeys(picked))
+    picked = list(dict.fromkeys(ranked[round(i * (len(ranked) - 1) / max(k - 1, 1))] for i in range(k)))
     keys = ("box.map", "mask.map") if task == "segment" else ("box.map",)
 
     def score():
@@ -286,13 +321,20 @@ def validate_proxy(model, data, imgsz, batch, device, sens, samples, ref_recipe,
         w, a = lowest[n]
         with lowered(convs[n], w, a, samples.get(n), ref_recipe.weight_init):
             m = score()
-        rows.append({"layer": names[n], "width": f"w{w}a{a}", "proxy": sens[n][(w, a)],
-                     **{f"{k} drop": ref[k] - m[k] for k in keys}})
-        log(f"  mAP check {i + 1}/{len(picked)}: {names[n]} W{w}A{a}: proxy {sens[n][(w, a)]:.3g}, "
+        drops = {f"{k} drop": ref[k] - m[k] for k in keys}
+        if task == "segment":
+            drops["mean drop"] = sum(drops.values()) / len(keys)
+        rows.append({"layer": names[n], "width": f"w{w}a{a}", **sens[n][(w, a)], **drops})
+        log(f"  mAP check {i + 1}/{len(picked)}: {names[n]} W{w}A{a}: "
+            + ", ".join(f"{p} {v:.3g}" for p, v in sens[n][(w, a)].items()) + "; "
             + ", ".join(f"{k} {m[k]:.2f} (ref {ref[k]:.2f})" for k in keys) + f", {time.time() - t0:.0f} s")
+    metrics = [k for k in rows[0] if k.endswith(" drop")]
     out = {"reference_map": ref, "layers": rows,
-           "spearman": {k: spearman([r["proxy"] for r in rows], [r[f"{k} drop"] for r in rows]) for k in keys}}
-    log("  proxy vs mAP drop, Spearman: " + ", ".join(f"{k} {v:.3f}" for k, v in out["spearman"].items()))
+           "spearman": {p: {k[:-5]: spearman([r[p] for r in rows], [r[k] for r in rows]) for k in metrics}
+                        for p in PROXIES}}
+    for p, per in out["spearman"].items():
+        log(f"  {p} proxy vs mAP drop, Spearman over {len(rows)} layers: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
     return out
 
 
@@ -303,14 +345,22 @@ def _width_key(key: str) -> tuple[int, int]:
     return int(w), int(a)
 
 
-def allocation_options(report: dict, measure: str) -> tuple[dict, dict[str, LayerGeometry]]:
-    """{layer: {width: (cost, sensitivity)}} from a report: its measured widths that pay under ``measure``."""
+def proxy_value(v, proxy: str) -> float:
+    """The sensitivity the allocation minimises: the chosen proxy of a measured width, a loss that went down counted
+    as 0 (measurement noise of a tiny change: no width is worth buying for it)."""
+    v = v[proxy] if isinstance(v, dict) else v
+    return max(float(v), 0.0)
+
+
+def allocation_options(report: dict, measure: str, proxy: str = "loss") -> tuple[dict, dict[str, LayerGeometry]]:
+    """{layer: {width: (cost, sensitivity)}} from a report: its measured widths that pay under ``measure``, with the
+    ``proxy``'s sensitivity."""
     target = report["recipe"]["target"]
     geo, options = {}, {}
     for layer in report["layers"]:
         g = LayerGeometry.from_dict(layer)
         geo[g.name] = g
-        ws = {_width_key(k): float(v) for k, v in layer["sensitivity"].items()}
+        ws = {_width_key(k): proxy_value(v, proxy) for k, v in layer["sensitivity"].items()}
         ok = [w for w in ws if pays(target, g, w, list(ws), measure)]
         options[g.name] = {w: (option_cost(target, g, w, measure), ws[w]) for w in ok}
     return options, geo
@@ -333,7 +383,7 @@ def allocate_report(report: dict, cfg: MixedPrecisionConfig | dict | None = None
         raise ValueError("no budget: give one of budget_bytes, budget_bits, budget_bitops")
     measure = cfg.measure
     target = report["recipe"]["target"]
-    options, geo = allocation_options(report, measure)
+    options, geo = allocation_options(report, measure, cfg.proxy)
     budget = budget_in_cost_units(report, cfg, geo)
     check_budget(options, cfg, geo, target)
     return allocate(options, budget, cfg.max_states)
@@ -375,7 +425,7 @@ def write_recipe(path, report: dict, alloc: Allocation, cfg: MixedPrecisionConfi
     path.parent.mkdir(parents=True, exist_ok=True)
     unit, value = cfg.budget
     head = (f"# mixed_precision.py: per-layer widths for target '{report['recipe']['target']}' from {report['weights']}\n"
-            f"# budget {value:g} {unit} ({cfg.measure} accounting): cost {alloc.cost} of {alloc.budget}, summed proxy "
+            f"# budget {value:g} {unit} ({cfg.measure} accounting): cost {alloc.cost} of {alloc.budget}, summed {cfg.proxy} proxy "
             f"{alloc.sensitivity:.4g}{'' if alloc.exact else ' (costs rounded up to ' + str(alloc.unit) + ')'}\n"
             f"# use: python train_qat.py --weights {report['weights']} --config {path.name} [QAT flags]\n")
     path.write_text(head + yaml.safe_dump(recipe_dict(report, alloc), sort_keys=False))
@@ -383,30 +433,31 @@ def write_recipe(path, report: dict, alloc: Allocation, cfg: MixedPrecisionConfi
 
 
 def allocation_table(report: dict, alloc: Allocation, cfg: MixedPrecisionConfig) -> str:
-    """One line per layer: geometry, chosen width, its proxy (and SQNR) and its cost, then the totals beside the
-    uniform reference."""
+    """One line per layer: geometry, chosen width, its proxies (loss increase; output noise as an SQNR in dB) and its
+    cost, then the totals beside the uniform reference."""
     target = report["recipe"]["target"]
     measure = cfg.measure
-    _, geo = allocation_options(report, measure)
-    sens = {l["name"]: {_width_key(k): v for k, v in l["sensitivity"].items()} for l in report["layers"]}
+    _, geo = allocation_options(report, measure, cfg.proxy)
+    sens = {layer["name"]: {_width_key(k): v for k, v in layer["sensitivity"].items()} for layer in report["layers"]}
     ref = tuple(report["reference"])
     unit = "bit-ops" if measure == "bitops" else "weight bytes"
     scale = 1 if measure == "bitops" else 1 / 8
-    lines = [f"{'layer':<28} {'kernel':>7} {'c_out':>5} {'params':>8} {'width':>6} {'proxy':>9} {'SQNR dB':>7} "
+    lines = [f"{'layer':<28} {'kernel':>7} {'c_out':>5} {'params':>8} {'width':>6} {'loss +':>9} {'SQNR dB':>7} "
              f"{unit + ' (' + measure + ')':>22}"]
     for n, g in geo.items():
         w = alloc.widths[n]
-        s = sens[n].get(w, 0.0)
+        v = sens[n].get(w, 0.0)
+        loss, noise = (v.get("loss", math.nan), v.get("noise", math.nan)) if isinstance(v, dict) else (v, v)
         k = f"{g.kernel[0]}x{g.kernel[1]}/{g.stride[0]}"
-        lines.append(f"{n:<28} {k:>7} {g.out_channels:>5} {g.params:>8} {'W%dA%d' % w:>6} {s:>9.3g} "
-                     f"{sqnr_db(s):>7.1f} {option_cost(target, g, w, measure) * scale:>22,.0f}")
+        lines.append(f"{n:<28} {k:>7} {g.out_channels:>5} {g.params:>8} {'W%dA%d' % w:>6} {loss:>9.3g} "
+                     f"{sqnr_db(noise):>7.1f} {option_cost(target, g, w, measure) * scale:>22,.0f}")
     ref_cost = sum(option_cost(target, g, ref, measure) for g in geo.values())
     params = sum(g.params for g in geo.values())
     avg = sum(weight_cost(target, g, alloc.widths[n][0], cfg.cost) for n, g in geo.items()) / max(params, 1)
     lines.append(f"total: {alloc.cost * scale:,.0f} {unit} ({alloc.cost / max(ref_cost, 1):.3f} of uniform "
                  f"W{ref[0]}A{ref[1]}: {ref_cost * scale:,.0f}), average weight bits {avg:.2f} ({cfg.cost}), summed "
-                 f"proxy {alloc.sensitivity:.4g}, {sum(w != ref for w in alloc.widths.values())} of {len(geo)} layers "
-                 f"lowered; {'exact' if alloc.exact else 'optimal for costs rounded up to %d' % alloc.unit}")
+                 f"{cfg.proxy} proxy {alloc.sensitivity:.4g}, {sum(w != ref for w in alloc.widths.values())} of "
+                 f"{len(geo)} layers lowered; {'exact' if alloc.exact else 'optimal for costs rounded up to %d' % alloc.unit}")
     return "\n".join(lines)
 
 

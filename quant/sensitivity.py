@@ -170,7 +170,8 @@ def layer_sensitivity(model: nn.Module, widths: dict[str, Iterable[tuple[int, in
     """{conv name: {(w_bits, a_bits): NSR of the model's outputs with that conv alone lowered}} for the widths
     asked per conv (its current width gives 0 without a run). ``batches`` are the model's inputs (the calibration
     batches); ``samples`` the convs' calibration inputs (needed where activation bits change); ``noise(out, ref)``
-    the proxy of one batch's output groups (default ``nsr``)."""
+    the proxy of one batch's outputs against the reference's (default ``nsr`` of the output groups; a dict of floats
+    gives several proxies from one forward, averaged per key)."""
     noise = noise or nsr
     convs = quant_convs(model)
     missing = sorted(set(widths) - set(convs))
@@ -189,16 +190,28 @@ def layer_sensitivity(model: nn.Module, widths: dict[str, Iterable[tuple[int, in
             for w, a in ws:
                 done += 1
                 if (w, a) == (conv.w_bits, conv.a_bits):
-                    result[name][(w, a)] = 0.0
+                    result[name][(w, a)] = None
                     continue
                 with lowered(conv, w, a, (samples or {}).get(name), weight_init):
                     errs = [noise(outputs(model, b), r) for b, r in zip(batches, ref)]
-                result[name][(w, a)] = sum(errs) / len(errs)
+                result[name][(w, a)] = _mean(errs)
                 if progress is not None:
                     progress(done, todo, name)
     finally:
         model.train(was_training)
+    zero = _mean([noise(r, r) for r in ref[:1]])  # the proxy's value for no change, in its own form
+    for per in result.values():
+        for w, v in per.items():
+            if v is None:
+                per[w] = zero
     return result
+
+
+def _mean(vals: list):
+    """Mean of floats, or per key of dicts of floats (a ``noise`` function may return several proxies at once)."""
+    if isinstance(vals[0], dict):
+        return {k: sum(v[k] for v in vals) / len(vals) for k in vals[0]}
+    return sum(vals) / len(vals)
 
 
 def spearman(x: list[float], y: list[float]) -> float:

@@ -36,12 +36,12 @@ def quantized_tiny(target="sim"):
     return m.eval(), batches
 
 
-def yolo(task="detect"):
+def yolo(task="detect", nc=3):
     from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
     torch.manual_seed(0)
     cls, cfg = (SegmentationModel, "yolov8n-seg.yaml") if task == "segment" else (DetectionModel, "yolov8n.yaml")
-    return cls(cfg, nc=3, verbose=False)
+    return cls(cfg, nc=nc, verbose=False)
 
 
 # ------------------------------------------------------------------------------------------------------ proxy
@@ -298,7 +298,7 @@ def test_measure_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
     from models.checkpoint import save_checkpoint
 
     data = ensure_embedded_dataset(root=tmp_path / "ds", n_train=4, n_val=2, imgsz=64)
-    fp = save_checkpoint(tmp_path / "fp.pt", yolo())
+    fp = save_checkpoint(tmp_path / "fp.pt", yolo(nc=4))  # the embedded dataset's 4 classes
     rc = mp.main(["--weights", str(fp), "--data", str(data), "--imgsz", "64", "--batch", "2", "--target", "npu",
                   "--budget-bits", "7.5", "--calib-images", "4", "--calib-batches", "1", "--validate-layers", "2",
                   "--project", str(tmp_path / "runs"), "--name", "mp"])
@@ -309,7 +309,9 @@ def test_measure_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
         g = LayerGeometry.from_dict(layer)
         want = {"w8a8", "w4a8"} if htp_int4_rule(g) else {"w8a8"}  # W3 costs what W4 does on npu; A4 never runs
         assert set(layer["sensitivity"]) == want, layer["name"]
-        assert all(v >= 0 for v in layer["sensitivity"].values())
-    assert len(report["validation"]["layers"]) == 2 and "box.map" in report["validation"]["spearman"]
+        assert layer["sensitivity"]["w8a8"] == {"loss": 0.0, "noise": 0.0}  # the reference: no change
+        assert all(v["noise"] >= 0 and set(v) == {"loss", "noise"} for v in layer["sensitivity"].values())
+    val = report["validation"]
+    assert len(val["layers"]) == 2 and set(val["spearman"]) == {"loss", "noise"} and "box.map" in val["spearman"]["loss"]
     r = yaml.safe_load((tmp_path / "runs" / "mp" / "recipe.yaml").read_text())
     assert QuantRecipe(**r).target == "npu"
