@@ -345,11 +345,14 @@ def _width_key(key: str) -> tuple[int, int]:
     return int(w), int(a)
 
 
-def proxy_value(v, proxy: str) -> float:
-    """The sensitivity the allocation minimises: the chosen proxy of a measured width, a loss that went down counted
-    as 0 (measurement noise of a tiny change: no width is worth buying for it)."""
-    v = v[proxy] if isinstance(v, dict) else v
-    return max(float(v), 0.0)
+def proxy_value(v, proxy: str):
+    """The sensitivity the allocation minimises: (the chosen proxy, the other one as the tie-breaker) of a measured
+    width, each clipped at 0 (a loss that went down is measurement noise of a tiny change: no width is worth buying
+    for it; the output noise then still tells those widths apart)."""
+    if not isinstance(v, dict):
+        return max(float(v), 0.0)
+    other = next(p for p in PROXIES if p != proxy)
+    return max(float(v[proxy]), 0.0), max(float(v[other]), 0.0)
 
 
 def allocation_options(report: dict, measure: str, proxy: str = "loss") -> tuple[dict, dict[str, LayerGeometry]]:

@@ -189,6 +189,11 @@ def test_allocator_hand_checked_case_where_greedy_fails():
     assert allocate(opts, 260).widths == {n: (8, 8) for n in opts}
     with pytest.raises(ValueError, match="cheapest"):
         allocate(opts, 99)
+    # pairs: equal primaries (0: e.g. losses that went down) are told apart by the second member
+    tie = {"a": {(8, 8): (80, (0.0, 0.0)), (4, 8): (40, (0.0, 0.3))},
+           "b": {(8, 8): (80, (0.0, 0.0)), (4, 8): (40, (0.0, 0.1))}}
+    assert allocate(tie, 120).widths == {"a": (8, 8), "b": (4, 8)}
+    assert allocate(tie, 160).widths == {"a": (8, 8), "b": (8, 8)}  # both fit at 8: no tie to break
 
 
 def test_allocator_matches_brute_force_and_respects_the_budget():
@@ -199,16 +204,24 @@ def test_allocator_matches_brute_force_and_respects_the_budget():
         for i in range(rng.randint(2, 6)):
             size = rng.choice([9, 27, 64, 144, 576, 1000])
             ws = rng.sample([8, 6, 5, 4, 3, 2], rng.randint(1, 4))
-            opts[f"l{i}"] = {(w, 8): (size * w, 0.0 if w == max(ws) else rng.random() / w) for w in ws}
+            if trial % 2:  # pairs: the primary proxy often 0 (a loss that went down), a second one breaks the ties
+                opts[f"l{i}"] = {(w, 8): (size * w, (0.0, 0.0) if w == max(ws) else
+                                          (rng.choice([0.0, 0.0, 0.5, 1.0]), rng.random())) for w in ws}
+            else:
+                opts[f"l{i}"] = {(w, 8): (size * w, 0.0 if w == max(ws) else rng.random() / w) for w in ws}
         lo = sum(min(c for c, _ in o.values()) for o in opts.values())
         hi = sum(max(c for c, _ in o.values()) for o in opts.values())
         budget = rng.randint(lo, hi)
-        best, _ = brute_force(opts, budget)
+        best, best_widths = brute_force(opts, budget)
         for states in (20000, 7):  # exact, and costs rounded up to a coarse unit
             a = allocate(opts, budget, max_states=states)
             assert a.cost <= budget and a.cost == sum(opts[n][w][0] for n, w in a.widths.items())
             if a.exact:
                 assert a.sensitivity == pytest.approx(best), (trial, opts, budget)
+                if trial % 2:  # the tie-breaker too: the same summed pair as the enumeration's optimum
+                    pair = [sum(s[i] for s in (opts[n][w][1] for n, w in ws.items())) for i in (0, 1)
+                            for ws in (a.widths, best_widths)]
+                    assert pair[0] == pytest.approx(pair[1]) and pair[2] == pytest.approx(pair[3]), (trial, opts)
             else:
                 rounded += 1
                 assert a.sensitivity >= best - 1e-12
