@@ -430,7 +430,7 @@ def write_recipe(path, report: dict, alloc: Allocation, cfg: MixedPrecisionConfi
     head = (f"# mixed_precision.py: per-layer widths for target '{report['recipe']['target']}' from {report['weights']}\n"
             f"# budget {value:g} {unit} ({cfg.measure} accounting): cost {alloc.cost} of {alloc.budget}, summed {cfg.proxy} proxy "
             f"{alloc.sensitivity:.4g}{'' if alloc.exact else ' (costs rounded up to ' + str(alloc.unit) + ')'}\n"
-            f"# use: python train_qat.py --weights {report['weights']} --config {path.name} [QAT flags]\n")
+            f"# use: python train_qat.py --weights {report['weights']} --config {path} [QAT flags]\n")
     path.write_text(head + yaml.safe_dump(recipe_dict(report, alloc), sort_keys=False))
     return path
 
