@@ -6,7 +6,7 @@ The interpreter must be on before triton itself is imported (triton.language's o
 ``test_in_interpreter_subprocess`` runs this file again in a child with ``TRITON_INTERPRET=1``, where
 the kernel tests run; in the parent they are skipped with that reason.
 
-y and dx bit for bit (fp32 / fp16 / bf16, NCHW / channels_last, ties, NaN / +-inf inputs), ds / db to 1e-6
+y and dx bit for bit (fp32 / fp16 / bf16, NCHW / channels_last, ties, NaN / +-inf inputs), ds / db to 1e-5 (sums in another order)
 relative; saved-for-backward bytes at most the input's own (plus the two scalars). Also the AMP fix: an
 input that overflowed to inf gets finite (clip) scale gradients in the reference, the CPU kernel and here.
 The same for the per-channel kernels (conv weights on axis 0, NCHW and channels_last, one or several blocks
@@ -87,10 +87,15 @@ def _run(fn, x, dy, s, b):
     return y.detach(), x.grad, s.grad, None if b is None else b.grad
 
 
+# ds / db are sums of ~1,700 fp32 terms, taken in another order by the kernel than by the reference (whose
+# torch.dot order depends on the processor's vector width): 2.3e-6 relative apart on an AVX-512 EPYC.
+_SUM_RTOL = 1e-5
+
+
 def _close(a, r):
     if torch.isnan(r).any():
         return bool(torch.isnan(a).all())
-    return torch.allclose(a, r, rtol=1e-6, atol=1e-6 * float(r.abs().max().clamp_min(1e-3)))
+    return torch.allclose(a, r, rtol=_SUM_RTOL, atol=_SUM_RTOL * float(r.abs().max().clamp_min(1e-3)))
 
 
 # unsigned without an offset: x in (-s/2, 0) rounds to -0.0, which the clamp to [0, qmax] keeps (y = -0.0)
@@ -238,12 +243,12 @@ def _inputs_pc(shape, axis, steps, offsets, qmin, qmax, dtype, special, seed):
 
 
 def _close_pc(a, r):
-    """Per channel: NaN in the same channels, the rest to 1e-6 relative."""
+    """Per channel: NaN in the same channels, the rest to _SUM_RTOL relative."""
     na, nr = torch.isnan(a), torch.isnan(r)
     if not torch.equal(na, nr):
         return False
     a, r = a[~nr], r[~nr]
-    return a.numel() == 0 or torch.allclose(a, r, rtol=1e-6, atol=1e-6 * float(r.abs().max().clamp_min(1e-3)))
+    return a.numel() == 0 or torch.allclose(a, r, rtol=_SUM_RTOL, atol=_SUM_RTOL * float(r.abs().max().clamp_min(1e-3)))
 
 
 # (shape, axis): conv weights (a channel of 45 weights: one block; 1287: two blocks, the second partial) and a
