@@ -73,7 +73,8 @@ def run(opt) -> int:
         except (ValueError, KeyError, TypeError):
             raise InputError(f"--sensitivity '{path}' is not a sensitivity.json written by {PROG}") from None
     elif not opt.weights:
-        raise InputError("--weights is required (the FP checkpoint to measure), or --sensitivity FILE of an earlier run")
+        raise InputError("--weights is required (the FP checkpoint to measure), or --sensitivity FILE of an earlier "
+                         "run")
     elif not Path(opt.weights).is_file() or not str(opt.weights).endswith(".pt"):
         raise InputError(f"--weights '{opt.weights}' is not a .pt file: pass the FP checkpoint QAT will start from")
     # the reference width (every layer at the widest candidate) with the flags' granularity, grids and target

@@ -26,7 +26,6 @@ from quant.recipe import BIT_CHOICES, dataclass_from
 from quant.sensitivity import (collect_inputs, layer_sensitivity, lowered, recipe_names, reference_outputs, spearman,
                               sqnr_db)
 
-MEASURES = {"bytes": None, "bits": None, "bitops": "bitops"}  # the budget's unit -> cost measure (None: --cost)
 PROXIES = ("loss", "noise")
 RECIPE_FIELDS = ("per_channel", "act_mode", "weight_init", "exclude", "target")
 
@@ -46,13 +45,13 @@ class MixedPrecisionConfig:
     a_bits_choices: list = _setting([8, 4], "candidate activation widths (those below --a-bits-min are dropped)")
     a_bits_min: int | None = _setting(None, "activation floor: no layer's input goes below it (default: the "
                                             "narrowest the target convolves, quant/costs.py: npu and tensorrt 8)")
-    budget_bytes: float | None = _setting(None, "budget: weight bytes of the quantized convs (in the --cost accounting)")
+    budget_bytes: float | None = _setting(None, "budget: weight bytes of the quantized convs (--cost accounting)")
     budget_bits: float | None = _setting(None, "budget: average weight bits of the quantized convs (--cost accounting)")
     budget_bitops: float | None = _setting(None, "budget: bit-ops per image at --imgsz (MACs x runtime weight bits x "
                                                  "runtime activation bits)")
     cost: str = _setting("runtime", "weight accounting of --budget-bytes / --budget-bits: runtime (what the target's "
-                                    "runtime holds: ort and tensorrt keep <= 4-bit weights in int8), onnx (the exported "
-                                    "file) or packed (export.py --format packed)")
+                                    "runtime holds: ort and tensorrt keep <= 4-bit weights in int8), onnx (the "
+                                    "exported file) or packed (export.py --format packed)")
     proxy: str = _setting("loss", "sensitivity of a lowered layer: loss (increase of the model's training loss on the "
                                   "calibration batches, labels included) or noise (relative noise power added to the "
                                   "head's outputs: boxes relative to their size, scores, masks); both are measured")
@@ -189,7 +188,8 @@ def layer_geometry(model: nn.Module, imgsz: int, device="cpu") -> dict[str, Laye
     """Shapes and MACs of every quantized conv at a square ``imgsz`` input (one forward)."""
     convs = quant_convs(model)
     hw = {}
-    hooks = [c.register_forward_hook(lambda m, a, y, n=n: hw.__setitem__(n, tuple(y.shape[-2:]))) for n, c in convs.items()]
+    hooks = [c.register_forward_hook(lambda m, a, y, n=n: hw.__setitem__(n, tuple(y.shape[-2:])))
+             for n, c in convs.items()]
     ch = (getattr(model, "yaml", None) or {}).get("channels", 3)
     was = model.training
     model.eval()
@@ -262,8 +262,8 @@ def measure(weights, data=None, recipe: dict | None = None, cfg: MixedPrecisionC
         ok = [w for w in widths if pays(target, g, w, widths, measure_name)]
         todo[n] = ok
     if cfg.budget is not None:  # before the measurement: an impossible budget is known from the costs alone
-        check_budget({n: {w: (option_cost(target, geometry[n], w, measure_name),) for w in ws} for n, ws in todo.items()},
-                     cfg, geometry, target)
+        costs = {n: {w: (option_cost(target, geometry[n], w, measure_name),) for w in ws} for n, ws in todo.items()}
+        check_budget(costs, cfg, geometry, target)
     ref = reference_outputs(model, batches, yolo_eval)
     log(f"mixed precision: {len(todo)} quantized convs, reference W{ref_recipe.w_bits}A{ref_recipe.a_bits}, target "
         f"{target}, {sum(len(v) - 1 for v in todo.values())} lowered widths to measure on {len(batches)} batches")
@@ -427,8 +427,10 @@ def write_recipe(path, report: dict, alloc: Allocation, cfg: MixedPrecisionConfi
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     unit, value = cfg.budget
-    head = (f"# mixed_precision.py: per-layer widths for target '{report['recipe']['target']}' from {report['weights']}\n"
-            f"# budget {value:g} {unit} ({cfg.measure} accounting): cost {alloc.cost} of {alloc.budget}, summed {cfg.proxy} proxy "
+    head = (f"# mixed_precision.py: per-layer widths for target '{report['recipe']['target']}' from "
+            f"{report['weights']}\n"
+            f"# budget {value:g} {unit} ({cfg.measure} accounting): cost {alloc.cost} of {alloc.budget}, summed "
+            f"{cfg.proxy} proxy "
             f"{alloc.sensitivity:.4g}{'' if alloc.exact else ' (costs rounded up to ' + str(alloc.unit) + ')'}\n"
             f"# use: python train_qat.py --weights {report['weights']} --config {path} [QAT flags]\n")
     path.write_text(head + yaml.safe_dump(recipe_dict(report, alloc), sort_keys=False))
@@ -460,7 +462,8 @@ def allocation_table(report: dict, alloc: Allocation, cfg: MixedPrecisionConfig)
     lines.append(f"total: {alloc.cost * scale:,.0f} {unit} ({alloc.cost / max(ref_cost, 1):.3f} of uniform "
                  f"W{ref[0]}A{ref[1]}: {ref_cost * scale:,.0f}), average weight bits {avg:.2f} ({cfg.cost}), summed "
                  f"{cfg.proxy} proxy {alloc.sensitivity:.4g}, {sum(w != ref for w in alloc.widths.values())} of "
-                 f"{len(geo)} layers lowered; {'exact' if alloc.exact else 'optimal for costs rounded up to %d' % alloc.unit}")
+                 f"{len(geo)} layers lowered; "
+                 f"{'exact' if alloc.exact else 'optimal for costs rounded up to %d' % alloc.unit}")
     return "\n".join(lines)
 
 

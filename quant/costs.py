@@ -87,7 +87,8 @@ class TargetCosts:
 
 COSTS: dict[str, TargetCosts] = {
     "sim": TargetCosts("sim", runtime_weight=None, onnx_weight=(4, 8), runtime_act=None, act_floor=2,
-                       note="no runtime: nominal bits (the papers' accounting); the ONNX stores <= 4-bit weights as INT4"),
+                       note="no runtime: nominal bits (the papers' accounting); the ONNX stores <= 4-bit weights "
+                            "as INT4"),
     "ort": TargetCosts("ort", runtime_weight=(8,), onnx_weight=(8,), runtime_act=(8,), act_floor=2,
                        note="int8 weight / u8 activation containers: narrower widths run exactly but save nothing at "
                             "runtime or in the ONNX (packed checkpoint only)"),
