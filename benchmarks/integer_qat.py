@@ -207,6 +207,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="several seeds: each into <out>/seed-<s>/, then <out>/seeds.md with every row's mean (min..max)")
+    p.add_argument("--pairs", nargs="*", default=[], metavar="A:B",
+                   help="with --seeds: rows compared seed by seed (A - B), e.g. ort-w4a8:ort-w4a8-abs")
     p.add_argument("--lr0", type=float, default=0.01, help="SGD lr of the weights, every row (Ultralytics' default)")
     p.add_argument("--warmup-epochs", type=float, default=3.0, help="Ultralytics' warm-up, every row")
     p.add_argument("--device", default=None)
@@ -214,7 +218,21 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", default=["fp", "ultra-qat8", "ort-w8a8", "ort-w4a8"],
                    help=f"rows: {PEERS + tuple(OURS)} or NAME='train_qat.py flags'")
     opt = p.parse_args(argv)
-    out = Path(opt.out)
+    if not opt.seeds:
+        run_seed(opt, Path(opt.out))
+        return 0
+    by_seed = {}
+    for seed in opt.seeds:
+        opt.seed = seed
+        by_seed[seed] = run_seed(opt, Path(opt.out) / f"seed-{seed}")
+    text = seed_table(by_seed) + ("\n\n" + pair_table(by_seed, opt.pairs) if opt.pairs else "")
+    (Path(opt.out) / "seeds.md").write_text(text + "\n")
+    print(f"\n{text}\n\nwrote {opt.out}/seeds.md")
+    return 0
+
+
+def run_seed(opt, out: Path) -> list[dict]:
+    """Every row for one seed into ``out``: its table, results and curves."""
     rows = []
     for name, flags in parse_rows(opt.rows).items():
         run_dir = train_row(opt, name, flags, out)
@@ -226,7 +244,50 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps({"args": vars(opt), "rows": rows}, indent=2))
     plot(rows, out / "curves.png")
     print(f"\n{text}\n\nwrote {out}/table.md, results.json, curves.png")
-    return 0
+    return rows
+
+
+def _spread(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.1f} ({min(values):.1f}..{max(values):.1f})" if values else ""
+
+
+def seed_table(by_seed: dict[int, list[dict]]) -> str:
+    """Per row: best.pt's box / mask mAP and its ONNX as mean (min..max) over the seeds, and the largest
+    |ONNX - checkpoint| of any seed and metric."""
+    names = list(dict.fromkeys(r["row"] for rows in by_seed.values() for r in rows))
+    lines = ["| row | seeds | best.pt box | best.pt mask | ONNX box | ONNX mask | max abs(ONNX - best.pt) |",
+             "|---|---|---|---|---|---|---|"]
+    for name in names:
+        rs = [r for rows in by_seed.values() for r in rows if r["row"] == name]
+        cells = [name, str(len(rs))]
+        for key in ("checkpoint", "onnx"):
+            for m in ("box", "mask"):
+                cells.append(_spread([r[key][m] for r in rs if r.get(key) and m in r[key]]))
+        gaps = [abs(r["onnx"][m] - r["checkpoint"][m]) for r in rs if r.get("onnx") for m in r["onnx"]]
+        cells.append(f"{max(gaps):.2f}" if gaps else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return (f"best.pt and its ONNX by val.py --no-rect (pycocotools mAP50-95 %), mean (min..max) over seeds "
+            f"{sorted(by_seed)}\n\n" + "\n".join(lines))
+
+
+def pair_table(by_seed: dict[int, list[dict]], pairs: list[str]) -> str:
+    """A - B per seed on best.pt (box / mask): mean (min..max) and on how many seeds A is at least B."""
+    lines = ["| A - B | box | mask | seeds with A >= B (box / mask) |", "|---|---|---|---|"]
+    for pair in pairs:
+        a, _, b = pair.partition(":")
+        diffs = {"box": [], "mask": []}
+        for rows in by_seed.values():
+            ra = next((r for r in rows if r["row"] == a), None)
+            rb = next((r for r in rows if r["row"] == b), None)
+            if ra and rb and ra.get("checkpoint") and rb.get("checkpoint"):
+                for m in diffs:
+                    if m in ra["checkpoint"] and m in rb["checkpoint"]:
+                        diffs[m].append(ra["checkpoint"][m] - rb["checkpoint"][m])
+        wins = " / ".join(f"{sum(d >= 0 for d in v)}/{len(v)}" for v in diffs.values() if v)
+        lines.append(f"| {a} - {b} | " + " | ".join(
+            f"{sum(v) / len(v):+.1f} ({min(v):+.1f}..{max(v):+.1f})" if v else "" for v in diffs.values())
+            + f" | {wins} |")
+    return "paired per seed, best.pt (val.py --no-rect)\n\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":

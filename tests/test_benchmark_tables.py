@@ -71,3 +71,16 @@ def test_deploy_speed_extra_files(tmp_path):
         deploy_speed.extra_files([f"theirs={path}"], [640])
     with pytest.raises(ValueError, match="LABEL=PATH"):
         deploy_speed.extra_files([str(path)], [320])
+
+
+def test_seed_and_pair_tables():
+    def row(name, box, mask, onnx=None):
+        return {"row": name, "checkpoint": {"box": box, "mask": mask}, "onnx": onnx}
+
+    by_seed = {0: [row("a", 30.0, 20.0, {"box": 30.25, "mask": 20.0}), row("b", 29.0, 21.0)],
+               1: [row("a", 28.0, 19.0, {"box": 27.9, "mask": 19.1}), row("b", 28.5, 18.0)]}
+    text = integer_qat.seed_table(by_seed)
+    assert "| a | 2 | 29.0 (28.0..30.0) | 19.5 (19.0..20.0) | 29.1 (27.9..30.2) | 19.6 (19.1..20.0) | 0.25 |" in text
+    assert "| b | 2 | 28.8 (28.5..29.0) | 19.5 (18.0..21.0) |  |  |  |" in text
+    pairs = integer_qat.pair_table(by_seed, ["a:b"])
+    assert "| a - b | +0.2 (-0.5..+1.0) | +0.0 (-1.0..+1.0) | 1/2 / 1/2 |" in pairs
