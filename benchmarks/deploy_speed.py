@@ -283,7 +283,7 @@ def build_files(opt, out: Path) -> list[dict]:
 
 
 def extra_files(specs: list[str], sizes: list[int]) -> list[dict]:
-    """``LABEL=PATH`` ONNX files made elsewhere (a trained checkpoint's export, another tool's INT8 file), timed
+    """``LABEL=PATH`` (the label without ``=``) ONNX files made elsewhere (a trained checkpoint's export, another tool's INT8 file), timed
     beside the others at their own static input size, which must be one of ``sizes`` (its FP file is the baseline)."""
     import onnx
 

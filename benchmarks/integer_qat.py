@@ -149,13 +149,17 @@ def evaluate_row(opt, name: str, flags: str | None, run_dir: Path, out: Path) ->
     files = [best]
     if name == "ultra-qat8" or integer_target(flags):
         onnx = best.with_suffix(".onnx")
-        if not onnx.is_file():
-            if flags is None:
-                onnx = ultralytics_export(best, run_dir, opt.imgsz)
-            else:
-                run([sys.executable, str(ROOT / "export.py"), "--weights", str(best), "--format", "onnx", "--imgsz",
-                     str(opt.imgsz), "--output", str(onnx)], run_dir / "export.log")
-        files.append(onnx)
+        try:
+            if not onnx.is_file():
+                if flags is None:
+                    onnx = ultralytics_export(best, run_dir, opt.imgsz)
+                else:
+                    run([sys.executable, str(ROOT / "export.py"), "--weights", str(best), "--format", "onnx", "--imgsz",
+                         str(opt.imgsz), "--output", str(onnx)], run_dir / "export.log")
+            files.append(onnx)
+        except SystemExit:  # no file: the row says why (the export's error line), the checkpoint is still scored
+            log = (run_dir / "export.log").read_text(errors="replace").splitlines()
+            row["export_error"] = next((ln for ln in reversed(log) if "error:" in ln), log[-1] if log else "")[:400]
     scores = score(opt, files, run_dir, name)
     row["checkpoint"] = scores.get(best.name)
     row["onnx"] = scores.get("best.onnx")
@@ -173,7 +177,8 @@ def table(rows: list[dict], opt) -> str:
 
     for r in rows:
         cells = [r["row"], *[f"{v:.1f}" for v in r["curve"]], *["" for _ in range(n - len(r["curve"]))],
-                 fmt(r["checkpoint"]), fmt(r["onnx"]), f"`{r['flags']}`" if r["flags"] else ""]
+                 fmt(r["checkpoint"]), fmt(r["onnx"]) or ("no file: " + r["export_error"] if r.get("export_error") else ""),
+                 f"`{r['flags']}`" if r["flags"] else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return (f"mAP50-95 %: per epoch the box mAP of Ultralytics' validator during training (EMA model, rectangular "
             f"batches); best.pt and its ONNX by val.py --no-rect --imgsz {opt.imgsz} (pycocotools, box / mask)\n\n"
