@@ -251,6 +251,7 @@ def measure(weights, data=None, recipe: dict | None = None, cfg: MixedPrecisionC
     batches = calibration_batches(data, task, imgsz, batch, cfg, device)
     quantize_model(model, ref_recipe)
     model.to(device)
+    torch.manual_seed(cfg.seed)  # calibration and the lowered layers' ranges sample activations at random
     calibrate(model, batches, num_batches=len(batches), forward=_img)
     model.eval()
     ensure_loss_args(model)
