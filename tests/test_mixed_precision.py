@@ -328,3 +328,16 @@ def test_measure_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
     assert "box.map" in val["spearman"]["loss"]
     r = yaml.safe_load((tmp_path / "runs" / "mp" / "recipe.yaml").read_text())
     assert QuantRecipe(**r).target == "npu"
+    # the before-QAT comparison at equal bits reads that measurement
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import mixed_precision_ptq as bench
+
+    rows = bench.run(bench.build_parser().parse_args(
+        ["--weights", str(fp), "--data", str(data), "--imgsz", "64", "--batch", "2", "--sensitivity",
+         str(tmp_path / "runs" / "mp" / "sensitivity.json"), "--w-bits", "4", "--seeds", "0", "--calib-batches", "1",
+         "--project", str(tmp_path / "runs"), "--name", "ptq"]))
+    assert rows[0]["recipe"].startswith("uniform W4A8") and len(rows) == 3
+    # npu runtime accounting: the uniform W4 costs 8 bits on every conv outside the HTP rule, so its budget is above
+    # 4 bits, and the allocations stay within it
+    assert 4 < rows[0]["avg_bits"] < 8 and all(row["avg_bits"] <= rows[0]["avg_bits"] + 1e-9 for row in rows[1:])
+    assert (tmp_path / "runs" / "ptq" / "results.json").is_file()
