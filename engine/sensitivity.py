@@ -61,7 +61,8 @@ class MixedPrecisionConfig:
                                        "ranking, each lowered alone to its narrowest width): Spearman correlation")
     max_states: int = _setting(20000, "budget states of the allocation's dynamic programme (exact when the costs' "
                                       "common divisor leaves at most this many)")
-    seed: int = _setting(0, "chooses the calibration images")
+    seed: int = _setting(0, "chooses the calibration images and seeds the random sample of activations calibration "
+                            "ranges come from")
 
     def __post_init__(self):
         for name in ("w_bits_choices", "a_bits_choices"):
@@ -233,8 +234,7 @@ def measure(weights, data=None, recipe: dict | None = None, cfg: MixedPrecisionC
     """Per-layer sensitivity of the FP checkpoint (or FP model) ``weights`` on the target of ``recipe``: a report
     (plain data, json-able) with every quantized conv's geometry and the proxy of each candidate width that pays
     on the target under the budget's measure, and with ``cfg.validate_layers`` its mAP check."""
-    from engine.calib import model_task
-    from engine.calib import ensure_loss_args
+    from engine.calib import ensure_loss_args, model_task
     from engine.validate import load_model, trained_imgsz
 
     cfg = MixedPrecisionConfig.from_any(cfg)
