@@ -72,20 +72,14 @@ def collect_inputs(model: nn.Module, batches: list, forward: Callable | None = N
 
 
 def _state(q) -> tuple:
-    return (q.bits, q.qmin, q.qmax, q._scale.detach().clone(),
-            None if q.offset is None else q.offset.detach().clone(), bool(q._is_init), q.initialized.clone())
+    """The grid and a copy of the quantizer's state dict (step, offset, initialised flag)."""
+    return q.bits, q.qmin, q.qmax, {k: v.detach().clone() for k, v in q.state_dict().items()}
 
 
 @torch.no_grad()
 def _restore(q, state) -> None:
-    q.bits, q.qmin, q.qmax, scale, offset, is_init, initialized = state
-    if q._scale.shape != scale.shape:
-        q._resize(scale.numel())
-    q._scale.copy_(scale)
-    if offset is not None:
-        q.offset.copy_(offset)
-    q._is_init = is_init
-    q.initialized.copy_(initialized)
+    q.bits, q.qmin, q.qmax, saved = state
+    q.load_state_dict(saved)  # resizes a per-channel step and sets the initialised flag from the buffer
 
 
 def _set_bits(q, bits: int) -> None:
