@@ -194,6 +194,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         ax.plot(range(1, len(r["curve"]) + 1), r["curve"], marker="o", label=r["row"])
+    ax.set_xticks(range(1, max(len(r["curve"]) for r in rows) + 1))
     ax.set_xlabel("epoch")
     ax.set_ylabel("box mAP50-95 % (Ultralytics' validator, EMA)")
     ax.set_title("validation during training, same FP and budget")
