@@ -2,7 +2,7 @@
 per-epoch validation curves, the final checkpoints, their deployable files, all scored the same way.
 
 Rows (``--rows``; each trains ``--epochs`` epochs from ``--weights`` on ``--data`` at ``--imgsz`` / ``--batch``,
-SGD at ``--lr0`` with ``--warmup-epochs`` (Ultralytics' defaults 0.01 and 3), one optimizer step per batch, mosaic closed for the last
+SGD at ``--lr0`` with ``--warmup-epochs`` and ``--warmup-bias-lr`` (train_qat.py's defaults 0.01, 3 and 0), one optimizer step per batch, mosaic closed for the last
 quarter of the epochs (at most 10), the same for every row: train_qat.py's defaults):
 - ``fp``: FP fine-tuning (``YOLO(weights).train(...)``), the accuracy reference;
 - ``ultra-qat8``: Ultralytics' own INT8 QAT (``train(quantize=8)``, NVIDIA ModelOpt: ``pip install --no-deps
@@ -75,7 +75,8 @@ def run(cmd: list[str], log: Path) -> None:
 def ultralytics_train(opt, name: str, out: Path, quantize: int | None) -> None:
     """Ultralytics' own trainer on the same budget (FP fine-tuning, or its INT8 QAT with ``quantize=8``)."""
     kw = dict(data=str(Path(opt.data).resolve()), epochs=opt.epochs, imgsz=opt.imgsz, batch=opt.batch, workers=0,
-              device=opt.device, optimizer="SGD", lr0=opt.lr0, warmup_epochs=opt.warmup_epochs, project=str(out.resolve()), name=name, exist_ok=True,
+              device=opt.device, optimizer="SGD", lr0=opt.lr0, warmup_epochs=opt.warmup_epochs,
+              warmup_bias_lr=opt.warmup_bias_lr, project=str(out.resolve()), name=name, exist_ok=True,
               plots=False, seed=opt.seed, amp=False, nbs=opt.batch, close_mosaic=min(10, opt.epochs // 4))
     if quantize:
         kw["quantize"] = quantize
@@ -111,7 +112,8 @@ def train_row(opt, name: str, flags: str | None, out: Path) -> Path | None:
     else:
         run([sys.executable, str(ROOT / "train_qat.py"), "--weights", opt.weights, "--data", opt.data, "--imgsz",
              str(opt.imgsz), "--batch", str(opt.batch), "--epochs", str(opt.epochs), "--workers", "0", "--seed",
-             str(opt.seed), "--lr0", str(opt.lr0), "--warmup-epochs", str(opt.warmup_epochs), "--project", str(out),
+             str(opt.seed), "--lr0", str(opt.lr0), "--warmup-epochs", str(opt.warmup_epochs), "--warmup-bias-lr",
+             str(opt.warmup_bias_lr), "--project", str(out),
              "--name", name, "--exist-ok", *shlex.split(flags),
              *(["--device", opt.device] if opt.device else [])], out / f"{name}.log")
     return run_dir
@@ -219,6 +221,8 @@ def main(argv=None) -> int:
                    help="with --seeds: rows compared seed by seed (A - B), e.g. ort-w4a8:ort-w4a8-abs")
     p.add_argument("--lr0", type=float, default=0.01, help="SGD lr of the weights, every row (Ultralytics' default)")
     p.add_argument("--warmup-epochs", type=float, default=3.0, help="Ultralytics' warm-up, every row")
+    p.add_argument("--warmup-bias-lr", type=float, default=0.0,
+                   help="the biases' lr at the start of the warm-up, every row (train_qat.py's default 0; Ultralytics' 0.1)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="runs/integer_qat")
     p.add_argument("--rows", nargs="+", default=["fp", "ultra-qat8", "ort-w8a8", "ort-w4a8"],
