@@ -1,4 +1,4 @@
-"""The Python parts of benchmarks/gpu_check.sh (issue 19). Lines start with [PASS] / [FAIL] / [INFO].
+"""The Python parts of benchmarks/gpu_check.sh. Lines start with [PASS] / [FAIL] / [INFO].
 
     python benchmarks/gpu_check.py units [--device cuda]      # kernels (per tensor, per channel) vs reference,
                                                               # saved bytes, AMP inf,

@@ -1,4 +1,4 @@
-"""Host syncs in one QAT training step (issue 19): which calls would make the host wait for the GPU.
+"""Host syncs in one QAT training step: which calls would make the host wait for the GPU.
 
 ``count_step(cfg, method, ...)`` builds a small quantized model, a trainer object carrying the pieces that
 ``QATTrainerMixin.optimizer_step`` uses (optimizers as ``build_optimizer`` makes them, GradScaler,

@@ -1,4 +1,4 @@
-"""QC's budget at small scale (issue 21): on the QAT runs of a reproduce.py out dir, QC at several (steps, lr)
+"""QC's budget at small scale: on the QAT runs of a reproduce.py out dir, QC at several (steps, lr)
 points, and the control a reader asks for: the same checkpoint trained by QAT for about as many extra optimizer
 steps instead of QC. Box and mask mAP50-95 (pycocotools), per seed and paired against the run without QC.
 

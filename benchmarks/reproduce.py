@@ -5,7 +5,7 @@ bit width x with/without QC x seed), box and mask mAP50-95 by pycocotools, mean 
         --qat-epochs 4 --seeds 0 1 --imgsz 128 --batch 16 --name w4
     python benchmarks/reproduce.py ... --ablation qc          # QC granularity x scale/shift (Table 2)
     python benchmarks/reproduce.py ... --ablation ema-decay   # EMA decay 0 .. 0.9999 (Table 3)
-    python benchmarks/reproduce.py ... --methods ema kd --qc --qc-variants labels kd label-free   # issue 13
+    python benchmarks/reproduce.py ... --methods ema kd --qc --qc-variants labels kd label-free
 
 "ema" is LSQ with the EMA (``--ema-decay``); lsq / dampen / freeze run without EMA unless ``--ema``.
 "kd" is "ema" plus distillation from the FP model every cell starts from (``--distill-weight``; the teacher

@@ -1,4 +1,4 @@
-"""Distillation from the full-precision model during QAT and QC (issue 13).
+"""Distillation from the full-precision model during QAT and QC.
 
 The FP model (the teacher) runs beside the quantized student on the same batch, in eval mode and without
 gradients, and the student is pulled towards the teacher's head outputs:

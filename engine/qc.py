@@ -313,7 +313,7 @@ def _train_corrections(model: nn.Module, loader, total_steps: int, lr: float, de
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        # Losses stay on the device and are read every `every` steps (issue 19: no host sync per step on a GPU);
+        # Losses stay on the device and are read every `every` steps (no host sync per step on a GPU);
         # a non-finite loss is then reported with the step it happened at (nothing is saved after the error).
         history.append(loss.detach())
         sizes.append(batch["img"].shape[0])

@@ -325,7 +325,7 @@ class QATTrainerMixin:
                 # Ultralytics' detection loss is summed over the batch (x batch size); scale the
                 # regulariser alike so that lambda means the same at any batch size.
                 self.scaler.scale(reg * self.batch_size).backward()
-            self._damp_sum = self._damp_sum + reg.detach()  # a tensor: no host sync per step (issue 19)
+            self._damp_sum = self._damp_sum + reg.detach()  # a tensor: no host sync per step
             self._damp_n += 1
         self.scaler.unscale_(self.optimizer)
         self.scaler.unscale_(self.scale_optimizer)

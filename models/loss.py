@@ -74,7 +74,7 @@ class LevelTargets:
     the cell's corner, wh, in grid units), the matched anchor's wh, the class and the label's row in the batch.
 
     From ``level_candidates`` every (neighbour, anchor, label) candidate, with ``mask`` True on the positives:
-    fixed shapes, so the loss runs without reading anything on the host (no ``nonzero``, issue 19)."""
+    fixed shapes, so the loss runs without reading anything on the host (no ``nonzero``)."""
     img: torch.Tensor
     anchor: torch.Tensor
     gj: torch.Tensor
@@ -335,7 +335,7 @@ class YOLOv5SegLoss(YOLOv5DetLoss):
         bs, nm, hp, wp = proto.shape
         gt_of = self._gt_masks(masks, labels, hp, wp)
         per_positive, group = [], []
-        # The one host read of the loss (issue 19): how many candidates and positives each image has at each level,
+        # The one host read of the loss: how many candidates and positives each image has at each level,
         # for all levels at once. The mask loss goes image by image (gathering the proto per positive would cost
         # nm times the masks' memory), and those sizes decide the split.
         pos_of = [torch.ones_like(t.img, dtype=torch.bool) if t.mask is None else t.mask for t in positives]

@@ -1,4 +1,4 @@
-"""LSQ / LSQ+ fake quantization on CUDA, per tensor and per channel: Triton kernels (issue 19).
+"""LSQ / LSQ+ fake quantization on CUDA, per tensor and per channel: Triton kernels.
 
 The same maths and gradient convention as ``lsq._LSQFunction`` (PyTorch's: the straight-through mask
 on the rounded value), operation for operation, so that outputs and input gradients agree bit for bit:

@@ -70,7 +70,7 @@ class OscillationTracker(nn.Module):
     however the optimizer moves them or the scale.
     All state is in buffers: the trainer re-enables ``requires_grad`` on every float Parameter.
 
-    No step-time method reads a device value on the host (issue 19): ``update`` and ``apply_frozen``
+    No step-time method reads a device value on the host: ``update`` and ``apply_frozen``
     are pure tensor code, ``freeze(..., count=False)`` returns the count as a tensor, and whether
     anything can be frozen at all is a Python flag (set by ``freeze`` and by ``load_state_dict``), so
     a run that never freezes skips ``apply_frozen`` without looking at the masks.

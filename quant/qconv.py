@@ -136,7 +136,7 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
                  act_signed: bool = False, act_offset: bool = True, recompute_input: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.recompute_input = recompute_input
-        # the quantizers live where the layer's weight is (a model already on CUDA stays there; issue 19)
+        # the quantizers live where the layer's weight is (a model already on CUDA stays there)
         self.weight_quantizer = LSQQuantizer(w_bits, signed=True, per_channel=per_channel, axis=0,
                                              channels=self.out_channels).to(self.weight.device)
         self.input_quantizer = LSQQuantizer(a_bits, signed=act_signed, learn_offset=act_offset).to(self.weight.device)
