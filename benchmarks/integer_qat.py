@@ -2,7 +2,7 @@
 per-epoch validation curves, the final checkpoints, their deployable files, all scored the same way.
 
 Rows (``--rows``; each trains ``--epochs`` epochs from ``--weights`` on ``--data`` at ``--imgsz`` / ``--batch``,
-SGD at ``--lr0`` with ``--warmup-epochs`` and ``--warmup-bias-lr`` (train_qat.py's defaults 0.01, 3 and 0), one optimizer step per batch, mosaic closed for the last
+SGD at ``--lr0`` with ``--warmup-epochs`` and ``--warmup-bias-lr`` (the defaults of train_qat.py and Ultralytics: 0.01, 3 and 0.1), one optimizer step per batch, mosaic closed for the last
 quarter of the epochs (at most 10), the same for every row: train_qat.py's defaults):
 - ``fp``: FP fine-tuning (``YOLO(weights).train(...)``), the accuracy reference;
 - ``ultra-qat8``: Ultralytics' own INT8 QAT (``train(quantize=8)``, NVIDIA ModelOpt: ``pip install --no-deps
@@ -221,8 +221,8 @@ def main(argv=None) -> int:
                    help="with --seeds: rows compared seed by seed (A - B), e.g. ort-w4a8:ort-w4a8-abs")
     p.add_argument("--lr0", type=float, default=0.01, help="SGD lr of the weights, every row (Ultralytics' default)")
     p.add_argument("--warmup-epochs", type=float, default=3.0, help="Ultralytics' warm-up, every row")
-    p.add_argument("--warmup-bias-lr", type=float, default=0.0,
-                   help="the biases' lr at the start of the warm-up, every row (train_qat.py's default 0; Ultralytics' 0.1)")
+    p.add_argument("--warmup-bias-lr", type=float, default=0.1,
+                   help="the biases' lr at the start of the warm-up, every row (Ultralytics' and train_qat.py's 0.1)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="runs/integer_qat")
     p.add_argument("--rows", nargs="+", default=["fp", "ultra-qat8", "ort-w8a8", "ort-w4a8"],
