@@ -19,6 +19,8 @@ import os
 import re
 from pathlib import Path
 
+from models.env_flag import env_flag
+
 DOWNLOAD_ENV = "YOLO_QAT_DOWNLOAD"
 DOWNLOAD_HOW = (f"--download (train_qat.py, correct_qc.py, val.py, export.py, benchmarks/reproduce.py) or the "
                 f"environment variable {DOWNLOAD_ENV}=1 (Python API)")
@@ -38,18 +40,8 @@ def download_allowed() -> bool:
 def allowing_downloads(allow: bool):
     """Within the block, dataset yamls may run their ``download:`` (``--download``); through the environment, so
     that DDP workers started meanwhile inherit it. A no-op for ``allow=False`` (the variable still counts)."""
-    if not allow:
+    with env_flag(DOWNLOAD_ENV, allow):
         yield
-        return
-    old = os.environ.get(DOWNLOAD_ENV)
-    os.environ[DOWNLOAD_ENV] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(DOWNLOAD_ENV, None)
-        else:
-            os.environ[DOWNLOAD_ENV] = old
 
 
 def missing_split_paragraph(dataset, split: str, path: str, has_download: bool) -> str:

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .env_flag import env_flag
 from .load_limits import StructureError, check_archive, check_object_tree
 
 TRUST_ENV = "YOLO_QAT_TRUST_CHECKPOINT"
@@ -247,18 +248,8 @@ def is_trusted(trust: bool | None = None) -> bool:
 def trusting(trust: bool):
     """Within the block, checkpoints load in full (``--trust-checkpoint``); through the environment, so that
     DDP workers started meanwhile inherit it. A no-op for ``trust=False`` (the environment variable still counts)."""
-    if not trust:
+    with env_flag(TRUST_ENV, trust):
         yield
-        return
-    old = os.environ.get(TRUST_ENV)
-    os.environ[TRUST_ENV] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(TRUST_ENV, None)
-        else:
-            os.environ[TRUST_ENV] = old
 
 
 def paragraph(path, why: str) -> str:
