@@ -32,7 +32,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing may be downloaded at run time
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 PROG = "correct_qc.py"
@@ -40,9 +39,9 @@ SHARED = ("imgsz", "batch", "device")  # QCConfig fields set by the shared flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli_common import add_shared
-    from engine.config import QCConfig
-    from engine.settings import FORMS, add_fields
+    from yolo_qat.engine.cli_common import add_shared
+    from yolo_qat.engine.config import QCConfig
+    from yolo_qat.engine.settings import FORMS, add_fields
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="yaml whose keys are any of these flags with '_'; the command line overrides it")
@@ -60,15 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from engine.settings import parse_with_config
+    from yolo_qat.engine.settings import parse_with_config
 
     return parse_with_config(build_parser(), argv)
 
 
 def qc_config(a: argparse.Namespace):
     """The QCConfig of the parsed flags (InputError for a value out of range)."""
-    from engine.config import QCConfig
-    from engine.settings import config_from
+    from yolo_qat.engine.config import QCConfig
+    from yolo_qat.engine.settings import config_from
 
     return config_from(QCConfig, a, "QC")
 
@@ -76,8 +75,8 @@ def qc_config(a: argparse.Namespace):
 def resolve_distillation(a: argparse.Namespace, ckpt: dict) -> None:
     """--distill / --no-labels / --source / --teacher into QCConfig's teacher and source (InputError when they
     do not go together)."""
-    from engine.cli_common import InputError
-    from engine.distill import checkpoint_teacher
+    from yolo_qat.engine.cli_common import InputError
+    from yolo_qat.engine.distill import checkpoint_teacher
 
     label_free = not a.labels
     if label_free and not a.source:
@@ -96,10 +95,10 @@ def resolve_distillation(a: argparse.Namespace, ckpt: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from engine.cli_common import InputError, input_error
+    from yolo_qat.engine.cli_common import InputError, input_error
 
-    from engine.data_download import allowing_downloads
-    from models.safe_load import trusting
+    from yolo_qat.engine.data_download import allowing_downloads
+    from yolo_qat.models.safe_load import trusting
 
     try:
         a = parse_args(argv)
@@ -110,13 +109,13 @@ def main(argv=None) -> int:
 
 
 def run(a: argparse.Namespace) -> int:
-    import models  # noqa: F401  (quantized checkpoints unpickle into its model classes)
-    from models.checkpoint import load_checkpoint
-    from quant import is_quantized
-    from engine.cli_common import InputError, input_error, output_dir
-    from engine.qc import budget_note, run_qc, tie_note
-    from quant.qc import FoldCheckError, qc_modules
-    from engine.validate import format_table, trained_imgsz, validate
+    from yolo_qat import models  # noqa: F401  (quantized checkpoints unpickle into its model classes)
+    from yolo_qat.models.checkpoint import load_checkpoint
+    from yolo_qat.quant import is_quantized
+    from yolo_qat.engine.cli_common import InputError, input_error, output_dir
+    from yolo_qat.engine.qc import budget_note, run_qc, tie_note
+    from yolo_qat.quant.qc import FoldCheckError, qc_modules
+    from yolo_qat.engine.validate import format_table, trained_imgsz, validate
 
     try:
         model, ckpt = load_checkpoint(a.weights, device=a.device)

@@ -29,7 +29,6 @@ from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing may be downloaded at run time
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
 
 
 PROG = "export.py"
@@ -37,7 +36,7 @@ TARGET_NAMES = ("sim", "ort", "npu", "tensorrt")  # quant.targets.TARGET_NAMES (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli_common import add_shared
+    from yolo_qat.engine.cli_common import add_shared
 
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # The artifacts go next to the checkpoint unless --project or --name is given; the device is the CPU,
@@ -69,7 +68,7 @@ def _mb(path: Path) -> str:
 
 
 def output_path(args, weights: Path) -> Path:
-    from engine.cli_common import output_dir
+    from yolo_qat.engine.cli_common import output_dir
 
     suffix = ".onnx" if args.format == "onnx" else ".qpk"
     if args.output:
@@ -87,8 +86,8 @@ def verify_images(data, imgsz: int, batch: int) -> torch.Tensor:
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_yolo_dataset
 
-    from engine.calib import resolve_data
-    from engine.data_download import check_dataset
+    from yolo_qat.engine.calib import resolve_data
+    from yolo_qat.engine.data_download import check_dataset
 
     d = check_dataset(resolve_data(data))
     ds = build_yolo_dataset(get_cfg(overrides={"imgsz": imgsz}), d["val"], batch, d, mode="val", rect=False)
@@ -97,8 +96,8 @@ def verify_images(data, imgsz: int, batch: int) -> torch.Tensor:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from engine.data_download import allowing_downloads
-    from models.safe_load import trusting
+    from yolo_qat.engine.data_download import allowing_downloads
+    from yolo_qat.models.safe_load import trusting
 
     with trusting(args.trust_checkpoint), allowing_downloads(args.download):  # --trust-checkpoint, --download
         return export(args)
@@ -107,14 +106,14 @@ def main(argv=None) -> int:
 def export(args: argparse.Namespace) -> int:
     import torch
 
-    import deploy
-    import models  # noqa: F401  (registers the YOLO policy, so checkpoints unpickle)
-    from deploy.verify import compare_onnxruntime
-    from engine.cli_common import input_error
-    from engine.validate import trained_imgsz
-    from models.checkpoint import load_checkpoint
-    from models.original import is_original_model, prepare_original
-    from quant import is_quantized
+    from yolo_qat import deploy
+    from yolo_qat import models  # noqa: F401  (registers the YOLO policy, so checkpoints unpickle)
+    from yolo_qat.deploy.verify import compare_onnxruntime
+    from yolo_qat.engine.cli_common import input_error
+    from yolo_qat.engine.validate import trained_imgsz
+    from yolo_qat.models.checkpoint import load_checkpoint
+    from yolo_qat.models.original import is_original_model, prepare_original
+    from yolo_qat.quant import is_quantized
 
     if args.device != "cpu":
         return input_error(PROG, f"--device {args.device}: export runs on the CPU (the graph is traced there and "
@@ -128,8 +127,8 @@ def export(args: argparse.Namespace) -> int:
         model = prepare_original(model)  # names, stride, channels as the rest of the project reads them
     imgsz = (args.imgsz or trained_imgsz(model),) * 2
     if args.verify and args.data is not None:  # a dataset that cannot be used ends the run before any file is written
-        from engine.calib import resolve_data
-        from engine.data_download import check_dataset
+        from yolo_qat.engine.calib import resolve_data
+        from yolo_qat.engine.data_download import check_dataset
 
         try:
             check_dataset(resolve_data(args.data))

@@ -22,16 +22,15 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing may be downloaded at run time
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PROG = "mixed_precision.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli_common import add_shared
-    from engine.sensitivity import RECIPE_FIELDS, MixedPrecisionConfig
-    from engine.settings import FORMS, add_fields
-    from quant import QuantRecipe
+    from yolo_qat.engine.cli_common import add_shared
+    from yolo_qat.engine.sensitivity import RECIPE_FIELDS, MixedPrecisionConfig
+    from yolo_qat.engine.settings import FORMS, add_fields
+    from yolo_qat.quant import QuantRecipe
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="yaml whose keys are any of these flags with '_'; the command line overrides it")
@@ -46,17 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from engine.settings import parse_with_config
+    from yolo_qat.engine.settings import parse_with_config
 
     return parse_with_config(build_parser(), argv)
 
 
 def run(opt) -> int:
-    import models  # noqa: F401  (registers the YOLO layer policy; checkpoints unpickle into its classes)
-    from engine.cli_common import InputError, output_dir
-    from engine.sensitivity import RECIPE_FIELDS, MixedPrecisionConfig, mixed_precision, save_report
-    from engine.settings import config_from
-    from quant import QuantRecipe
+    from yolo_qat import models  # noqa: F401  (registers the YOLO layer policy; checkpoints unpickle into its classes)
+    from yolo_qat.engine.cli_common import InputError, output_dir
+    from yolo_qat.engine.sensitivity import RECIPE_FIELDS, MixedPrecisionConfig, mixed_precision, save_report
+    from yolo_qat.engine.settings import config_from
+    from yolo_qat.quant import QuantRecipe
 
     cfg = config_from(MixedPrecisionConfig, opt, "mixed-precision")
     if cfg.budget is None:
@@ -107,9 +106,9 @@ def run(opt) -> int:
 
 
 def main(argv=None) -> int:
-    from engine.cli_common import InputError, input_error
-    from engine.data_download import allowing_downloads
-    from models.safe_load import MissingClassError, UnsafeCheckpointError, trusting
+    from yolo_qat.engine.cli_common import InputError, input_error
+    from yolo_qat.engine.data_download import allowing_downloads
+    from yolo_qat.models.safe_load import MissingClassError, UnsafeCheckpointError, trusting
 
     try:
         opt = parse_args(argv)

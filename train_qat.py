@@ -17,9 +17,8 @@ from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing may be downloaded at run time
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
 
-from engine.cli import main  # noqa: E402
+from yolo_qat.engine.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing may be downloaded at run time
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 PROG = "val.py"
@@ -24,7 +23,7 @@ DEFAULT_BATCH = 16
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli_common import add_shared
+    from yolo_qat.engine.cli_common import add_shared
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shared(p, PROG, project="runs/val", weights_nargs="+", batch=None,
@@ -51,19 +50,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from engine.data_download import allowing_downloads
-    from models.safe_load import trusting
+    from yolo_qat.engine.data_download import allowing_downloads
+    from yolo_qat.models.safe_load import trusting
 
     with trusting(a.trust_checkpoint), allowing_downloads(a.download):  # --trust-checkpoint, --download
         return validate_all(a)
 
 
 def validate_all(a: argparse.Namespace) -> int:
-    import models  # noqa: F401  (quantized checkpoints unpickle into its model classes)
-    from engine.cli_common import input_error, output_dir
-    from engine.validate import format_table, validate
+    from yolo_qat import models  # noqa: F401  (quantized checkpoints unpickle into its model classes)
+    from yolo_qat.engine.cli_common import input_error, output_dir
+    from yolo_qat.engine.validate import format_table, validate
 
-    from engine.onnx_val import is_onnx, onnx_info, shape_notes
+    from yolo_qat.engine.onnx_val import is_onnx, onnx_info, shape_notes
 
     missing = [w for w in a.weights if not Path(w).is_file()]
     if missing:

@@ -106,7 +106,7 @@ def build_fp(cfg: str, weights: str | None, nc: int):
     from torch import nn
 
     if weights:
-        from models.checkpoint import load_checkpoint
+        from yolo_qat.models.checkpoint import load_checkpoint
 
         m, _ = load_checkpoint(weights)
         return m.float().eval(), Path(weights).name
@@ -132,8 +132,8 @@ def calibration_images(n: int, imgsz: int, data: str | None = None) -> list:
     import torch
     from ultralytics.data.augment import LetterBox
 
-    from engine.calib import resolve_data
-    from engine.data_download import check_dataset
+    from yolo_qat.engine.calib import resolve_data
+    from yolo_qat.engine.data_download import check_dataset
 
     d = check_dataset(resolve_data(data))
     root = Path(d["train"] if isinstance(d["train"], str) else d["train"][0])
@@ -152,7 +152,7 @@ def export_fp(model, path: Path, imgsz: int) -> Path:
     """Ultralytics' ONNX export of the float model at a static (1, 3, imgsz, imgsz) input."""
     from ultralytics import YOLO
 
-    from models.checkpoint import save_checkpoint
+    from yolo_qat.models.checkpoint import save_checkpoint
 
     ckpt = save_checkpoint(path.with_suffix(".pt"), model)
     f = YOLO(str(ckpt)).export(format="onnx", imgsz=imgsz, simplify=False, batch=1, dynamic=False, device="cpu",
@@ -210,12 +210,12 @@ ORT_CPU_TARGETS = ("sim", "ort")
 def export_targets(requested: list[str] | None = None) -> list[str | None]:
     """The targets ``deploy.export_onnx`` accepts now ([None]: it has no ``target`` argument, today's export);
     by default those in ORT_CPU_TARGETS."""
-    import deploy
+    from yolo_qat import deploy
 
     if "target" not in inspect.signature(deploy.export_onnx).parameters:
         return [None]
     try:
-        from quant.targets import TARGET_NAMES
+        from yolo_qat.quant.targets import TARGET_NAMES
     except ImportError:
         TARGET_NAMES = ("sim",)
     names = list(TARGET_NAMES)
@@ -231,8 +231,8 @@ def quantized_for(fp, bits: str, target: str | None, images: list):
     """The FP model quantized (W/A bits, first and last layers 8 bit, per-channel weights) for ``target``, calibrated."""
     from dataclasses import fields
 
-    from quant import calibrate, quantize_model
-    from quant.recipe import QuantRecipe
+    from yolo_qat.quant import calibrate, quantize_model
+    from yolo_qat.quant.recipe import QuantRecipe
 
     w, a = BITS[bits]
     recipe = {"w_bits": w, "a_bits": a, "first_last_bits": 8, "per_channel": True, "weight_init": "lsq"}
@@ -246,7 +246,7 @@ def quantized_for(fp, bits: str, target: str | None, images: list):
 def export_ours(q, path: Path, imgsz: int, target: str | None) -> Path:
     import warnings
 
-    import deploy
+    from yolo_qat import deploy
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=deploy.ExportWarning)
@@ -423,7 +423,7 @@ def run(opt) -> dict:
     """Export, time, count and report; returns {"rows", "table", "dir"}."""
     import onnxruntime as ort
 
-    from engine.cli_common import output_dir
+    from yolo_qat.engine.cli_common import output_dir
 
     out = output_dir(opt)
     out.mkdir(parents=True, exist_ok=True)
@@ -441,7 +441,7 @@ def run(opt) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli_common import add_shared
+    from yolo_qat.engine.cli_common import add_shared
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shared(p, PROG, project="runs/deploy_speed", weights_required=False, device_now=False,
@@ -469,9 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from engine.cli_common import input_error
+    from yolo_qat.engine.cli_common import input_error
 
-    from engine.data_download import allowing_downloads
+    from yolo_qat.engine.data_download import allowing_downloads
 
     opt = build_parser().parse_args(argv)
     try:

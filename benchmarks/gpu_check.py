@@ -51,9 +51,9 @@ def _same(a, b):
 
 def kernel_checks(dev):
     """The Triton op (lsq_fake_quant on CUDA) against the reference on the same device, bit for bit."""
-    from quant import fused as fused_lsq
-    from quant.grid import qrange
-    from quant.lsq import lsq_fake_quant
+    from yolo_qat.quant import fused as fused_lsq
+    from yolo_qat.quant.grid import qrange
+    from yolo_qat.quant.lsq import lsq_fake_quant
 
     mod = fused_lsq.triton_module()
     if mod is None:
@@ -116,9 +116,9 @@ def channel_kernel_checks(dev):
     """The per-channel Triton op (weight quantizers: lsq_fake_quant with axis=0 on CUDA) against the reference on
     the same device: y, dx bit for bit, ds / db per channel to 1e-5; conv-weight shapes NCHW and channels_last,
     ties, NaN / inf, steps at and below the floor; deterministic ds; the input alone saved (no silent fallback)."""
-    from quant import fused as fused_lsq
-    from quant.grid import MIN_SCALE, qrange
-    from quant.lsq import lsq_fake_quant
+    from yolo_qat.quant import fused as fused_lsq
+    from yolo_qat.quant.grid import MIN_SCALE, qrange
+    from yolo_qat.quant.lsq import lsq_fake_quant
 
     mod = fused_lsq.triton_module()
     if mod is None:
@@ -216,7 +216,7 @@ def channel_kernel_checks(dev):
 
 
 def saved_and_inf_checks(dev):
-    from quant.lsq import lsq_fake_quant
+    from yolo_qat.quant.lsq import lsq_fake_quant
 
     def saved(fused, x, s, b):
         tot = []
@@ -254,7 +254,7 @@ def saved_and_inf_checks(dev):
 
 def op_time(dev):
     """One fake-quant forward + backward on a 32 x 64 x 160 x 160 fp16 channels_last activation."""
-    from quant.lsq import lsq_fake_quant
+    from yolo_qat.quant.lsq import lsq_fake_quant
 
     x = torch.randn(32, 64, 160, 160, device=dev, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     s = torch.tensor([0.05], device=dev, requires_grad=True)
@@ -282,8 +282,8 @@ def device_checks(dev):
     import copy
 
     from benchmarks.step_time import build_fp
-    from quant import quantize_model
-    from quant.qc import insert_qc
+    from yolo_qat.quant import quantize_model
+    from yolo_qat.quant.qc import insert_qc
 
     fp = build_fp("yolov5n").to(dev)
     q = quantize_model(copy.deepcopy(fp), {"w_bits": 4, "a_bits": 4})  # no .to(): created where the layers are
@@ -338,9 +338,9 @@ def units(args):
 
 # ------------------------------------------------------------------------------------------------- qat
 def qat(args, argv):
-    import engine.cli as cli
-    from engine.trainer import _all_finite
-    from quant import LSQQuantizer
+    import yolo_qat.engine.cli as cli
+    from yolo_qat.engine.trainer import _all_finite
+    from yolo_qat.quant import LSQQuantizer
     from ultralytics.utils.torch_utils import unwrap_model
 
     want_amp = args.amp == "on"
@@ -392,7 +392,7 @@ def qat(args, argv):
                                    "on_fit_epoch_end": [on_fit_epoch_end], "on_train_end": [on_train_end]})
     rep["exit_code"] = rc
     if rc == 0 and rep.get("save_dir"):
-        from models.checkpoint import load_checkpoint
+        from yolo_qat.models.checkpoint import load_checkpoint
 
         last = Path(rep["save_dir"]) / "weights" / "last.pt"
         if last.is_file():

@@ -135,16 +135,16 @@ def build_step(cfg: str, method: str = "lsq", device="cpu", amp: bool = False, e
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
-    import models  # noqa: F401
-    from engine.calib import ensure_loss_args
-    from engine.config import QATConfig
-    from engine.distill import attach_distillation
-    from engine.ema import QATModelEMA
-    from engine.trainer import qat_trainer_class
-    from models.registry import is_original_yaml
-    from models.yolo import DetectionModel as OriginalDetectionModel, SegmentationModel as OriginalSegmentationModel
-    from quant import calibrate, quant_convs, quantize_model
-    from quant.oscillation import Dampening, DelayedCosine, OscillationTracker
+    from yolo_qat import models  # noqa: F401
+    from yolo_qat.engine.calib import ensure_loss_args
+    from yolo_qat.engine.config import QATConfig
+    from yolo_qat.engine.distill import attach_distillation
+    from yolo_qat.engine.ema import QATModelEMA
+    from yolo_qat.engine.trainer import qat_trainer_class
+    from yolo_qat.models.registry import is_original_yaml
+    from yolo_qat.models.yolo import DetectionModel as OriginalDetectionModel, SegmentationModel as OriginalSegmentationModel
+    from yolo_qat.quant import calibrate, quant_convs, quantize_model
+    from yolo_qat.quant.oscillation import Dampening, DelayedCosine, OscillationTracker
 
     device = torch.device(device)
     seg = "seg" in Path(cfg).stem
@@ -172,7 +172,7 @@ def build_step(cfg: str, method: str = "lsq", device="cpu", amp: bool = False, e
     tr.scale_optimizer, tr._step_sizes = None, []
     tr.optimizer = tr.build_optimizer(q, "SGD", lr=0.01, momentum=0.9, decay=5e-4, iterations=100)
     if device.type != "cuda" and fused_like_cuda:  # what build_optimizer does on CUDA (fused kernels)
-        from engine.trainer import fused_optimizer
+        from yolo_qat.engine.trainer import fused_optimizer
 
         tr.optimizer, tr.scale_optimizer = fused_optimizer(tr.optimizer), fused_optimizer(tr.scale_optimizer)
     tr.scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")

@@ -145,8 +145,10 @@ def integer_target(flags: str | None) -> bool:
     return "--target" in args and args[args.index("--target") + 1] != "sim"
 
 
-def evaluate_row(opt, name: str, flags: str | None, run_dir: Path, out: Path) -> dict:
-    best = run_dir / "weights/best.pt"
+def evaluate_row(opt, name: str, flags: str | None, run_dir: Path, out: Path, ckpt: Path | None = None) -> dict:
+    """Score the row's checkpoint (``ckpt``, default its best.pt) and, for rows that deploy, the ONNX file exported
+    from it beside it."""
+    best = ckpt or run_dir / "weights/best.pt"
     row = {"row": name, "flags": flags, "curve": curve(run_dir)}
     files = [best]
     if name == "ultra-qat8" or integer_target(flags):
@@ -164,7 +166,7 @@ def evaluate_row(opt, name: str, flags: str | None, run_dir: Path, out: Path) ->
             row["export_error"] = next((ln for ln in reversed(log) if "error:" in ln), log[-1] if log else "")[:400]
     scores = score(opt, files, run_dir, name)
     row["checkpoint"] = scores.get(best.name)
-    row["onnx"] = scores.get("best.onnx")
+    row["onnx"] = scores.get(best.with_suffix(".onnx").name)
     row["onnx_path"] = str(files[-1]) if len(files) > 1 else None
     return row
 

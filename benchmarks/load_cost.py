@@ -40,8 +40,8 @@ def checkpoints(d: Path) -> dict[str, Path]:
     import torch
     from ultralytics import YOLO
 
-    from models.checkpoint import save_checkpoint
-    from quant import calibrate, quantize_model
+    from yolo_qat.models.checkpoint import save_checkpoint
+    from yolo_qat.quant import calibrate, quantize_model
 
     yolo = YOLO("yolov5su.yaml")
     yolo.save(d / "yolov5su.pt")
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import torch
 
-    from models.safe_load import safe_load as new
+    from yolo_qat.models.safe_load import safe_load as new
 
     torch.set_num_threads(1)
     old = old_loader(a.before)

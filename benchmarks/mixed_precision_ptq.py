@@ -26,7 +26,7 @@ PROG = "mixed_precision_ptq.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli_common import add_shared
+    from yolo_qat.engine.cli_common import add_shared
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shared(p, PROG, project="runs/mixed_ptq", weights_help="the FP checkpoint the sensitivity was measured on")
@@ -44,10 +44,10 @@ def ptq_map(weights, data, recipe, batches, imgsz: int, batch: int, device, seed
     activation sample the ranges come from drawn after ``torch.manual_seed(seed)``)."""
     import torch
 
-    from engine.sensitivity import _img
-    from engine.validate import load_model, validate
-    from quant import calibrate, layer_bits, quantize_model
-    from quant.sensitivity import recipe_names
+    from yolo_qat.engine.sensitivity import _img
+    from yolo_qat.engine.validate import load_model, validate
+    from yolo_qat.quant import calibrate, layer_bits, quantize_model
+    from yolo_qat.quant.sensitivity import recipe_names
 
     model, _ = load_model(weights)
     model.to(device)
@@ -63,13 +63,13 @@ def ptq_map(weights, data, recipe, batches, imgsz: int, batch: int, device, seed
 
 
 def run(opt) -> list[dict]:
-    import models  # noqa: F401
-    from engine.calib import model_task
-    from engine.cli_common import InputError, output_dir
-    from engine.sensitivity import PROXIES, MixedPrecisionConfig, allocate_report, calibration_batches, recipe_dict
-    from engine.validate import load_model, trained_imgsz
-    from quant import QuantRecipe
-    from quant.costs import LayerGeometry, weight_bits
+    from yolo_qat import models  # noqa: F401
+    from yolo_qat.engine.calib import model_task
+    from yolo_qat.engine.cli_common import InputError, output_dir
+    from yolo_qat.engine.sensitivity import PROXIES, MixedPrecisionConfig, allocate_report, calibration_batches, recipe_dict
+    from yolo_qat.engine.validate import load_model, trained_imgsz
+    from yolo_qat.quant import QuantRecipe
+    from yolo_qat.quant.costs import LayerGeometry, weight_bits
 
     path = Path(opt.sensitivity)
     if not path.is_file():
@@ -121,7 +121,7 @@ def run(opt) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from engine.cli_common import InputError, input_error
+    from yolo_qat.engine.cli_common import InputError, input_error
 
     try:
         return 0 if run(build_parser().parse_args(argv)) is not None else 1

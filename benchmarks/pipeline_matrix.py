@@ -70,13 +70,7 @@ def cell(opt, spec: str, out: Path) -> dict:
     res["steps_at_floor"] = steps_at_floor(qat)
     if not ok:
         return finish(res, done, failed="qat", why=last_error(d / "qat.log"))
-    ok = stage([py, str(ROOT / "correct_qc.py"), "--weights", str(qat / "weights/best.pt"), *common, "--steps",
-                str(opt.qc_steps), "--calib-images", str(opt.qc_images), "--no-val", "--project", str(d), "--name", "qc",
-                "--exist-ok"], d / "qc.log")
-    text = (d / "qc.log").read_text(errors="replace")
-    ties = re.findall(r"(\d+) outputs of \d+ layers sat on a rounding tie", text)
-    res["qc_folded"] = ok and (d / "qc/weights/qc.pt").is_file()
-    res["qc_ties"] = int(ties[-1]) if ties else 0
+    res.update(run_qc(qat / "weights/best.pt", common, opt.qc_steps, opt.qc_images, d))
     if not res["qc_folded"]:
         return finish(res, done, failed="qc", why=last_error(d / "qc.log"))
     qc = d / "qc/weights/qc.pt"
@@ -98,6 +92,16 @@ def cell(opt, spec: str, out: Path) -> dict:
             res[f"{m}_checkpoint"] = 100 * scores[".pt"][f"{m}.map"]
             res[f"{m}_onnx"] = 100 * scores[".onnx"][f"{m}.map"]
     return finish(res, done)
+
+
+def run_qc(weights: Path, common: list[str], steps: int, images: int, d: Path) -> dict:
+    """correct_qc.py on ``weights`` into ``d/qc/weights/qc.pt`` (log ``d/qc.log``): whether it folded, and the
+    outputs that sat on a rounding tie."""
+    ok = stage([sys.executable, str(ROOT / "correct_qc.py"), "--weights", str(weights), *common, "--steps",
+                str(steps), "--calib-images", str(images), "--no-val", "--project", str(d), "--name", "qc",
+                "--exist-ok"], d / "qc.log")
+    ties = re.findall(r"(\d+) outputs of \d+ layers sat on a rounding tie", (d / "qc.log").read_text(errors="replace"))
+    return {"qc_folded": ok and (d / "qc/weights/qc.pt").is_file(), "qc_ties": int(ties[-1]) if ties else 0}
 
 
 def finish(res: dict, done: Path, failed: str | None = None, why: str | None = None) -> dict:

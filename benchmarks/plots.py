@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from quant import quant_convs  # noqa: E402
+from yolo_qat.quant import quant_convs  # noqa: E402
 
 KINDS = ("weight", "act")
 

@@ -65,8 +65,8 @@ def qc_point(run: dict, steps: int, lr: float, a, data: str, reuse: bool = True,
                     **{k: cell["qc_report"].get(k) for k in ("loss_before", "loss_after")}}
     if not compute:
         return None
-    from engine.qc import run_qc
-    from models.checkpoint import load_checkpoint
+    from yolo_qat.engine.qc import run_qc
+    from yolo_qat.models.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(run["qat"]["weights"])
     t0 = time.time()
@@ -81,8 +81,8 @@ def qc_point(run: dict, steps: int, lr: float, a, data: str, reuse: bool = True,
 
 def control(run: dict, epochs: int, a, data: str) -> dict:
     """QAT continued from the QAT run's saved model (the EMA, as QC starts from) for ``epochs`` more epochs."""
-    from engine.cli import qat_config, qat_overrides
-    from engine.trainer import qat_trainer_class
+    from yolo_qat.engine.cli import qat_config, qat_overrides
+    from yolo_qat.engine.trainer import qat_trainer_class
 
     name = f"{run['key']}--qat+{epochs}ep"
     path = Path(a.out) / "qc-budget" / f"{name}.json"
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     a_ = ap.parse_args(argv)
     out = Path(a_.out)
     a = settings_namespace(out, a_.device)
-    from engine.calib import resolve_data
+    from yolo_qat.engine.calib import resolve_data
 
     data = resolve_data(a.data)
     parse = lambda p: (int(p.split(":")[0]), float(p.split(":")[1]))  # noqa: E731

@@ -151,7 +151,7 @@ def train_images(data: str) -> list[Path]:
     or the images under its folders."""
     from ultralytics.data.utils import IMG_FORMATS
 
-    from engine.data_download import check_dataset
+    from yolo_qat.engine.data_download import check_dataset
 
     train = check_dataset(data)["train"]
     files = []
@@ -187,7 +187,7 @@ def unlabelled_source(a, data: str) -> Path:
 
 def cli_opt(a, data: str, name: str, **kw):
     """A train_qat.py option namespace (its parser, its defaults) for one run."""
-    from engine.cli import parse_args
+    from yolo_qat.engine.cli import parse_args
 
     argv = ["--data", data, "--imgsz", a.imgsz, "--batch", a.batch, "--workers", a.workers, "--device", a.device,
             "--project", Path(a.out) / "runs", "--name", name, "--exist-ok", "--lr0", a.lr0,
@@ -206,7 +206,7 @@ def metrics_of(res: dict) -> dict:
 
 
 def evaluate(model_or_path, a, data: str, save_dir: Path) -> dict:
-    from engine.validate import validate
+    from yolo_qat.engine.validate import validate
 
     return metrics_of(validate(model_or_path, data, imgsz=a.imgsz, batch=a.batch, device=a.device,
                                save_dir=save_dir, verbose=False))
@@ -232,7 +232,7 @@ def check_settings(a, with_qc: bool, with_kd: bool = False) -> None:
     diff = [f"{flag.get(k, '--' + k.replace('_', '-'))} {now[k]} (the runs there used {before[k]})"
             for k in keys if k in before and before[k] != now[k]]
     if diff:
-        from engine.cli_common import InputError
+        from yolo_qat.engine.cli_common import InputError
 
         raise InputError(f"{a.out} holds runs made with other settings: " + "; ".join(diff)
                          + ". Use another --name (or --project), or the same settings to resume.")
@@ -248,7 +248,7 @@ def ensure_fp(a, data: str) -> dict:
     if done:
         print(f"[skip] FP model: {done['weights']} (box {100 * done['box']:.2f})")
         return done
-    from engine.cli import inspect_source, resolve_model, train_fp
+    from yolo_qat.engine.cli import inspect_source, resolve_model, train_fp
 
     source = {"weights": a.weights} if a.weights else {"cfg": a.cfg}
     opt = cli_opt(a, data, "fp", **source, fp_epochs=a.fp_epochs, seed=0, fp_optimizer=a.fp_optimizer,
@@ -293,9 +293,9 @@ def ensure_qat(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
     done = finished_before(path, f"QAT {cell.qat_key}")
     if done:
         return done
-    from engine.cli import qat_config, qat_overrides
-    from engine.original import is_original_source
-    from engine.trainer import qat_trainer_class
+    from yolo_qat.engine.cli import qat_config, qat_overrides
+    from yolo_qat.engine.original import is_original_source
+    from yolo_qat.engine.trainer import qat_trainer_class
 
     from benchmarks.plots import ScaleRecorder
 
@@ -353,8 +353,8 @@ def run_cell(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
 
 
 def run_qc_cell(cell: Cell, a, data: str, qat: dict, fp: dict) -> dict:
-    from engine.qc import run_qc
-    from models.checkpoint import load_checkpoint, save_checkpoint
+    from yolo_qat.engine.qc import run_qc
+    from yolo_qat.models.checkpoint import load_checkpoint, save_checkpoint
 
     g, s, b = cell.qc
     model, _ = load_checkpoint(qat["weights"])
@@ -616,9 +616,9 @@ PROG = "reproduce.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli_common import add_shared
-    from engine.config import QATConfig, QCConfig
-    from engine.settings import add_fields, mapping
+    from yolo_qat.engine.cli_common import add_shared
+    from yolo_qat.engine.config import QATConfig, QCConfig
+    from yolo_qat.engine.settings import add_fields, mapping
 
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
@@ -673,8 +673,8 @@ def cells_for(a) -> list[Cell]:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    from engine.data_download import allowing_downloads
-    from models.safe_load import trusting
+    from yolo_qat.engine.data_download import allowing_downloads
+    from yolo_qat.models.safe_load import trusting
 
     with trusting(a.trust_checkpoint), allowing_downloads(a.download):  # --trust-checkpoint, --download
         return reproduce(a)
@@ -682,9 +682,9 @@ def main(argv=None) -> int:
 
 def reproduce(a: argparse.Namespace) -> int:
     t_start = time.time()
-    from engine.calib import resolve_data
-    from engine.cli_common import InputError, input_error, output_dir
-    from engine.data_download import check_dataset
+    from yolo_qat.engine.calib import resolve_data
+    from yolo_qat.engine.cli_common import InputError, input_error, output_dir
+    from yolo_qat.engine.data_download import check_dataset
 
     a.model = a.weights or a.cfg  # the FP model's name in the tables and settings.json
     try:
@@ -694,11 +694,11 @@ def reproduce(a: argparse.Namespace) -> int:
             raise InputError(f"--distill-weight {a.distill_weight:g} is invalid: give a weight >= 0")
         a.qc_variants = list(dict.fromkeys(a.qc_variants or ["labels"]))
         if a.weights and str(a.weights).endswith(".pt"):  # an unsafe checkpoint is refused before any run starts
-            from engine.cli import inspect_source
+            from yolo_qat.engine.cli import inspect_source
 
             inspect_source(str(a.weights))
         if a.loss_hyp:
-            from engine.cli import check_loss_hyp, resolve_model
+            from yolo_qat.engine.cli import check_loss_hyp, resolve_model
 
             check_loss_hyp(a, resolve_model(a))
         data = resolve_data(a.data)

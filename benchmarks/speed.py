@@ -28,11 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import models  # noqa: E402,F401  (registers the YOLO policy)
+from yolo_qat import models  # noqa: E402,F401  (registers the YOLO policy)
 from benchmarks.step_time import make_batch, train_step  # noqa: E402
-from engine.distill import attach_distillation  # noqa: E402
-from quant import calibrate, quantize_model, set_recompute_input  # noqa: E402
-from quant.qc import freeze_for_qc, insert_qc, set_batchnorm_eval  # noqa: E402
+from yolo_qat.engine.distill import attach_distillation  # noqa: E402
+from yolo_qat.quant import calibrate, quantize_model, set_recompute_input  # noqa: E402
+from yolo_qat.quant.qc import freeze_for_qc, insert_qc, set_batchnorm_eval  # noqa: E402
 
 
 def build_fp(cfg: str) -> torch.nn.Module:

@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models  # noqa: E402,F401  (registers the YOLO policy)
-from engine.distill import attach_distillation  # noqa: E402
-from quant import calibrate, quantize_model, set_recompute_input  # noqa: E402
-from quant import fused as fused_lsq  # noqa: E402
+from yolo_qat import models  # noqa: E402,F401  (registers the YOLO policy)
+from yolo_qat.engine.distill import attach_distillation  # noqa: E402
+from yolo_qat.quant import calibrate, quantize_model, set_recompute_input  # noqa: E402
+from yolo_qat.quant import fused as fused_lsq  # noqa: E402
 
 
 def make_batch(n: int, imgsz: int, nc: int, seed: int = 0, device="cpu") -> dict:
@@ -77,8 +77,8 @@ def build_fp(cfg: str, nc: int = 3) -> torch.nn.Module:
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.tasks import DetectionModel
 
-    from models.registry import is_original_yaml
-    from models.yolo import DetectionModel as OriginalDetectionModel, Segment
+    from yolo_qat.models.registry import is_original_yaml
+    from yolo_qat.models.yolo import DetectionModel as OriginalDetectionModel, Segment
 
     torch.manual_seed(0)
     if is_original_yaml(cfg):
@@ -155,7 +155,7 @@ def time_cfg(cfg: str, args) -> dict[str, float]:
             _sync(device)
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    from models.original import is_original_model
+    from yolo_qat.models.original import is_original_model
 
     kind = "original anchor-based, YOLOv5 loss" if is_original_model(fp) else "Ultralytics, its own loss"
     print(f"{cfg} ({kind}, {type(fp.model[-1]).__name__} head, {device}{', AMP fp16' if args.amp else ''}):")

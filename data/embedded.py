@@ -176,10 +176,14 @@ def _is_complete(root: Path, params: dict) -> bool:
 
 
 def default_root(n_train: int = 256, n_val: int = 64, imgsz: int = 160, seed: int = 0) -> Path:
-    """`$YOLO_QAT_DATA/<name>` if that variable is set, else `<repo>/datasets/<name>`."""
+    """`$YOLO_QAT_DATA/<name>` if that variable is set, else `<clone>/datasets/<name>` when run from a clone, else
+    `./datasets/<name>` (an installed package never writes into site-packages)."""
     name = f"embedded-s{seed}-n{n_train}-{n_val}-i{imgsz}"
     parent = os.environ.get("YOLO_QAT_DATA")
-    return (Path(parent) if parent else Path(__file__).resolve().parent.parent / "datasets") / name
+    clone = Path(__file__).resolve().parent.parent
+    if not parent:
+        parent = clone / "datasets" if (clone / "train_qat.py").is_file() else Path.cwd() / "datasets"
+    return Path(parent) / name
 
 
 def ensure_embedded_dataset(root: str | Path | None = None, n_train: int = 256, n_val: int = 64, imgsz: int = 160,

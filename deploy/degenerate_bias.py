@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from quant.grid import MIN_SCALE
+from yolo_qat.quant.grid import MIN_SCALE
 
 INT32_MAX = 2**31 - 1
 FIT_CODES = 2**30  # the bias code of a refitted channel: half the int32 range, the rest is accumulator headroom

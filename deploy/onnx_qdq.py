@@ -25,11 +25,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper, version_converter
 from torch import nn
 
-from models.original import is_original_model
-from models.yolo import Detect as AnchorDetect
-from quant import is_quantized, layer_bits
+from yolo_qat.models.original import is_original_model
+from yolo_qat.models.yolo import Detect as AnchorDetect
+from yolo_qat.quant import is_quantized, layer_bits
 
-from quant.targets import Target, get_target, model_target
+from yolo_qat.quant.targets import Target, get_target, model_target
 
 from .ort_modules import swap_for_ort
 from .qdq_conv import swap_quant_convs
@@ -71,7 +71,7 @@ def prepare_export_model(model: nn.Module, imgsz=(640, 640), dynamic: bool = Fal
     """A fused, export-mode copy of ``model`` with the export form of every QuantConv2d: QDQConv2d for
     the ``sim`` target, ORTConv2d (and the output quantizers' Q/DQ) for the integer targets (none for a float original
     YOLOv5 / YOLOv7 model, the only float models exported here). ``target`` None: the model's own."""
-    from models import fold_bn_into_quant_convs, make_fuse_quant_aware
+    from yolo_qat.models import fold_bn_into_quant_convs, make_fuse_quant_aware
 
     quantized = is_quantized(model)
     if not quantized and not is_original_model(model):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant import is_quantized, quant_convs, quantize_model
+from yolo_qat.quant import is_quantized, quant_convs, quantize_model
 
 from .bitpack import pack_codes, unpack_codes
 from .onnx_qdq import NothingQuantizedError
@@ -28,7 +28,7 @@ def _model_classes() -> dict:
     models subclass Ultralytics' classes, SegmentationModel subclasses DetectionModel)."""
     from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
-    from models import yolo
+    from yolo_qat.models import yolo
 
     return {"OriginalSegmentationModel": yolo.SegmentationModel, "OriginalDetectionModel": yolo.DetectionModel,
             "SegmentationModel": SegmentationModel, "DetectionModel": DetectionModel}
@@ -89,7 +89,7 @@ def save_packed(model: nn.Module, path: str | Path) -> Path:
 
 
 def _rebuild(payload: dict) -> nn.Module:
-    from models import fold_bn_into_quant_convs
+    from yolo_qat.models import fold_bn_into_quant_convs
 
     classes = _model_classes()
     if payload["model_class"] not in classes:
@@ -116,12 +116,12 @@ def _rebuild(payload: dict) -> nn.Module:
 
 def load_packed(path: str | Path) -> nn.Module:
     """Rebuild the fake-quant model of a packed checkpoint (fp32, eval mode)."""
-    from models.safe_load import safe_load
+    from yolo_qat.models.safe_load import safe_load
 
     payload = safe_load(Path(path))  # plain data; its model yaml is checked before the model is rebuilt from it
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not a packed quantized checkpoint (written by export.py --format packed)")
-    from models.yaml_rule import restricted_build
+    from yolo_qat.models.yaml_rule import restricted_build
 
     with restricted_build():  # a second line behind the yaml rule safe_load applied (models/yaml_rule.py)
         model = _rebuild(payload)

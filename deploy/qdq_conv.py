@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant import QuantConv2d, replace_module
+from yolo_qat.quant import QuantConv2d, replace_module
 
 from .qdq_ops import DequantizeWeight, QDQActivation
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from quant import broadcast_scale
+from yolo_qat.quant import broadcast_scale
 
 
 class QDQActivation(torch.autograd.Function):

@@ -9,10 +9,10 @@ import onnx
 import torch
 from torch import nn
 
-from models.yolo import Detect as AnchorDetect
-from deploy.ort_modules import encoded_split_source
-from quant import LSQQuantizer
-from quant.act import FixedQuantizer
+from yolo_qat.models.yolo import Detect as AnchorDetect
+from yolo_qat.deploy.ort_modules import encoded_split_source
+from yolo_qat.quant import LSQQuantizer
+from yolo_qat.quant.act import FixedQuantizer
 
 from .onnx_files import check_onnx_file
 
@@ -153,7 +153,7 @@ def deployed_form(model: nn.Module) -> nn.Module:
     """The model as its export computes it: for targets with an int32 bias (quant/targets.py), a fused copy,
     whose eval forward rounds each bias to the accumulator grid as the file does (BN folded first); otherwise the
     model, without the unused branch of an end-to-end head."""
-    from quant.targets import model_target
+    from yolo_qat.quant.targets import model_target
 
     if model_target(model).int32_bias and hasattr(model, "fuse"):
         return copy.deepcopy(model).fuse(verbose=False)

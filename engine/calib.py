@@ -15,7 +15,7 @@ from ultralytics.cfg import get_cfg
 from ultralytics.data import build_dataloader, build_yolo_dataset
 from ultralytics.utils import DEFAULT_CFG_DICT, IterableSimpleNamespace
 
-from engine.data_download import check_dataset
+from yolo_qat.engine.data_download import check_dataset
 
 def model_task(model: nn.Module) -> str:
     """'segment', 'detect' (or another Ultralytics task, which the callers refuse) of a model in memory."""
@@ -30,7 +30,7 @@ def resolve_data(data: str | Path | None) -> str:
     """The dataset yaml to use: ``data`` or, by default, the embedded offline dataset. FileNotFoundError
     (one paragraph) when ``data`` is not a file."""
     if data is None:
-        from data.embedded import ensure_embedded_dataset
+        from yolo_qat.data.embedded import ensure_embedded_dataset
 
         return str(ensure_embedded_dataset())
     if not Path(data).is_file():

@@ -10,10 +10,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.cli_common import InputError, add_shared, input_error
-from engine.config import QATConfig
-from engine.settings import FORMS, add_fields, config_from, mapping, parse_with_config
-from models.yaml_rule import restricted_build
+from yolo_qat.engine.cli_common import InputError, add_shared, input_error
+from yolo_qat.engine.config import QATConfig
+from yolo_qat.engine.settings import FORMS, add_fields, config_from, mapping, parse_with_config
+from yolo_qat.models.yaml_rule import restricted_build
 
 PROG = "train_qat.py"
 
@@ -75,7 +75,7 @@ def qat_config(opt) -> QATConfig:
 def resolve_inputs(opt) -> tuple[str, str, str]:
     """(dataset yaml, model source, task), checked; --imgsz left out becomes the checkpoint's training
     size (640 for a model yaml). The run's first step that reads files (and may generate the dataset)."""
-    from engine.calib import resolve_data
+    from yolo_qat.engine.calib import resolve_data
 
     try:
         data = resolve_data(opt.data)
@@ -90,7 +90,7 @@ def resolve_inputs(opt) -> tuple[str, str, str]:
 def check_data(data: str) -> None:
     """The dataset yaml, checked before any training: a missing split ends the run with one paragraph (its
     download: runs only with --download, engine/data_download.py), as do Ultralytics' checks of its keys."""
-    from engine.data_download import check_dataset
+    from yolo_qat.engine.data_download import check_dataset
 
     try:
         check_dataset(data)
@@ -105,13 +105,13 @@ def inspect_source(source: str) -> tuple[str, int]:
     than detect / segment, or a file that is not a checkpoint."""
     from ultralytics.nn.tasks import guess_model_task
 
-    from engine.calib import model_task
-    from engine.validate import trained_imgsz
-    from models.registry import is_original_yaml
+    from yolo_qat.engine.calib import model_task
+    from yolo_qat.engine.validate import trained_imgsz
+    from yolo_qat.models.registry import is_original_yaml
 
     imgsz = 640
     if source.endswith(".pt"):
-        from models.checkpoint import load_checkpoint
+        from yolo_qat.models.checkpoint import load_checkpoint
 
         try:
             model, _ = load_checkpoint(source)
@@ -119,7 +119,7 @@ def inspect_source(source: str) -> tuple[str, int]:
             raise InputError(str(e)) from None
         task, imgsz = model_task(model), trained_imgsz(model)
     elif is_original_yaml(source):  # Ultralytics' guess reads the file name only; the head says it
-        from engine.original import original_yaml_task
+        from yolo_qat.engine.original import original_yaml_task
 
         task = original_yaml_task(source)
     else:
@@ -130,11 +130,11 @@ def inspect_source(source: str) -> tuple[str, int]:
 
 
 def resolve_model(opt) -> str:
-    from models.registry import resolve_model_cfg
+    from yolo_qat.models.registry import resolve_model_cfg
 
     src = opt.weights or opt.cfg or DEMO["cfg"]
     if str(src).endswith(".qpk") and Path(src).is_file():  # a packed export: read safely, then say what it is
-        from models.safe_load import UnsafeCheckpointError, safe_load
+        from yolo_qat.models.safe_load import UnsafeCheckpointError, safe_load
 
         try:
             safe_load(src)
@@ -185,8 +185,8 @@ def qat_overrides(opt, data, model_src, qat: dict) -> dict:
 
 
 def check_loss_hyp(opt, model_src: str) -> None:
-    from engine.original import is_original_source
-    from models.loss import check_loss_hyp as check
+    from yolo_qat.engine.original import is_original_source
+    from yolo_qat.models.loss import check_loss_hyp as check
 
     if not getattr(opt, "loss_hyp", None):
         return
@@ -226,7 +226,7 @@ def check_ultralytics_args(ov: dict, flags: dict, stage: str = "") -> None:
 def train_fp(opt, model_src: str, task: str, data: str) -> tuple[str, dict]:
     """Train the FP model with the plain Ultralytics trainer (engine/original.py's subclass for the original
     anchor-based models); return its best.pt and metrics."""
-    from engine.original import is_original_source, trainer_class
+    from yolo_qat.engine.original import is_original_source, trainer_class
 
     cls = trainer_class(task, original=is_original_source(model_src))
     trainer = cls(overrides=fp_overrides(opt, data, model_src))
@@ -237,7 +237,7 @@ def train_fp(opt, model_src: str, task: str, data: str) -> tuple[str, dict]:
 
 def metrics_row(metrics: dict | None, task: str) -> dict:
     """A row of engine.validate.format_table from a trainer's metrics (Ultralytics' keys)."""
-    from engine.validate import ultralytics_metrics
+    from yolo_qat.engine.validate import ultralytics_metrics
 
     return {"task": task, "ultralytics": ultralytics_metrics(dict(metrics or {}), task)}
 
@@ -251,8 +251,8 @@ def train(trainer, callbacks: dict | None) -> None:
 
 
 def run(opt, callbacks: dict | None = None) -> dict:
-    from engine.trainer import qat_trainer_class
-    from engine.validate import format_table
+    from yolo_qat.engine.trainer import qat_trainer_class
+    from yolo_qat.engine.validate import format_table
 
     if opt.resume:
         return resume(opt, callbacks)
@@ -263,7 +263,7 @@ def run(opt, callbacks: dict | None = None) -> dict:
         check_ultralytics_args(fp_overrides(opt, None, None), {**flags, **FP_FLAGS}, " (FP stage)")
     use_device(opt)
     if getattr(opt, "demo", False):
-        from engine.demo import pin_threads
+        from yolo_qat.engine.demo import pin_threads
 
         pin_threads()  # the thread count changes the numbers: the demo's reference is for 1 thread
     data, model_src, task = resolve_inputs(opt)
@@ -274,12 +274,12 @@ def run(opt, callbacks: dict | None = None) -> dict:
         model_src, fp_metrics = train_fp(opt, model_src, task, data)
         rows["FP (trained here)"] = metrics_row(fp_metrics, task)
     elif model_src.endswith(".pt"):
-        from engine.validate import validate
+        from yolo_qat.engine.validate import validate
 
         with tempfile.TemporaryDirectory() as tmp:  # Ultralytics' numbers only: nothing to keep
             rows["FP (--weights)"] = validate(model_src, data, imgsz=opt.imgsz, batch=opt.batch, device=opt.device,
                                               save_dir=tmp, pycocotools=False, workers=opt.workers)
-    from engine.original import is_original_source
+    from yolo_qat.engine.original import is_original_source
 
     try:  # the trainer checks the settings that need the model source (e.g. a teacher for --distill)
         trainer = qat_trainer_class(task, original=is_original_source(model_src))(
@@ -292,7 +292,7 @@ def run(opt, callbacks: dict | None = None) -> dict:
     rows.update({k: metrics_row(m, task) for k, m in getattr(trainer, "extra_rows", {}).items()})
     print("\n" + format_table(rows))
     if getattr(opt, "demo", False):
-        from engine.demo import reference_lines
+        from yolo_qat.engine.demo import reference_lines
 
         print(reference_lines())
     print(f"\nQAT run: {trainer.save_dir}  (weights/last.pt, weights/best.pt, results.csv, oscillations.csv, args.yaml)")
@@ -300,8 +300,8 @@ def run(opt, callbacks: dict | None = None) -> dict:
 
 
 def resume(opt, callbacks=None) -> dict:
-    from engine.trainer import qat_trainer_class
-    from engine.validate import format_table
+    from yolo_qat.engine.trainer import qat_trainer_class
+    from yolo_qat.engine.validate import format_table
 
     path = opt.resume if isinstance(opt.resume, str) else None
     if path is None:
@@ -311,7 +311,7 @@ def resume(opt, callbacks=None) -> dict:
         path = str(runs[-1])
     if not Path(path).is_file():
         raise InputError(f"--resume '{path}' does not exist: pass the path of a QAT run's weights/last.pt")
-    from models.safe_load import MissingClassError, UnsafeCheckpointError, safe_load
+    from yolo_qat.models.safe_load import MissingClassError, UnsafeCheckpointError, safe_load
 
     try:
         ckpt = safe_load(path)
@@ -328,7 +328,7 @@ def resume(opt, callbacks=None) -> dict:
     check_ultralytics_args({"workers": opt.workers}, {})
     use_device(opt, ckpt["train_args"].get("device"))
     ov = {"model": path, "resume": path, "device": opt.device, "workers": opt.workers}
-    from engine.original import is_original
+    from yolo_qat.engine.original import is_original
 
     trainer = qat_trainer_class(task, original=is_original(ckpt["model"]))(overrides=ov)
     train(trainer, callbacks)
@@ -340,7 +340,7 @@ def resume(opt, callbacks=None) -> dict:
 def use_device(opt, resumed_device=None) -> None:
     """Resolve --device before anything slow and say which it is. Left out: Ultralytics' choice, or on
     --resume the run's own device (as Ultralytics resumes every argument not given)."""
-    from engine.device import announce, default_note, resolve_device
+    from yolo_qat.engine.device import announce, default_note, resolve_device
 
     request, note = opt.device, default_note(opt.device)
     if request in (None, "") and resumed_device not in (None, ""):
@@ -353,8 +353,8 @@ def use_device(opt, resumed_device=None) -> None:
 
 
 def main(argv=None, callbacks: dict | None = None) -> int:
-    from engine.data_download import allowing_downloads, missing_split_in
-    from models.safe_load import MissingClassError, UnsafeCheckpointError, trusting
+    from yolo_qat.engine.data_download import allowing_downloads, missing_split_in
+    from yolo_qat.models.safe_load import MissingClassError, UnsafeCheckpointError, trusting
 
     try:
         opt = parse_args(argv)
@@ -367,11 +367,11 @@ def main(argv=None, callbacks: dict | None = None) -> int:
             return input_error(PROG, missing_split_in(e))
         if isinstance(e, (UnsafeCheckpointError, MissingClassError)):  # e.g. the --teacher, loaded by the trainer
             return input_error(PROG, e)
-        from engine.trainer import TrainingDiverged
+        from yolo_qat.engine.trainer import TrainingDiverged
 
         if isinstance(e, TrainingDiverged):
             return input_error(PROG, e, code=1)  # not an input error: training failed
-        from engine.distill import TeacherMismatchError
+        from yolo_qat.engine.distill import TeacherMismatchError
 
         if isinstance(e, TeacherMismatchError):  # found when the trainer loads the models, before any step
             return input_error(PROG, e)

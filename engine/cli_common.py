@@ -51,7 +51,7 @@ def add_shared(p: argparse.ArgumentParser, prog: str, *, project: str | None, we
     (a script that reads no checkpoint of its own). ``device_now``: resolve and announce --device while
     parsing (an unavailable device is then argparse's error); train_qat.py resolves it later itself
     (multi-GPU, and the device of a resumed run when --device is left out)."""
-    from engine.device import DEFAULT_HELP, device_arg
+    from yolo_qat.engine.device import DEFAULT_HELP, device_arg
 
     if weights_help is not None:
         p.add_argument("--weights", nargs=weights_nargs, required=weights_required, help=weights_help)

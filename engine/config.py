@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from quant import QuantRecipe
-from quant.recipe import dataclass_from
-from quant.step_optim import STEP_UPDATES
+from yolo_qat.quant import QuantRecipe
+from yolo_qat.quant.recipe import dataclass_from
+from yolo_qat.quant.step_optim import STEP_UPDATES
 
 METHODS = ("lsq", "dampen", "freeze")
 

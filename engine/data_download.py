@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from models.env_flag import env_flag
+from yolo_qat.models.env_flag import env_flag
 
 DOWNLOAD_ENV = "YOLO_QAT_DOWNLOAD"
 DOWNLOAD_HOW = (f"--download (train_qat.py, correct_qc.py, val.py, export.py, benchmarks/reproduce.py) or the "

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.recipe import dataclass_from
+from yolo_qat.quant.recipe import dataclass_from
 
 from .config import QATConfig
 
@@ -87,7 +87,7 @@ def head_family(head: nn.Module) -> str:
     """'anchor-based' (models/yolo.py Detect, Segment, IDetect) or 'anchor-free' (Ultralytics Detect, Segment)."""
     from ultralytics.nn.modules.head import Detect, Segment, v10Detect
 
-    from models.yolo import Detect as AnchorDetect
+    from yolo_qat.models.yolo import Detect as AnchorDetect
 
     if isinstance(head, AnchorDetect):
         return "anchor-based"
@@ -137,8 +137,8 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
 
 def load_teacher(teacher: "nn.Module | str | Path") -> nn.Module:
     """The teacher in eval mode with gradients off: a module as given, or the model of a .pt checkpoint."""
-    from models.checkpoint import load_checkpoint
-    from quant import is_quantized
+    from yolo_qat.models.checkpoint import load_checkpoint
+    from yolo_qat.quant import is_quantized
 
     if isinstance(teacher, (str, Path)):
         if not Path(teacher).is_file():
@@ -326,7 +326,7 @@ class AnchorBasedDistillation:
     YOLOv5 loss (box, obj, cls scaled by levels, image size and nc)."""
 
     def __init__(self, model: nn.Module, gains: DistillGains):
-        from models.loss import YOLOv5DetLoss
+        from yolo_qat.models.loss import YOLOv5DetLoss
 
         if gains.feat:
             raise ValueError("feature distillation needs the head's input features, which only anchor-free heads "
@@ -339,7 +339,7 @@ class AnchorBasedDistillation:
         self.stride_0 = float(torch.as_tensor(self.head.stride).flatten()[0])  # read once here, never per step
 
     def __call__(self, s_preds, t_preds, teacher: nn.Module) -> dict[str, torch.Tensor]:
-        from models.loss import _split_preds
+        from yolo_qat.models.loss import _split_preds
 
         (maps_s, proto_s), (maps_t, proto_t) = _split_preds(s_preds), _split_preds(t_preds)
         t_head, g, nc = detection_head(teacher), self.gains, self.nc

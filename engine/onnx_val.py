@@ -22,7 +22,7 @@ from unittest import mock
 
 import onnx
 
-from deploy.onnx_files import check_onnx_file
+from yolo_qat.deploy.onnx_files import check_onnx_file
 
 
 def is_onnx(weights) -> bool:
@@ -100,7 +100,7 @@ def project_ort_backend():
         def load_model(self, weight):
             import torch
 
-            from deploy.verify import ort_session
+            from yolo_qat.deploy.verify import ort_session
 
             self.device = torch.device("cpu")
             self.apply_metadata(self.read_metadata(weight))

@@ -26,8 +26,8 @@ from ultralytics.models.yolo.segment import SegmentationTrainer, SegmentationVal
 from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK, YAML
 from ultralytics.utils.torch_utils import unwrap_model
 
-from models.loss import DEFAULT_HYP, YOLOv5DetLoss, YOLOv5SegLoss, check_loss_hyp, resolve_hyp
-from models.registry import is_original_yaml
+from yolo_qat.models.loss import DEFAULT_HYP, YOLOv5DetLoss, YOLOv5SegLoss, check_loss_hyp, resolve_hyp
+from yolo_qat.models.registry import is_original_yaml
 
 from .autoanchor import broadcast_anchors, check_anchors
 from .validate import PredictionsOnlyDetectionValidator, PredictionsOnlySegmentationValidator
@@ -43,7 +43,7 @@ TRAIN_DEFAULTS = {**{k: DEFAULT_HYP[k] for k in _SHARED_HYP}, "optimizer": "SGD"
 
 def is_original(model) -> bool:
     """True for a model whose head is one of models.yolo's anchor-based heads (FP or quantized, any wrapper)."""
-    from models.yolo import Detect
+    from yolo_qat.models.yolo import Detect
 
     layers = getattr(unwrap_model(model), "model", None)
     return isinstance(layers, nn.Sequential) and len(layers) > 0 and isinstance(layers[-1], Detect)
@@ -58,7 +58,7 @@ def is_original_source(src) -> bool:
     if isinstance(src, (str, Path)) and str(src).endswith(".pt"):
         if not Path(src).is_file():
             return False
-        from models.checkpoint import load_checkpoint
+        from yolo_qat.models.checkpoint import load_checkpoint
 
         try:
             model, _ = load_checkpoint(src)
@@ -70,7 +70,7 @@ def is_original_source(src) -> bool:
 
 def original_yaml_task(cfg) -> str:
     """'segment' for an original yaml whose head is Segment, else 'detect'."""
-    from models.yolo import load_original_yaml
+    from yolo_qat.models.yolo import load_original_yaml
 
     head = load_original_yaml(cfg)["head"][-1][2]
     return "segment" if head == "Segment" else "detect"
@@ -153,7 +153,7 @@ def _user_defaults(cfg, overrides: dict) -> dict:
 def _implicit_without_decay(optimizer, model) -> None:
     """yolov7's ImplicitA / ImplicitM vectors train without weight decay, as its train.py groups them (decay would
     pull the multiplicative ImplicitM towards 0); Ultralytics' grouping puts them with the decayed weights."""
-    from models.common import ImplicitA, ImplicitM
+    from yolo_qat.models.common import ImplicitA, ImplicitM
 
     implicit = {id(p) for m in unwrap_model(model).modules() if isinstance(m, (ImplicitA, ImplicitM))
                 for p in m.parameters(recurse=False)}
@@ -188,7 +188,7 @@ class OriginalTrainerMixin:
         self.anchor_report: dict | None = None
 
     def get_model(self, cfg=None, weights=None, verbose=True):
-        from models.yolo import DetectionModel, SegmentationModel
+        from yolo_qat.models.yolo import DetectionModel, SegmentationModel
 
         cfg = cfg if cfg is not None else self.args.model
         if not is_original_yaml(cfg):

@@ -15,10 +15,10 @@ from torch import nn
 from tqdm import tqdm
 from ultralytics.utils import LOGGER
 
-from quant import is_quantized, set_quantizers_enabled
-from quant.bn_reestimate import reestimate_bn
-from models.checkpoint import save_checkpoint
-from quant.qc import FoldCheckError, fold_qc_checked, freeze_for_qc, insert_qc, qc_modules, set_batchnorm_eval
+from yolo_qat.quant import is_quantized, set_quantizers_enabled
+from yolo_qat.quant.bn_reestimate import reestimate_bn
+from yolo_qat.models.checkpoint import save_checkpoint
+from yolo_qat.quant.qc import FoldCheckError, fold_qc_checked, freeze_for_qc, insert_qc, qc_modules, set_batchnorm_eval
 
 from .calib import calibration_loader, ensure_loss_args, image_folder_loader, model_task, preprocess
 from .distill import DEFAULT_WEIGHT, attach_distillation, detach_distillation

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.cli_common import InputError
+from yolo_qat.engine.cli_common import InputError
 
 FORMS = "dicts are one yaml/json mapping, lists zero or more values, 'none' clears a value that may be None"
 

@@ -31,13 +31,13 @@ from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils import DEFAULT_CFG, LOCAL_RANK, LOGGER, RANK, YAML
 from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
 
-import models  # noqa: F401  (registers the YOLO layer policy)
-from models.checkpoint import load_checkpoint, save_checkpoint
-from quant import LSQQuantizer, calibrate, is_quantized, quant_convs, quantize_model, set_recompute_input
-from quant.targets import check_continued_target
-from quant.grid import MIN_SCALE
-from quant.step_optim import NEAR_FLOOR, step_size_optimizer, steps_near_floor
-from quant.oscillation import Dampening, DelayedCosine, OscillationTracker
+from yolo_qat import models  # noqa: F401  (registers the YOLO layer policy)
+from yolo_qat.models.checkpoint import load_checkpoint, save_checkpoint
+from yolo_qat.quant import LSQQuantizer, calibrate, is_quantized, quant_convs, quantize_model, set_recompute_input
+from yolo_qat.quant.targets import check_continued_target
+from yolo_qat.quant.grid import MIN_SCALE
+from yolo_qat.quant.step_optim import NEAR_FLOOR, step_size_optimizer, steps_near_floor
+from yolo_qat.quant.oscillation import Dampening, DelayedCosine, OscillationTracker
 
 from .config import QATConfig
 from .distill import attach_distillation, check_teacher, distillation_of, load_teacher, resolve_teacher_path
@@ -440,7 +440,7 @@ class QATTrainerMixin:
 
     def reestimate_bn_of_best(self) -> dict:
         """BN statistics of best.pt recomputed with the quantized forward -> weights/best_bn.pt, validated."""
-        from quant.bn_reestimate import reestimate_bn
+        from yolo_qat.quant.bn_reestimate import reestimate_bn
 
         path = self.wdir / "best_bn.pt"
         with torch_distributed_zero_first(LOCAL_RANK):  # DDP: rank 0 writes the file, the others wait for it

@@ -21,9 +21,9 @@ from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.models.yolo.segment import SegmentationValidator
 from ultralytics.utils import LOGGER, ops
 
-from engine.data_download import check_dataset
+from yolo_qat.engine.data_download import check_dataset
 
-from models.checkpoint import load_checkpoint
+from yolo_qat.models.checkpoint import load_checkpoint
 
 from .calib import model_task, resolve_data
 from .coco_eval import coco_annotations_path, coco_map, image_ids, remap_predictions, yolo_labels_to_coco

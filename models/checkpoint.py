@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant import is_quantized
+from yolo_qat.quant import is_quantized
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, **extra) -> Path:

@@ -89,6 +89,8 @@ def missing_class_message(path, exc: BaseException) -> str | None:
         module, what = m.group(2), f"class {m.group(2)}.{m.group(1)}"
     else:
         return None
+    module = module.removeprefix("yolo_qat.")  # the loaders resolve a checkpoint's models.* inside the package
+    what = what.replace("yolo_qat.", "", 1)
     if module.split(".")[0] not in ("models", "utils"):  # the YOLO repositories' packages; numpy etc. are other trouble
         return None
     hint = (" A YOLOv5 ClassificationModel is not a detector: this project quantizes detection and segmentation "

@@ -14,8 +14,8 @@ from ultralytics.nn.modules import Conv, Detect
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
-from quant import QuantConv2d, register_policy
-from quant.qc import fold_qc
+from yolo_qat.quant import QuantConv2d, register_policy
+from yolo_qat.quant.qc import fold_qc
 
 from . import yolo
 from .common import RepConv

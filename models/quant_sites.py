@@ -14,7 +14,7 @@ from torch import nn
 from ultralytics.nn.modules import block as um
 from ultralytics.nn.modules.conv import Concat as UltralyticsConcat
 
-from quant.act import output_quantizer
+from yolo_qat.quant.act import output_quantizer
 
 from . import common
 

@@ -55,15 +55,17 @@ from torch import nn
 
 from .env_flag import env_flag
 from .load_limits import StructureError, check_archive, check_object_tree
+from .pickled_names import current_module, renaming_pickle, spelled_names
 
 TRUST_ENV = "YOLO_QAT_TRUST_CHECKPOINT"
 TRUST_HOW = (f"--trust-checkpoint (train_qat.py, correct_qc.py, val.py, export.py, benchmarks/reproduce.py) or the "
              f"environment variable {TRUST_ENV}=1 (also for the Python API)")
 
 # Packages whose nn.Module classes checkpoints pickle, walked at first use.
-MODULE_PACKAGES = ("torch.nn.modules", "ultralytics.nn.modules", "ultralytics.nn.tasks", "models", "quant")
+MODULE_PACKAGES = ("torch.nn.modules", "ultralytics.nn.modules", "ultralytics.nn.tasks", "yolo_qat.models",
+                   "yolo_qat.quant")
 # Modules whose classes (any, not only nn.Module) older checkpoints keep on the model as ``criterion``.
-OBJECT_MODULES = ("ultralytics.utils.loss", "ultralytics.utils.tal", "models.loss")
+OBJECT_MODULES = ("ultralytics.utils.loss", "ultralytics.utils.tal", "yolo_qat.models.loss")
 # Legacy names Ultralytics itself maps when loading (ultralytics.nn.tasks.torch_safe_load's temporary_modules).
 LEGACY_ALIASES = {
     "ultralytics.nn.modules.block.Silence": "torch.nn.modules.linear.Identity",  # YOLOv9e
@@ -167,8 +169,8 @@ class _Registry:
         self.entries["builtins.getattr"] = [(_forward_getattr, "builtins.getattr")]
 
     def _rebuild_only(self, cls: type, name: str | None = None):
-        name = name or f"{cls.__module__}.{cls.__qualname__}"
-        self.entries[name] = [(_Rebuild(cls, name), name), (cls, name + _BUILD_SUFFIX)]
+        for name in spelled_names(name or f"{cls.__module__}.{cls.__qualname__}"):
+            self.entries[name] = [(_Rebuild(cls, name), name), (cls, name + _BUILD_SUFFIX)]
         self.real_classes.add(cls)
 
     def _add(self, obj, *names):
@@ -308,11 +310,11 @@ def _missing_class(path, name: str) -> str | None:
         return None
     from .original import missing_class_message
 
-    mod = sys.modules.get(module)
+    mod = sys.modules.get(current_module(module))
     if mod is None and module.split(".")[0] == "models":
         with contextlib.suppress(ImportError, ValueError):
-            if importlib.util.find_spec(module) is not None:
-                mod = importlib.import_module(module)  # this repo's own module
+            if importlib.util.find_spec(current_module(module)) is not None:
+                mod = importlib.import_module(current_module(module))  # this repo's own module
     if mod is not None:
         exc = AttributeError(f"Can't get attribute '{attr}' on <module '{module}'>")
     else:
@@ -370,7 +372,7 @@ def safe_load(path: str | Path | io.IOBase, trust: bool | None = None) -> Any:
               f"torch.load(weights_only=False); beyond the safe list it allowed "
               f"{', '.join(extra) if extra else 'what the safe loader refused'}: {reason}", file=sys.stderr)
         f.seek(0)
-        obj = torch.load(f, map_location="cpu", weights_only=False)
+        obj = torch.load(f, map_location="cpu", weights_only=False, pickle_module=renaming_pickle)
         _within_limits(label, check_object_tree, obj)
         return obj
 

@@ -76,7 +76,7 @@ def _is_layer_class(obj) -> bool:
         return False
     if obj.__name__ in _NOT_LAYERS:
         return False
-    return obj.__module__.startswith(_LAYER_PACKAGES) or obj.__module__ in ("models.common", "models.yolo")
+    return obj.__module__.startswith(_LAYER_PACKAGES) or obj.__module__ in ("yolo_qat.models.common", "yolo_qat.models.yolo")
 
 
 def _layer_problem(layer, original: bool) -> str | None:

@@ -29,7 +29,7 @@ _POLICIES: list[Callable[[nn.Module], dict | None]] = []
 # policies are also named here, by the module prefix of the model classes they handle, and
 # imported on demand: only names, so quant/ imports no model library, and only for a model whose
 # class (or a base class: user subclasses count) comes from that library.
-POLICY_PROVIDERS: dict[str, str] = {"ultralytics.": "models.policy"}
+POLICY_PROVIDERS: dict[str, str] = {"ultralytics.": "yolo_qat.models.policy"}
 
 
 def register_policy(policy: Callable[[nn.Module], dict | None]) -> Callable:

@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data.embedded import write_split  # the file layout only: the scenes are this module's own
+from yolo_qat.data.embedded import write_split  # the file layout only: the scenes are this module's own
 
 VERSION = 2  # bump when the scenes change, so cached copies are rebuilt
 MARKER = ".complete"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from quant import QuantConv2d, set_recompute_input
+from yolo_qat.quant import QuantConv2d, set_recompute_input
 
 
 class ConvOperands(TorchDispatchMode):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from quant import QuantConv2d, calibrate
-from quant.bn_reestimate import reestimate_bn
+from yolo_qat.quant import QuantConv2d, calibrate
+from yolo_qat.quant.bn_reestimate import reestimate_bn
 
 
 def model(seed=0):

@@ -2,7 +2,7 @@
 found before the dataset is touched or a model built (issue 12, item 3)."""
 import pytest
 
-import engine.cli as cli
+import yolo_qat.engine.cli as cli
 
 BASE = ["--cfg", "yolov5nu", "--epochs", "1", "--imgsz", "64", "--batch", "4", "--workers", "0"]
 
@@ -49,9 +49,9 @@ def test_loss_hyp_errors(args, expect, monkeypatch, tmp_path, capsys):
     """--loss-hyp is checked, and refused for an anchor-free model (yolov5nu), before any training."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "train_fp", lambda *a: (_ for _ in ()).throw(AssertionError("training started")))
-    import engine.trainer
+    import yolo_qat.engine.trainer
 
-    monkeypatch.setattr(engine.trainer, "qat_trainer_class",
+    monkeypatch.setattr(yolo_qat.engine.trainer, "qat_trainer_class",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("QAT started")))
     code = cli.main([*BASE, *args, "--project", str(tmp_path / "runs")])
     err = capsys.readouterr().err
@@ -62,8 +62,8 @@ def test_distill_errors_are_one_paragraph(monkeypatch, tmp_path, capsys):
     """--distill without a teacher to default to, and a teacher for other classes: exit 2, no traceback, no step."""
     from ultralytics.nn.tasks import DetectionModel
 
-    from models.checkpoint import save_checkpoint
-    from models.registry import resolve_model_cfg
+    from yolo_qat.models.checkpoint import save_checkpoint
+    from yolo_qat.models.registry import resolve_model_cfg
 
     monkeypatch.chdir(tmp_path)
     args = [*BASE, "--project", str(tmp_path / "runs")]

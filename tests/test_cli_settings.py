@@ -20,11 +20,11 @@ import yaml
 import correct_qc
 import export
 import val
-from engine import cli
-from engine.cli_common import output_dir
-from engine.config import QATConfig, QCConfig
-from engine.settings import _members, default_of, setting_fields
-from quant import QuantRecipe
+from yolo_qat.engine import cli
+from yolo_qat.engine.cli_common import output_dir
+from yolo_qat.engine.config import QATConfig, QCConfig
+from yolo_qat.engine.settings import _members, default_of, setting_fields
+from yolo_qat.quant import QuantRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -125,7 +125,7 @@ def test_defaults_are_the_dataclasses_and_every_field_has_help():
 
 
 def test_qc_config_mirrors_run_qc():
-    from engine.qc import run_qc
+    from yolo_qat.engine.qc import run_qc
 
     params = inspect.signature(run_qc).parameters
     fields = {f.name: f for f in dataclasses.fields(QCConfig)}
@@ -196,7 +196,7 @@ def test_outputs_are_numbered_like_ultralytics_runs(tmp_path):
 def test_imgsz_defaults_to_the_checkpoint_training_size(tmp_path):
     from ultralytics.nn.tasks import DetectionModel
 
-    from models.checkpoint import save_checkpoint
+    from yolo_qat.models.checkpoint import save_checkpoint
 
     model = DetectionModel("yolov5nu.yaml", nc=3, verbose=False)
     model.args = {"imgsz": 96, "task": "detect"}
@@ -212,7 +212,7 @@ def test_imgsz_defaults_to_the_checkpoint_training_size(tmp_path):
 
 
 def test_format_table_shows_only_the_sources_that_scored():
-    from engine.validate import format_table
+    from yolo_qat.engine.validate import format_table
 
     trained = {"QAT": {"task": "detect", "ultralytics": {"box.map": 0.25, "box.map50": 0.5}}}
     text = format_table(trained).splitlines()
@@ -228,9 +228,9 @@ def test_format_table_shows_only_the_sources_that_scored():
 def test_export_verifies_on_validation_images_of_data(tmp_path, capsys):
     from ultralytics.nn.tasks import DetectionModel
 
-    from data.embedded import ensure_embedded_dataset
-    from models.checkpoint import save_checkpoint
-    from quant import calibrate, quantize_model
+    from yolo_qat.data.embedded import ensure_embedded_dataset
+    from yolo_qat.models.checkpoint import save_checkpoint
+    from yolo_qat.quant import calibrate, quantize_model
 
     data = ensure_embedded_dataset(root=tmp_path / "ds", n_train=2, n_val=3, imgsz=64)
     x = export.verify_images(data, 64, 4)

@@ -24,14 +24,14 @@ from onnx import TensorProto, helper
 from torch import nn
 
 import correct_qc
-import deploy
-import engine.cli as cli
+from yolo_qat import deploy
+import yolo_qat.engine.cli as cli
 import export
 import test_safe_load as tsl
 import val
 from benchmarks import reproduce
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.safe_load import TRUST_ENV, UnsafeCheckpointError, safe_load
+from yolo_qat.models.checkpoint import load_checkpoint, save_checkpoint
+from yolo_qat.models.safe_load import TRUST_ENV, UnsafeCheckpointError, safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
 HANG_GUARD_S = 300  # fails a hang; the DAG is refused in well under a second
@@ -45,7 +45,7 @@ def untrusted(monkeypatch):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from data.embedded import ensure_embedded_dataset
+    from yolo_qat.data.embedded import ensure_embedded_dataset
 
     return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
 
@@ -194,8 +194,8 @@ def test_shared_children_dag_is_refused_without_hanging(fp, data, tmp_path):
         import contextlib, io, json, sys
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
         from pathlib import Path
-        import deploy, test_safe_load as tsl
-        from models.checkpoint import load_checkpoint
+        from yolo_qat import deploy; import test_safe_load as tsl
+        from yolo_qat.models.checkpoint import load_checkpoint
         out = []
         points = tsl.entry_points(Path({str(data)!r}), Path({str(fp)!r}), Path({str(tmp_path)!r}))
         for name, (run, prog) in points.items():
@@ -262,7 +262,7 @@ def test_data_yaml_download_runs_only_when_asked(kind, fp, tmp_path, capsys, mon
                        "--download")
         assert not marker.exists(), prog
         assert not (tmp_path / "runs").exists() and files(tmp_path) == before, prog  # refused before any output
-    from engine.data_download import MissingSplitError, check_dataset
+    from yolo_qat.engine.data_download import MissingSplitError, check_dataset
 
     with pytest.raises(MissingSplitError):  # the Python API
         check_dataset(evil)
@@ -276,7 +276,7 @@ def test_data_yaml_download_runs_only_when_asked(kind, fp, tmp_path, capsys, mon
 def test_resume_writes_only_into_the_checkpoints_own_run(data, tmp_path, capsys):
     """A last.pt whose train_args name another directory (another run's, say): the resumed run's directory is the
     file's own (.../weights/last.pt -> ...), with one note, and the other directory stays untouched."""
-    from engine.trainer import qat_trainer_class
+    from yolo_qat.engine.trainer import qat_trainer_class
 
     victim = tmp_path / "other-run"
     (victim / "weights").mkdir(parents=True)
@@ -315,7 +315,7 @@ def onnx_with_external(path: Path, location: str) -> Path:
 
 @pytest.mark.parametrize("location", ["../secret.bin", "/etc/hostname"])
 def test_onnx_external_data_outside_its_folder_is_refused(location, tmp_path, capsys):
-    from deploy.verify import ort_session
+    from yolo_qat.deploy.verify import ort_session
 
     (tmp_path / "secret.bin").write_bytes(b"\0\0\x80?")
     path = onnx_with_external(tmp_path / "model" / "m.onnx", location)

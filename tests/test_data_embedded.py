@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.embedded import MARKER, NAMES, ensure_embedded_dataset
+from yolo_qat.data.embedded import MARKER, NAMES, ensure_embedded_dataset
 
 SMALL = dict(n_train=6, n_val=3, imgsz=96)
 

@@ -64,8 +64,8 @@ def _worker(rank: int, port: int, data_yaml: str, out: str):
     torch.set_num_threads(1)  # one core per rank
     import torch.distributed as dist
 
-    import engine.trainer as et
-    from quant import quant_convs
+    import yolo_qat.engine.trainer as et
+    from yolo_qat.quant import quant_convs
     from ultralytics.utils.torch_utils import unwrap_model
 
     _cpu_stands_in_for_cuda(WORLD)
@@ -134,7 +134,7 @@ def _is_bn_statistic(key: str) -> bool:
 
 
 def test_two_cpu_ranks_stay_bit_identical_and_only_rank0_writes(tmp_path):
-    from data.embedded import ensure_embedded_dataset
+    from yolo_qat.data.embedded import ensure_embedded_dataset
 
     data = ensure_embedded_dataset(root=tmp_path / "ds", n_train=N_TRAIN, n_val=4, imgsz=64)
     out = tmp_path / "runs"

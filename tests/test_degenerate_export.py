@@ -16,12 +16,12 @@ import pytest
 import torch
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
-import deploy
-from deploy.degenerate_bias import fit_int32_bias
-from deploy.verify import compare_onnxruntime
-from quant import calibrate, quant_convs, quantize_model
-from quant.act import output_quantizer
-from quant.grid import MIN_SCALE
+from yolo_qat import deploy
+from yolo_qat.deploy.degenerate_bias import fit_int32_bias
+from yolo_qat.deploy.verify import compare_onnxruntime
+from yolo_qat.quant import calibrate, quant_convs, quantize_model
+from yolo_qat.quant.act import output_quantizer
+from yolo_qat.quant.grid import MIN_SCALE
 
 IMGSZ = 64
 MODELS = {"yolo11n.yaml": DetectionModel, "yolo26n.yaml": DetectionModel, "yolo11n-seg.yaml": SegmentationModel,

@@ -3,8 +3,8 @@ the thread count changes the numbers) and prints the spread measured over seeds.
 import torch
 import ultralytics.utils.torch_utils as tu
 
-from engine.cli import DEMO, parse_args
-from engine.demo import DEMO_THREADS, SEED_SPREAD, pin_threads, reference_lines
+from yolo_qat.engine.cli import DEMO, parse_args
+from yolo_qat.engine.demo import DEMO_THREADS, SEED_SPREAD, pin_threads, reference_lines
 
 
 def test_no_arguments_is_the_demo_and_flags_are_not():

@@ -6,9 +6,9 @@ from ultralytics.utils import NUM_THREADS, torch_utils
 from ultralytics.utils.torch_utils import select_device
 
 import correct_qc
-import engine.cli as cli
+import yolo_qat.engine.cli as cli
 import val
-from engine.device import resolve_device
+from yolo_qat.engine.device import resolve_device
 
 
 @pytest.fixture

@@ -15,16 +15,16 @@ from torch import nn
 from ultralytics.nn.tasks import DetectionModel as UDetectionModel
 from ultralytics.nn.tasks import SegmentationModel as USegmentationModel
 
-import models  # noqa: F401  (registers the YOLO policy)
-from engine.calib import calibration_loader, ensure_loss_args, image_folder_loader, preprocess
-from engine.distill import (DistillationCriterion, TeacherMismatchError, attach_distillation, check_teacher,
+from yolo_qat import models  # noqa: F401  (registers the YOLO policy)
+from yolo_qat.engine.calib import calibration_loader, ensure_loss_args, image_folder_loader, preprocess
+from yolo_qat.engine.distill import (DistillationCriterion, TeacherMismatchError, attach_distillation, check_teacher,
                             checkpoint_teacher, distillation_of)
-from engine.ema import QATModelEMA
-from models import yolo as original
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.registry import resolve_model_cfg
-from quant import QuantConv2d, calibrate, quantize_model, set_quantizers_enabled
-from quant.qc import qc_modules, set_batchnorm_eval
+from yolo_qat.engine.ema import QATModelEMA
+from yolo_qat.models import yolo as original
+from yolo_qat.models.checkpoint import load_checkpoint, save_checkpoint
+from yolo_qat.models.registry import resolve_model_cfg
+from yolo_qat.quant import QuantConv2d, calibrate, quantize_model, set_quantizers_enabled
+from yolo_qat.quant.qc import qc_modules, set_batchnorm_eval
 
 NAMES = {0: "ellipse", 1: "rectangle", 2: "triangle", 3: "star"}
 MODELS = ["yolov5nu", "yolov5nu-seg", "yolov5n", "yolov5n-seg"]
@@ -34,7 +34,7 @@ TERMS = {"yolov5nu": {"cls", "box"}, "yolov5nu-seg": {"cls", "box", "mask"}, "yo
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from data.embedded import ensure_embedded_dataset
+    from yolo_qat.data.embedded import ensure_embedded_dataset
 
     return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
 
@@ -188,7 +188,7 @@ def kill_at_second_epoch(trainer):
 
 
 def test_qat_resume_restores_distillation_and_teacher(data, images, tmp_path):
-    from engine.trainer import qat_trainer_class
+    from yolo_qat.engine.trainer import qat_trainer_class
 
     fp = save_checkpoint(tmp_path / "fp.pt", fp_like("yolov5nu-seg", images))
     trainer = qat_trainer_class("segment")(overrides=qat_overrides(data, tmp_path, fp, distill=True,
@@ -245,7 +245,7 @@ def test_qat_resume_restores_distillation_and_teacher(data, images, tmp_path):
 
 
 def test_original_trainer_logs_kd_and_yaml_models_have_no_default_teacher(data, images, tmp_path):
-    from engine.trainer import qat_trainer_class
+    from yolo_qat.engine.trainer import qat_trainer_class
 
     fp = save_checkpoint(tmp_path / "fp.pt", fp_like("yolov5n", images))
     ov = qat_overrides(data, tmp_path, fp, distill=True)
@@ -264,7 +264,7 @@ def test_original_trainer_logs_kd_and_yaml_models_have_no_default_teacher(data, 
 
 
 def test_label_free_qc_on_an_image_folder(data, images, tmp_path):
-    from engine.qc import run_qc
+    from yolo_qat.engine.qc import run_qc
 
     folder = tmp_path / "photos"  # images only: no labels folder, no dataset yaml
     shutil.copytree(data.parent / "images" / "train", folder)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.ema import QATModelEMA
-from quant import QuantConv2d
+from yolo_qat.engine.ema import QATModelEMA
+from yolo_qat.quant import QuantConv2d
 
 
 def small_model(seed=0):

@@ -22,10 +22,10 @@ from onnx import TensorProto, numpy_helper
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 from ultralytics.utils.nms import non_max_suppression
 
-import deploy
-from deploy.verify import compare_onnxruntime, reference_outputs
-from models.checkpoint import save_checkpoint
-from quant import calibrate, layer_bits, layer_roles, quantize_model
+from yolo_qat import deploy
+from yolo_qat.deploy.verify import compare_onnxruntime, reference_outputs
+from yolo_qat.models.checkpoint import save_checkpoint
+from yolo_qat.quant import calibrate, layer_bits, layer_roles, quantize_model
 from test_quantize_yolo import build, images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,8 +168,8 @@ def test_qc_folded_dynamic_export(tmp_path):
 # and output1 protos (B, nm, H/4, W/4), float (fused) and Q/DQ. Same tolerance as above, applied per column
 # group (box pixels, then scores and mask coefficients), so that scores are not hidden behind pixel coordinates.
 
-from deploy.verify import run_onnx  # noqa: E402
-from models.original import load_original  # noqa: E402
+from yolo_qat.deploy.verify import run_onnx  # noqa: E402
+from yolo_qat.models.original import load_original  # noqa: E402
 from test_original_quant import EXPECTED_8BIT, FIX, FIXTURES, RECIPE, needs_fixtures  # noqa: E402
 
 NO = {"yolov5n": 8, "yolov5n-seg": 40, "yolov7-tiny": 8}  # 5 + nc (3) [+ nm (32)]

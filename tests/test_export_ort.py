@@ -18,11 +18,11 @@ import pytest
 import torch
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
-import deploy
-from deploy.verify import compare_onnxruntime, ort_session
-from quant import LSQQuantizer, QuantConv2d, calibrate, quant_convs, quantize_model
-from quant.act import FixedQuantizer, QuantAct, QuantOut, output_quantizers
-from quant.targets import TARGET_NAMES
+from yolo_qat import deploy
+from yolo_qat.deploy.verify import compare_onnxruntime, ort_session
+from yolo_qat.quant import LSQQuantizer, QuantConv2d, calibrate, quant_convs, quantize_model
+from yolo_qat.quant.act import FixedQuantizer, QuantAct, QuantOut, output_quantizers
+from yolo_qat.quant.targets import TARGET_NAMES
 from test_quantize_yolo import build, images
 
 CFGS = {"det": ("yolov5nu.yaml", DetectionModel), "seg": ("yolov8n-seg.yaml", SegmentationModel)}
@@ -220,7 +220,7 @@ def test_sessions_use_the_exact_arithmetic_mode(exported, monkeypatch):
 def test_qc_corrections_fold_into_an_integer_export(tmp_path):
     """QC wraps each conv (a head conv's inside its QuantOut, so the correction comes before the output
     quantizer, as BN does); folded, the export still runs every conv as QLinearConv and matches."""
-    from quant.qc import fold_qc, insert_qc, qc_parameters
+    from yolo_qat.quant.qc import fold_qc, insert_qc, qc_parameters
 
     q = copy.deepcopy(quantized("seg", "w4a8"))
     assert insert_qc(q) == len(quant_convs(q))

@@ -12,10 +12,10 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-import deploy
-from quant import LSQQuantizer, QuantConv2d, calibrate, quant_convs, quantize_model
-from quant.act import QuantAct, QuantOut, output_quantizers
-from quant.recipe import QuantRecipe
+from yolo_qat import deploy
+from yolo_qat.quant import LSQQuantizer, QuantConv2d, calibrate, quant_convs, quantize_model
+from yolo_qat.quant.act import QuantAct, QuantOut, output_quantizers
+from yolo_qat.quant.recipe import QuantRecipe
 from test_export_ort import BITS, CFGS, IMGSZ, _FP, assert_matches_up_to_ties, optimized_ops
 from test_quantize_yolo import build, images
 
@@ -70,7 +70,7 @@ def _weights(q, m):
 
 
 def _check_weights(q, m, int4: bool):
-    from models import fold_bn_into_quant_convs
+    from yolo_qat.models import fold_bn_into_quant_convs
 
     folded = copy.deepcopy(q)
     fold_bn_into_quant_convs(folded)  # BN into out_scale, as the export does (the codes do not change)
@@ -187,7 +187,7 @@ def test_tensorrt_quantizers_are_symmetric_and_shared():
 
 
 def test_continuing_a_quantized_checkpoint_for_another_target_is_an_error():
-    from quant.targets import check_continued_target
+    from yolo_qat.quant.targets import check_continued_target
 
     q = quantized("det", "w8a8", "npu")
     check_continued_target(q, "npu")
@@ -200,7 +200,7 @@ def test_continuing_a_quantized_checkpoint_for_another_target_is_an_error():
 def test_checkpoints_of_the_targets_reload_identically(target, tmp_path):
     """Safe loading (the allowlist includes the swapped Concat / Bottleneck classes) and the packed checkpoint
     (narrow weight grids, the targets' quantizers) give the same model."""
-    from models.checkpoint import load_checkpoint, save_checkpoint
+    from yolo_qat.models.checkpoint import load_checkpoint, save_checkpoint
 
     q = quantized("det", "w4a8", target)
     x = images(2, IMGSZ, 3)

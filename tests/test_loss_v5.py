@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.loss import DEFAULT_HYP, YOLOv5DetLoss, YOLOv5SegLoss, bce_with_logits, build_targets
+from yolo_qat.models.pickled_names import renaming_pickle
+from yolo_qat.models.loss import DEFAULT_HYP, YOLOv5DetLoss, YOLOv5SegLoss, bce_with_logits, build_targets
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -476,15 +477,15 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "origin
 def test_with_the_original_models(source):
     """The real anchor-based classes of models/yolo.py (written beside this loss), built from the shipped yamls
     or loaded from an original checkpoint (fp16 anchors)."""
-    yolo = pytest.importorskip("models.yolo")
+    yolo = pytest.importorskip("yolo_qat.models.yolo")
     if not hasattr(yolo, "DetectionModel"):
-        pytest.skip("models.yolo.DetectionModel not available")
-    from models import MODELS_DIR
+        pytest.skip("yolo_qat.models.yolo.DetectionModel not available")
+    from yolo_qat.models import MODELS_DIR
     torch.manual_seed(11)
     if source.endswith(".pt"):
         if not (FIXTURES / source).exists():
             pytest.skip(f"{source} fixture absent")
-        model = torch.load(FIXTURES / source, weights_only=False)["model"].float()
+        model = torch.load(FIXTURES / source, weights_only=False, pickle_module=renaming_pickle)["model"].float()
     else:
         if not (MODELS_DIR / source).exists():
             pytest.skip(f"models/{source} not shipped")

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from quant import LSQQuantizer, lsq_fake_quant
-from quant.lsq import qrange
+from yolo_qat.quant import LSQQuantizer, lsq_fake_quant
+from yolo_qat.quant.lsq import qrange
 
 
 def _reference_per_tensor(x, s, qmin, qmax, g):
@@ -140,7 +140,7 @@ def test_state_dict_round_trip_marks_initialized():
 
 
 def test_weight_init_mse_beats_lsq_formula():
-    from quant.range_init import lsq_formula_scale, mse_scale
+    from yolo_qat.quant.range_init import lsq_formula_scale, mse_scale
 
     w = torch.randn(64, 32, 3, 3) * 0.05
     qmin, qmax = qrange(4, True)

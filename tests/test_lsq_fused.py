@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant import fused as fused_lsq
-from quant import lsq_fake_quant
-from quant.lsq import qrange
+from yolo_qat.quant import fused as fused_lsq
+from yolo_qat.quant import lsq_fake_quant
+from yolo_qat.quant.lsq import qrange
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch):
 
 
 def test_env_switch_turns_it_off():
-    code = ("import torch; from quant import fused, lsq_fake_quant; "
+    code = ("import torch; from yolo_qat.quant import fused, lsq_fake_quant; "
             "y = lsq_fake_quant(torch.randn(2, 3, 4, 4, requires_grad=True), torch.tensor([0.1]), 0, 15, 1.0); "
             "print(fused.extension() is None, type(y.grad_fn).__name__)")
     env = dict(os.environ, QAT_FUSED_LSQ="0")

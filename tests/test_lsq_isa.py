@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from quant import LSQQuantizer
-from quant.lsq import lsq_fake_quant
+from yolo_qat.quant import LSQQuantizer
+from yolo_qat.quant.lsq import lsq_fake_quant
 
 
 def numpy_fake_quant(x, s, b, qmin, qmax):

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.grid import MIN_SCALE, qrange
-from quant.lsq import lsq_fake_quant
+from yolo_qat.quant.grid import MIN_SCALE, qrange
+from yolo_qat.quant.lsq import lsq_fake_quant
 
 pytest.importorskip("triton", reason="triton is not installed (the CUDA kernels are Triton)")
 
@@ -44,7 +44,7 @@ def test_in_interpreter_subprocess():
 
 @pytest.fixture(scope="module")
 def kt():
-    import quant.lsq_triton as mod
+    import yolo_qat.quant.lsq_triton as mod
 
     assert mod._INTERPRET
     return mod
@@ -144,7 +144,7 @@ def test_kernel_matches_reference(kt, dtype, nhwc, special):
 def test_inf_input_gives_finite_scale_gradient(kt, dtype):
     """An activation that overflowed to +-inf under fp16 AMP: finite ds / db (the clip gradient), the same
     in the reference, the CPU kernel (if built) and the Triton kernels."""
-    from quant import fused as fused_lsq
+    from yolo_qat.quant import fused as fused_lsq
 
     qmin, qmax = qrange(4, False)
     x, dy = _inputs((2, 3, 5, 7), 0.0625, qmin, qmax, -0.25, dtype, False, seed=3)
@@ -336,7 +336,7 @@ def test_per_channel_dispatch_and_supports(kt):
     """fused.fake_quant_cuda (what lsq_fake_quant calls on CUDA) takes the per-channel kernels for an axis (in
     the interpreter they run on CPU tensors), the reference inside ``reference_only()``; ``supports`` wants one
     step (and offset) per slice; a strided view and a negative axis work."""
-    from quant import fused as fused_lsq
+    from yolo_qat.quant import fused as fused_lsq
 
     w = torch.randn(6, 4, 3, 3)[:, :, :, ::2]  # strided: made contiguous
     s = torch.rand(6) * 0.1 + 0.01
@@ -356,7 +356,7 @@ def test_per_channel_dispatch_and_supports(kt):
 def test_quantizers_are_created_on_the_layer_device():
     """QuantConv2d's quantizers (step sizes, offsets, flags) follow the conv's device ('meta' here: nothing is
     computed, so no range initialisation is needed to see where they were made)."""
-    from quant.qconv import QuantConv2d
+    from yolo_qat.quant.qconv import QuantConv2d
 
     q = QuantConv2d(4, 8, 3, device="meta")
     where = {n: t.device.type for n, t in list(q.named_parameters()) + list(q.named_buffers())}
@@ -376,7 +376,7 @@ def test_kernels_compile_for_hopper_without_fma_or_approximate_division():
         from triton.compiler import ASTSource
     except ImportError as e:  # pragma: no cover - another triton layout
         pytest.skip(f"triton's ahead-of-time compiler API is not available: {e}")
-    import quant.lsq_triton as m
+    import yolo_qat.quant.lsq_triton as m
 
     ints = {"n", "C", "inner", "per_ch", "nblk"}
     consts_ = {"HAS_B", "OUTER1", "OUT_BF16", "BLOCK"}

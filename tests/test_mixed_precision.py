@@ -13,12 +13,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import models  # noqa: E402,F401  (the YOLO layer policy)
-from quant import QuantRecipe, calibrate, layer_bits, quant_convs, quantize_model  # noqa: E402
-from quant.allocate import allocate, brute_force  # noqa: E402
-from quant.costs import (LayerGeometry, bitops, htp_int4_rule, paying_widths, runs, weight_bits,  # noqa: E402
+from yolo_qat import models  # noqa: E402,F401  (the YOLO layer policy)
+from yolo_qat.quant import QuantRecipe, calibrate, layer_bits, quant_convs, quantize_model  # noqa: E402
+from yolo_qat.quant.allocate import allocate, brute_force  # noqa: E402
+from yolo_qat.quant.costs import (LayerGeometry, bitops, htp_int4_rule, paying_widths, runs, weight_bits,  # noqa: E402
                          weight_cost)
-from quant.sensitivity import collect_inputs, layer_sensitivity, lowered, nsr, recipe_names, spearman  # noqa: E402
+from yolo_qat.quant.sensitivity import collect_inputs, layer_sensitivity, lowered, nsr, recipe_names, spearman  # noqa: E402
 
 
 def tiny_net():
@@ -100,7 +100,7 @@ def test_lowered_keeps_the_narrow_grid_and_unshares_an_encoding_of_other_bits():
 
 
 def test_yolo_proxy_groups_and_geometry():
-    from engine.sensitivity import layer_geometry, yolo_noise, yolo_outputs
+    from yolo_qat.engine.sensitivity import layer_geometry, yolo_noise, yolo_outputs
 
     for task, groups in (("detect", 2), ("segment", 4)):
         m = yolo(task)
@@ -231,7 +231,7 @@ def test_allocator_matches_brute_force_and_respects_the_budget():
 
 def fake_report(model, target="npu"):
     """A sensitivity report of ``model`` as engine.sensitivity.measure writes it, with made-up sensitivities."""
-    from engine.sensitivity import layer_geometry
+    from yolo_qat.engine.sensitivity import layer_geometry
 
     q = quantize_model(model, QuantRecipe(w_bits=8, a_bits=8, first_last_bits=None, per_channel=True, target=target))
     calibrate(q, [torch.rand(1, 3, 64, 64)], num_batches=1)
@@ -246,8 +246,8 @@ def fake_report(model, target="npu"):
 
 
 def test_recipe_round_trip_through_train_qat_config(tmp_path):
-    from engine.cli import parse_args, qat_config
-    from engine.sensitivity import MixedPrecisionConfig, mixed_precision
+    from yolo_qat.engine.cli import parse_args, qat_config
+    from yolo_qat.engine.sensitivity import MixedPrecisionConfig, mixed_precision
 
     report = fake_report(yolo())
     total = sum(layer["params"] for layer in report["layers"])
@@ -306,8 +306,8 @@ def test_measure_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
     """mixed_precision.py on an FP checkpoint: calibration on the dataset, the proxy of every paying width, the mAP
     check and the recipe."""
     import mixed_precision as mp
-    from data.embedded import ensure_embedded_dataset
-    from models.checkpoint import save_checkpoint
+    from yolo_qat.data.embedded import ensure_embedded_dataset
+    from yolo_qat.models.checkpoint import save_checkpoint
 
     data = ensure_embedded_dataset(root=tmp_path / "ds", n_train=4, n_val=2, imgsz=64)
     fp = save_checkpoint(tmp_path / "fp.pt", yolo(nc=4))  # the embedded dataset's 4 classes

@@ -3,7 +3,7 @@ import pytest
 import torch
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel, guess_model_task, yaml_model_load
 
-from models.registry import MODEL_CFGS, is_original_yaml, resolve_model_cfg
+from yolo_qat.models.registry import MODEL_CFGS, is_original_yaml, resolve_model_cfg
 
 
 def _build(name):

@@ -14,12 +14,13 @@ import torch
 from ultralytics.utils import DEFAULT_CFG_DICT, LOGGER, YAML
 from ultralytics.utils.nms import non_max_suppression
 
-from engine.autoanchor import anchor_metrics, check_anchors, fit_anchors, head_anchors_px, label_sizes
-from engine.original import (TRAIN_DEFAULTS, OriginalDetectionTrainer, OriginalSegmentationTrainer, is_original,
+from yolo_qat.models.pickled_names import renaming_pickle
+from yolo_qat.engine.autoanchor import anchor_metrics, check_anchors, fit_anchors, head_anchors_px, label_sizes
+from yolo_qat.engine.original import (TRAIN_DEFAULTS, OriginalDetectionTrainer, OriginalSegmentationTrainer, is_original,
                              is_original_source, to_ultralytics_preds, validator_class)
-from models.loss import build_targets
-from models.registry import ORIGINAL_CFGS
-from models.yolo import DetectionModel, IDetect, SegmentationModel
+from yolo_qat.models.loss import build_targets
+from yolo_qat.models.registry import ORIGINAL_CFGS
+from yolo_qat.models.yolo import DetectionModel, IDetect, SegmentationModel
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT.parent / "shared" / "fixtures" / "original-yolo"
@@ -29,7 +30,7 @@ needs_fixtures = pytest.mark.skipif(not FIX.is_dir(), reason=f"fixtures not foun
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from data.embedded import ensure_embedded_dataset
+    from yolo_qat.data.embedded import ensure_embedded_dataset
 
     return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
 
@@ -191,8 +192,8 @@ def test_original_output_to_ultralytics_nms_layout():
 def test_validator_and_trainer_dispatch(tmp_path):
     from ultralytics.models.yolo.detect import DetectionValidator
 
-    from engine.trainer import QATOriginalSegmentationTrainer, QATSegmentationTrainer, qat_trainer_class
-    from engine.validate import PredictionsOnlySegmentationValidator
+    from yolo_qat.engine.trainer import QATOriginalSegmentationTrainer, QATSegmentationTrainer, qat_trainer_class
+    from yolo_qat.engine.validate import PredictionsOnlySegmentationValidator
 
     cls = validator_class("segment", original=True, predictions_only=True)
     assert issubclass(cls, PredictionsOnlySegmentationValidator) and cls.postprocess is not \
@@ -200,7 +201,7 @@ def test_validator_and_trainer_dispatch(tmp_path):
     assert validator_class("detect", original=False) is DetectionValidator
     assert qat_trainer_class("segment", original=True) is QATOriginalSegmentationTrainer
     assert qat_trainer_class("segment") is QATSegmentationTrainer
-    assert QATOriginalSegmentationTrainer.__module__ == "engine.trainer"  # the DDP launcher imports it by path
+    assert QATOriginalSegmentationTrainer.__module__ == "yolo_qat.engine.trainer"  # the DDP launcher imports it by path
     for name in ORIGINAL_CFGS:
         assert is_original_source(name) and is_original_source(ORIGINAL_CFGS[name])
     assert not is_original_source("yolov5nu") and not is_original_source(tmp_path / "missing.pt")
@@ -210,10 +211,10 @@ def test_validator_and_trainer_dispatch(tmp_path):
 def test_cli_reads_both_checkpoint_layouts_and_the_yamls(tmp_path):
     """engine/cli.py's inspect_source on an unstripped yolov5 last.pt (fp16 model and EMA, the EMA is used), the
     yolov7 layout and the original yamls (Ultralytics' guess would read only the file name)."""
-    from engine.cli import inspect_source
-    from models.registry import resolve_model_cfg
+    from yolo_qat.engine.cli import inspect_source
+    from yolo_qat.models.registry import resolve_model_cfg
 
-    ckpt = torch.load(FIX / FIXTURES["yolov5n-seg"], map_location="cpu", weights_only=False)
+    ckpt = torch.load(FIX / FIXTURES["yolov5n-seg"], map_location="cpu", weights_only=False, pickle_module=renaming_pickle)
     ema = ckpt["model"]
     raw = copy.deepcopy(ema).float()
     raw.model[-1].nc = 999  # marks the raw model: it must not be the one read
@@ -221,7 +222,7 @@ def test_cli_reads_both_checkpoint_layouts_and_the_yamls(tmp_path):
             "opt": {"imgsz": 640}, "git": None, "date": None}
     torch.save(last, tmp_path / "last.pt")
     assert inspect_source(str(tmp_path / "last.pt"))[0] == "segment" and is_original_source(tmp_path / "last.pt")
-    from models.checkpoint import load_checkpoint
+    from yolo_qat.models.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "last.pt")[0].model[-1].nc == 3
     assert inspect_source(str(FIX / FIXTURES["yolov7-tiny"]))[0] == "detect"
@@ -263,7 +264,7 @@ def test_trainer_defaults_are_yolov5s_hyperparameters(data, tmp_path):
 
 @needs_fixtures
 def test_get_model_transfers_fixture_weights_with_nc_from_the_data(data, tmp_path):
-    from models.checkpoint import load_checkpoint
+    from yolo_qat.models.checkpoint import load_checkpoint
 
     fixture, _ = load_checkpoint(FIX / FIXTURES["yolov7-tiny"])
     t = trainer(OriginalDetectionTrainer, data, tmp_path, model=str(FIX / FIXTURES["yolov7-tiny"]))
@@ -288,7 +289,7 @@ def test_loss_falls_on_the_embedded_data(name, data):
     dataset and collate, falls under a few optimizer steps. The objectness term is left out of the per-term
     check: its target is each positive's IoU, which grows as the boxes improve, so it first rises (measured:
     0.005 -> 0.009 over these steps, from the 8-objects-per-640px prior of its bias)."""
-    from engine.calib import calibration_loader, ensure_loss_args, preprocess
+    from yolo_qat.engine.calib import calibration_loader, ensure_loss_args, preprocess
 
     torch.manual_seed(0)
     task = "segment" if name.endswith("-seg") else "detect"
@@ -341,12 +342,12 @@ def test_cli_pipeline_from_the_original_checkpoint(name, data, tmp_path, capfd, 
     import export
     import onnx
     import val
-    from engine.cli import main as train_qat
-    from models.checkpoint import load_checkpoint
-    from models.common import Conv
-    from models.original import load_original
-    from quant import is_quantized, layer_bits
-    from quant.qc import qc_modules
+    from yolo_qat.engine.cli import main as train_qat
+    from yolo_qat.models.checkpoint import load_checkpoint
+    from yolo_qat.models.common import Conv
+    from yolo_qat.models.original import load_original
+    from yolo_qat.quant import is_quantized, layer_bits
+    from yolo_qat.quant.qc import qc_modules
 
     fixture, seg = FIX / FIXTURES[name], name.endswith("-seg")
     tiny = ["--data", str(data), "--imgsz", "64", "--batch", "4", "--device", "cpu"]
@@ -445,7 +446,7 @@ def test_trainer_refits_anchors_only_for_a_model_built_from_its_yaml(data, tmp_p
 
 
 def test_yolov7_implicit_layers_train_without_weight_decay(data, tmp_path):
-    from models.common import ImplicitA, ImplicitM
+    from yolo_qat.models.common import ImplicitA, ImplicitM
 
     t = trainer(OriginalDetectionTrainer, data, tmp_path, model="yolov7-tiny")
     model = build("yolov7-tiny")
@@ -472,7 +473,7 @@ def test_channels_last_move_after_a_forward():
 def test_yolov5_loss_settings_reach_the_criterion_and_args(data, tmp_path):
     """`loss_hyp` (the unscaled YOLOv5 gains; Ultralytics' own box / cls keys mean other losses) passes Ultralytics'
     cfg check, lands on the model (so QAT, QC and checkpoints keep it), on args.yaml, and not on the validator."""
-    from models.loss import YOLOv5DetLoss
+    from yolo_qat.models.loss import YOLOv5DetLoss
 
     t = trainer(OriginalDetectionTrainer, data, tmp_path, model="yolov5n", loss_hyp={"obj": 25.0, "cls": 1})
     assert t.args.loss_hyp == {"obj": 25.0, "cls": 1.0}

@@ -21,13 +21,13 @@ import pytest
 import torch
 from torch import nn
 
-from deploy.verify import fake_quant_codes
-from models.checkpoint import save_checkpoint
-from models.common import ImplicitA, ImplicitM, RepConv
-from models.original import load_original
-from models.policy import QuantOriginalDetectionModel, QuantOriginalSegmentationModel, QuantRepConv
-from models.yolo import DetectionModel, SegmentationModel
-from quant import QuantConv2d, calibrate, layer_bits, quant_convs, quantize_model
+from yolo_qat.deploy.verify import fake_quant_codes
+from yolo_qat.models.checkpoint import save_checkpoint
+from yolo_qat.models.common import ImplicitA, ImplicitM, RepConv
+from yolo_qat.models.original import load_original
+from yolo_qat.models.policy import QuantOriginalDetectionModel, QuantOriginalSegmentationModel, QuantRepConv
+from yolo_qat.models.yolo import DetectionModel, SegmentationModel
+from yolo_qat.quant import QuantConv2d, calibrate, layer_bits, quant_convs, quantize_model
 from test_quantize_yolo import images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_first_last_layers_at_8_bits(name, source):
 
 def test_focus_stem_is_the_first_layer():
     """yolov5 before v6.0 starts with Focus: its conv (model.0.conv.conv) sees the image."""
-    from models.yolo import load_original_yaml
+    from yolo_qat.models.yolo import load_original_yaml
 
     d = load_original_yaml("yolov5n")
     d["backbone"][0] = [-1, 1, "Focus", [64, 3]]
@@ -195,7 +195,7 @@ LOAD = """
 import json, sys, torch
 torch.set_num_threads({threads})  # as the parent: conv kernels sum in another order at another thread count
 sys.path.insert(0, {root!r})
-from models.checkpoint import load_checkpoint
+from yolo_qat.models.checkpoint import load_checkpoint
 x = torch.load({x!r})
 res = {{}}
 for key, path in {paths!r}.items():
@@ -229,9 +229,9 @@ def test_quantized_original_models_pickle_by_name(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.split("RESULT", 1)[1])
-    assert res["seg"]["class"] == "models.policy.QuantOriginalSegmentationModel"
-    assert res["v7"]["class"] == res["rep"]["class"] == "models.policy.QuantOriginalDetectionModel"
-    assert res["rep"]["reps"] == ["models.policy.QuantRepConv"]
+    assert res["seg"]["class"] == "yolo_qat.models.policy.QuantOriginalSegmentationModel"
+    assert res["v7"]["class"] == res["rep"]["class"] == "yolo_qat.models.policy.QuantOriginalDetectionModel"
+    assert res["rep"]["reps"] == ["yolo_qat.models.policy.QuantRepConv"]
     for k, m in models.items():
         assert res[k]["recipe"]["w_bits"] == 4
         with torch.no_grad():

@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from models import common
-from models.checkpoint import load_checkpoint
-from models.registry import MODEL_CFGS, ORIGINAL_CFGS, is_original_yaml, resolve_model_cfg
-from models.yolo import Detect, DetectionModel, IDetect, Segment, SegmentationModel
+from yolo_qat.models.pickled_names import renaming_pickle
+from yolo_qat.models import common
+from yolo_qat.models.checkpoint import load_checkpoint
+from yolo_qat.models.registry import MODEL_CFGS, ORIGINAL_CFGS, is_original_yaml, resolve_model_cfg
+from yolo_qat.models.yolo import Detect, DetectionModel, IDetect, Segment, SegmentationModel
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT.parent / "shared" / "fixtures" / "original-yolo"
@@ -44,7 +45,7 @@ _CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(2)
     from ultralytics.nn.modules import Conv as UConv
-    from models.original import load_original
+    from yolo_qat.models.original import load_original
     name, fix = sys.argv[2], sys.argv[3]
     model, ckpt = load_original(f"{fix}/{sys.argv[4]}")
     refs = torch.load(f"{fix}/refs.pt")
@@ -61,7 +62,7 @@ _CHILD = textwrap.dedent("""
            "dtype": str(next(model.parameters()).dtype), "names": {str(k): v for k, v in model.names.items()},
            "maps": [list(t.shape) for t in out[-1]],
            "classes": sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules()
-                              if type(m).__module__.startswith("models")}),
+                              if type(m).__module__.startswith("yolo_qat.models")}),
            "convs_are_ultralytics": all(isinstance(m, UConv) for m in model.modules() if type(m).__name__ == "Conv"),
            "yolo_modules": sorted(k for k in sys.modules if k.split(".")[0] in ("yolov5", "yolov7", "utils"))}
     if name.endswith("-seg"):
@@ -90,7 +91,8 @@ def test_fixture_loads_alone_and_matches_original_outputs(name, tmp_path):
     assert res["convs_are_ultralytics"] and res["yolo_modules"] == []
     assert res["maps"] == [[2, 3, 16, 16, 8 + 32 * name.endswith("-seg")], [2, 3, 8, 8, 8 + 32 * name.endswith("-seg")],
                            [2, 3, 4, 4, 8 + 32 * name.endswith("-seg")]]
-    head = {"yolov5n": "models.yolo.Detect", "yolov5n-seg": "models.yolo.Segment", "yolov7-tiny": "models.yolo.IDetect"}
+    head = {"yolov5n": "yolo_qat.models.yolo.Detect", "yolov5n-seg": "yolo_qat.models.yolo.Segment",
+            "yolov7-tiny": "yolo_qat.models.yolo.IDetect"}
     assert head[name] in res["classes"]
     if name.endswith("-seg"):
         assert res["n_out"] == 3 and res["proto"] <= TOL  # (pred, proto, raw maps)
@@ -139,7 +141,7 @@ def test_yaml_builds_upstream_parameter_counts(name):
 def test_yaml_builds_the_fixture_architecture(name):
     """A model built from the shipped yaml (nc=3) takes the fixture's state_dict strictly and then gives the
     original code's outputs: the parser builds the same layers, channels and head as upstream."""
-    ckpt = torch.load(FIX / FIXTURES[name], map_location="cpu", weights_only=False)
+    ckpt = torch.load(FIX / FIXTURES[name], map_location="cpu", weights_only=False, pickle_module=renaming_pickle)
     model = build(name, nc=3)
     model.load_state_dict(ckpt["model"].float().state_dict(), strict=True)
     model.eval()
@@ -275,16 +277,18 @@ def _save_with_foreign_class(tmp_path, module_name, class_name):
     import types
 
     foreign = type(class_name, (nn.Module,), {"__module__": module_name})
-    made = module_name not in sys.modules
-    mod = sys.modules[module_name] if not made else types.ModuleType(module_name)
-    sys.modules[module_name] = mod
+    parts = module_name.split(".")
+    made = [n for n in (".".join(parts[:i + 1]) for i in range(len(parts))) if n not in sys.modules]
+    for name in made:  # the package too: pickle imports 'models' before 'models.yolo' when it saves
+        sys.modules[name] = types.ModuleType(name)
+    mod = sys.modules[module_name]
     setattr(mod, class_name, foreign)
     try:
         torch.save({"model": foreign(), "ema": None}, tmp_path / "foreign.pt")
     finally:
         delattr(mod, class_name)
-        if made:
-            del sys.modules[module_name]
+        for name in made:
+            del sys.modules[name]
     return tmp_path / "foreign.pt"
 
 
@@ -318,7 +322,7 @@ def test_original_models_are_ultralytics_models():
                          (common.Concat, Concat), (common.Proto, Proto)):
         assert ours in kinds and issubclass(ours, theirs)
     assert isinstance(seg.model[-1], Segment)
-    from models.loss import YOLOv5DetLoss, YOLOv5SegLoss  # what Ultralytics' BaseModel.loss() gets
+    from yolo_qat.models.loss import YOLOv5DetLoss, YOLOv5SegLoss  # what Ultralytics' BaseModel.loss() gets
 
     assert type(build("yolov7-tiny").init_criterion()) is YOLOv5DetLoss
     assert type(seg.init_criterion()) is YOLOv5SegLoss
@@ -376,8 +380,8 @@ def test_other_original_blocks_build_run_and_fuse():
 def test_idetect_fold_keeps_quantized_weights():
     """On quantized 1x1 convs ImplicitM goes into the output scale (integer weights unchanged); ImplicitA,
     added before the input quantizer, has no exact fold and stays."""
-    from quant import QuantConv2d
-    from quant.fused import reference_only
+    from yolo_qat.quant import QuantConv2d
+    from yolo_qat.quant.fused import reference_only
 
     torch.manual_seed(0)
     head = IDetect(nc=2, anchors=([10, 13, 16, 30], [30, 61, 62, 45]), ch=(8, 16))
@@ -404,14 +408,14 @@ def test_idetect_fold_keeps_quantized_weights():
 def test_training_image_size_of_a_yolov5_checkpoint_is_the_default_of_val_and_qc():
     """yolov5's train.py records its arguments in ckpt['opt'] (the fixtures were trained at 128): val.py and
     correct_qc.py default to that size; yolov7 records none, so 640 (both scripts' fallback)."""
-    from engine.validate import trained_imgsz
-    from models.checkpoint import load_checkpoint
+    from yolo_qat.engine.validate import trained_imgsz
+    from yolo_qat.models.checkpoint import load_checkpoint
 
     assert trained_imgsz(load_checkpoint(FIX / FIXTURES["yolov5n"])[0]) == 128
     assert trained_imgsz(load_checkpoint(FIX / FIXTURES["yolov5n-seg"])[0]) == 128
     assert trained_imgsz(load_checkpoint(FIX / FIXTURES["yolov7-tiny"])[0]) == 640
-    ckpt = torch.load(FIX / FIXTURES["yolov5n"], map_location="cpu", weights_only=False)
+    ckpt = torch.load(FIX / FIXTURES["yolov5n"], map_location="cpu", weights_only=False, pickle_module=renaming_pickle)
     ckpt["opt"]["imgsz"] = [320, 256]  # a (h, w) pair: the long side
-    from models.original import model_from_checkpoint
+    from yolo_qat.models.original import model_from_checkpoint
 
     assert trained_imgsz(model_from_checkpoint(ckpt)) == 320

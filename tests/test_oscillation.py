@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from quant import QuantConv2d
-from quant.oscillation import Dampening, DelayedCosine, OscillationTracker, dampening_loss
+from yolo_qat.quant import QuantConv2d
+from yolo_qat.quant.oscillation import Dampening, DelayedCosine, OscillationTracker, dampening_loss
 
 
 def qconv(seed=0, bits=4, per_channel=False):
@@ -122,6 +122,6 @@ def test_freezing_can_leave_the_8bit_layers_alone():
     assert n4 == convs["low"].weight.numel() and not tr.frozen_1.any()
     assert tr.freeze(convs, 0.1) == convs["high"].weight.numel()  # the default (8) freezes the 8-bit layer too
     with pytest.raises(ValueError, match="freeze_max_bits"):
-        from engine.config import QATConfig
+        from yolo_qat.engine.config import QATConfig
 
         QATConfig(freeze_max_bits=1)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
-import deploy
-from deploy.bitpack import pack_codes, unpack_codes
-from models.checkpoint import save_checkpoint
-from quant import calibrate, quant_convs, quantize_model
+from yolo_qat import deploy
+from yolo_qat.deploy.bitpack import pack_codes, unpack_codes
+from yolo_qat.models.checkpoint import save_checkpoint
+from yolo_qat.quant import calibrate, quant_convs, quantize_model
 from test_quantize_yolo import build, images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,8 +90,8 @@ def test_cli_packed_and_bad_input(tmp_path):
 
 
 # The original anchor-based YOLOv5 / YOLOv7 models (models.yolo)
-from models.original import load_original  # noqa: E402
-from models.yolo import DetectionModel as OriginalDetectionModel  # noqa: E402
+from yolo_qat.models.original import load_original  # noqa: E402
+from yolo_qat.models.yolo import DetectionModel as OriginalDetectionModel  # noqa: E402
 from test_original_quant import FIX, FIXTURES, needs_fixtures  # noqa: E402
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-import quant.convert as convert
-from quant import QuantConv2d, default_policy, layer_bits, quantize_model
+import yolo_qat.quant.convert as convert
+from yolo_qat.quant import QuantConv2d, default_policy, layer_bits, quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = {"w_bits": 4, "a_bits": 4, "first_last_bits": 8, "per_channel": False}
@@ -20,12 +20,12 @@ FRESH = """
 import json, sys
 from torch import nn
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel
-from quant import quantize_model, layer_bits
+from yolo_qat.quant import quantize_model, layer_bits
 
 class MyDetector(DetectionModel):  # a user subclass, defined outside Ultralytics: found through its bases
     pass  # (finalize off below: the policy's quantization-aware fuse() supports Ultralytics' own classes only)
 
-out = {"models_imported_before": "models" in sys.modules}
+out = {"models_imported_before": "yolo_qat.models" in sys.modules}
 for key, cls, cfg in (("det", DetectionModel, "yolov5nu.yaml"), ("seg", SegmentationModel, "yolov8n-seg.yaml"),
                       ("sub", MyDetector, "yolov5nu.yaml")):
     m = cls(cfg, nc=3, verbose=False)

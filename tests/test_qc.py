@@ -7,16 +7,16 @@ import torch
 from torch import nn
 from ultralytics.nn.tasks import SegmentationModel
 
-import models  # noqa: F401  (registers the YOLO policy)
-from models.checkpoint import load_checkpoint, save_checkpoint
-from quant import QuantConv2d, calibrate, is_quantized, quantize_model
-from quant.qc import QCConv, fold_qc, freeze_for_qc, insert_qc, qc_modules, qc_parameters, set_batchnorm_eval
+from yolo_qat import models  # noqa: F401  (registers the YOLO policy)
+from yolo_qat.models.checkpoint import load_checkpoint, save_checkpoint
+from yolo_qat.quant import QuantConv2d, calibrate, is_quantized, quantize_model
+from yolo_qat.quant.qc import QCConv, fold_qc, freeze_for_qc, insert_qc, qc_modules, qc_parameters, set_batchnorm_eval
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers (also used by test_val.py)
 def tiny_dataset(tmp_path):
-    from data.embedded import ensure_embedded_dataset
+    from yolo_qat.data.embedded import ensure_embedded_dataset
 
     return ensure_embedded_dataset(root=tmp_path / "ds", n_train=8, n_val=4, imgsz=64)
 
@@ -27,7 +27,7 @@ def fp_like_model(data_yaml, cfg="yolov8n-seg.yaml", seed=0, imgsz=64):
     import yaml
     from ultralytics.nn.tasks import DetectionModel
 
-    from engine.calib import calibration_loader, preprocess
+    from yolo_qat.engine.calib import calibration_loader, preprocess
 
     names = yaml.safe_load(data_yaml.read_text())["names"]
     torch.manual_seed(seed)
@@ -213,7 +213,7 @@ def test_fold_keeps_integer_weights_and_bn_statistics(granularity):
 
 
 def test_fold_is_exact_yolo_and_survives_fuse(qat):
-    from engine.qc import fold_and_check
+    from yolo_qat.engine.qc import fold_and_check
 
     m = qat
     insert_qc(m)
@@ -228,7 +228,7 @@ def test_fold_is_exact_yolo_and_survives_fuse(qat):
     # threshold, and in a random 4-bit network one flip cascades: measured, not asserted.
     print(f"\nYOLO fold: worst layer {report['worst_layer']} at {report['worst_ratio']:.2g} of its bound, "
           f"end to end {report['rel_diff']:.2g} of the range on {100 * report['share_outputs_off']:.2f}% of outputs")
-    from quant import set_quantizers_enabled
+    from yolo_qat.quant import set_quantizers_enabled
     set_quantizers_enabled(m, False, weights=False)
     with torch.no_grad():
         ref = flat(m(x)[0])
@@ -252,7 +252,7 @@ def _head_conv_with_constant_output(bias=-6.92):
 
 
 def test_fold_check_passes_a_near_constant_head_output():
-    from quant.qc import fold_qc_checked
+    from yolo_qat.quant.qc import fold_qc_checked
 
     m, x = _head_conv_with_constant_output()
     insert_qc(m)
@@ -271,7 +271,7 @@ def test_fold_check_passes_a_near_constant_head_output():
 
 def test_fold_check_bound_holds_when_bn_mean_dwarfs_its_spread():
     """|k * mu| large against the output: the folded BN bias sums large terms that cancel."""
-    from quant.qc import fold_qc_checked
+    from yolo_qat.quant.qc import fold_qc_checked
 
     m = toy_model()
     with torch.no_grad():
@@ -283,7 +283,7 @@ def test_fold_check_bound_holds_when_bn_mean_dwarfs_its_spread():
     assert rep["into_bn"] == 2 and 0 < rep["worst_ratio"] <= 0.5 + 1e-6, rep["worst_ratio"]
 
 
-from quant.qc import fold_into_bn as right_fold_into_bn  # noqa: E402  (the wrong folds below call these)
+from yolo_qat.quant.qc import fold_into_bn as right_fold_into_bn  # noqa: E402  (the wrong folds below call these)
 right_fold_affine = QuantConv2d.fold_affine
 
 
@@ -309,8 +309,8 @@ WRONG_FOLDS = {"bn_drop_mean_term": ("fold_into_bn", _drop_mean_term),
 
 @pytest.mark.parametrize("bug", list(WRONG_FOLDS))
 def test_fold_check_catches_a_wrong_fold(bug, monkeypatch):
-    import quant.qc as qcmod
-    from quant.qc import FoldCheckError, fold_qc_checked
+    import yolo_qat.quant.qc as qcmod
+    from yolo_qat.quant.qc import FoldCheckError, fold_qc_checked
 
     target, wrong = WRONG_FOLDS[bug]
     if target == "fold_into_bn":
@@ -337,8 +337,8 @@ def test_insert_qc_needs_quantized_model():
 
 
 def test_run_qc_lowers_calibration_loss(tmp_path, data, qat):
-    from engine.qc import calibration_loss, run_qc
-    from engine.calib import calibration_loader
+    from yolo_qat.engine.qc import calibration_loss, run_qc
+    from yolo_qat.engine.calib import calibration_loader
 
     m = qat
     bn = {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
@@ -356,7 +356,7 @@ def test_run_qc_lowers_calibration_loss(tmp_path, data, qat):
 
 
 def test_calibration_subset_is_clipped_and_deterministic():
-    from engine.calib import calibration_files
+    from yolo_qat.engine.calib import calibration_files
 
     files = [f"/d/{i}.jpg" for i in range(10)]
     with pytest.warns(UserWarning, match="clipped to 10"):
@@ -413,7 +413,7 @@ def test_cli_end_to_end(tmp_path, monkeypatch, data, qat):
 
 def test_cli_fold_failure_keeps_both_checkpoints_then_folds_later(tmp_path, monkeypatch, capsys, data, qat):
     import correct_qc
-    import quant.qc as qcmod
+    import yolo_qat.quant.qc as qcmod
 
     q = save_checkpoint(tmp_path / "qat.pt", qat)
     monkeypatch.chdir(tmp_path)

@@ -3,8 +3,8 @@
 scale), and the benchmark's QC was 16 steps x 1e-4 before issue 21."""
 import pytest
 
-from engine.qc import PAPER_QC_BUDGET, budget_note
-from models.checkpoint import save_checkpoint
+from yolo_qat.engine.qc import PAPER_QC_BUDGET, budget_note
+from yolo_qat.models.checkpoint import save_checkpoint
 from test_qc import qat_like_model, tiny_dataset
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-import models  # noqa: F401  (registers the YOLO policy)
-from models.checkpoint import load_checkpoint
-from quant import QuantConv2d
-from quant.qc import FoldCheckError, fold_qc, fold_qc_checked, qc_modules
+from yolo_qat import models  # noqa: F401  (registers the YOLO policy)
+from yolo_qat.models.checkpoint import load_checkpoint
+from yolo_qat.quant import QuantConv2d
+from yolo_qat.quant.qc import FoldCheckError, fold_qc, fold_qc_checked, qc_modules
 from real_photos import real_photo_dataset
 
 CASES = [("yolov5nu", 4), ("yolov5nu", 3), ("yolov5nu-seg", 4), ("yolov5nu-seg", 3)]
@@ -49,9 +49,9 @@ def test_real_photo_dataset_is_deterministic_and_well_formed(photos, tmp_path):
 
 def train_qat(cfg: str, bits: int, data, project) -> str:
     """Two QAT epochs from the model yaml with the repo's trainer (the path train_qat.py takes)."""
-    from engine.config import QATConfig
-    from engine.trainer import qat_trainer_class
-    from models.registry import resolve_model_cfg
+    from yolo_qat.engine.config import QATConfig
+    from yolo_qat.engine.trainer import qat_trainer_class
+    from yolo_qat.models.registry import resolve_model_cfg
 
     task = "segment" if cfg.endswith("-seg") else "detect"
     qat = QATConfig(recipe={"w_bits": bits, "a_bits": bits}).to_dict()

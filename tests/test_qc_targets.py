@@ -19,14 +19,14 @@ import pytest
 import torch
 from torch import nn
 
-import models  # noqa: F401  (registers the YOLO policy)
-from models.checkpoint import load_checkpoint, save_checkpoint
-from quant import quant_convs
-from quant.qc import (EPS32, FoldCheckError, _chain, _fan_in, default_bn_pairs, downstream_ties, fold_qc_checked,
+from yolo_qat import models  # noqa: F401  (registers the YOLO policy)
+from yolo_qat.models.checkpoint import load_checkpoint, save_checkpoint
+from yolo_qat.quant import quant_convs
+from yolo_qat.quant.qc import (EPS32, FoldCheckError, _chain, _fan_in, default_bn_pairs, downstream_ties, fold_qc_checked,
                       insert_qc, layer_output_f64, qc_modules)
-from quant.qc import fold_into_bn as right_fold_into_bn
-from quant.qconv import QuantConv2d
-from quant.targets import TARGET_NAMES
+from yolo_qat.quant.qc import fold_into_bn as right_fold_into_bn
+from yolo_qat.quant.qconv import QuantConv2d
+from yolo_qat.quant.targets import TARGET_NAMES
 from test_qc import fp_like_model, qat_like_model, tiny_dataset
 
 KINDS = {"det": "yolov8n.yaml", "seg": "yolov8n-seg.yaml"}
@@ -47,7 +47,7 @@ def assert_downstream(target, layers):
 def qat_steps(model, data_yaml, steps=2, lr=1e-3, imgsz=64):
     """A few QAT steps (Adam on the weights and every quantizer, BN statistics frozen), as QAT leaves a model:
     the encodings of shared tensors move away from the input quantizers of the convs that read them as they are."""
-    from engine.calib import calibration_loader, ensure_loss_args, model_task, preprocess
+    from yolo_qat.engine.calib import calibration_loader, ensure_loss_args, model_task, preprocess
 
     ensure_loss_args(model)
     loader, _ = calibration_loader(data_yaml, model_task(model), imgsz, 4, save_dir=data_yaml.parent / "qat_build")
@@ -170,7 +170,7 @@ PLANTED = {"beta_unscaled_into_bn": ("fold_into_bn", _beta_unscaled),
 @pytest.mark.parametrize("bug", list(PLANTED))
 @pytest.mark.parametrize("target", TARGET_NAMES)
 def test_fold_check_fails_a_planted_fold_bug_on_every_target(target, bug, trained, monkeypatch):
-    import quant.qc as qcmod
+    import yolo_qat.quant.qc as qcmod
 
     where, wrong = PLANTED[bug]
     if where == "fold_into_bn":
@@ -205,7 +205,7 @@ def test_the_quantizer_after_a_layer_is_the_one_that_takes_its_output_as_it_is()
 
 
 def test_downstream_ties_counts_ties_and_fails_a_code_changed_away_from_one():
-    from quant.act import output_quantizer
+    from yolo_qat.quant.act import output_quantizer
 
     q = output_quantizer(8)
     q.set_scale(torch.tensor([0.1]), offset=torch.tensor([-1.0]))  # zero point 10
@@ -222,7 +222,7 @@ def test_downstream_ties_counts_ties_and_fails_a_code_changed_away_from_one():
 
 
 def test_a_code_changed_away_from_a_tie_fails_in_one_paragraph_naming_layer_and_quantizer():
-    from quant.qc import _failure_message
+    from yolo_qat.quant.qc import _failure_message
 
     ok = {"into": "bn", "fold_ratio": 0.4, "fp32_ratio": 0.01, "ties": 2, "tie_ratio": 0.3,
           "downstream": "model.4.act.pre", "max_diff": 1e-7, "at_value": 0.5}
@@ -252,7 +252,7 @@ def teachers(data):
 
 
 def qc_in_process(model, data, mode, teacher) -> dict:
-    from engine.qc import run_qc
+    from yolo_qat.engine.qc import run_qc
 
     where = {"source": data.parent / "images" / "train"} if mode == "label-free" else {"data": data}
     _, rep = run_qc(model, imgsz=64, batch=4, steps=1, measure_loss=False,
@@ -316,7 +316,7 @@ def at_scale(request, photos):
     """(target, unfolded model with QC corrections, the folded one, its fold report, the old check's ratios, probe)
     for yolov8n W4A8 on real photos: ``ort`` (a quantizer on every conv output), ``tensorrt`` (block encodings after
     the fused SiLU)."""
-    from engine.calib import calibration_loader, preprocess
+    from yolo_qat.engine.calib import calibration_loader, preprocess
 
     q = qat_like_model(photos, KINDS["det"], recipe={**W4A8, "target": request.param}, imgsz=SCALE_IMGSZ)
     qat_steps(q, photos, steps=2, imgsz=SCALE_IMGSZ)

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from ultralytics.nn.tasks import SegmentationModel
 
-import models  # noqa: F401  (registers the YOLO policy)
-from quant import QuantConv2d, calibrate, quantize_model, set_recompute_input
-from quant import fused as fused_lsq
+from yolo_qat import models  # noqa: F401  (registers the YOLO policy)
+from yolo_qat.quant import QuantConv2d, calibrate, quantize_model, set_recompute_input
+from yolo_qat.quant import fused as fused_lsq
 
 from test_quantize_yolo import build, images, raw_outputs
 

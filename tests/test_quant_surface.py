@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from quant import LSQQuantizer, MIN_SCALE, QuantConv2d, broadcast_scale, replace_module
+from yolo_qat.quant import LSQQuantizer, MIN_SCALE, QuantConv2d, broadcast_scale, replace_module
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANT = ROOT / "quant"
@@ -193,7 +193,7 @@ def private_reads(source: str, privates: dict[str, str], own: set[str], in_quant
         if isinstance(node, ast.Attribute) and node.attr in foreign:
             found.append(f"line {node.lineno}: .{node.attr} ({foreign[node.attr]})")
         elif isinstance(node, ast.ImportFrom) and \
-                ((node.level and in_quant) or (node.module or "").split(".")[0] == "quant"):
+                ((node.level and in_quant) or _names_quant(node.module or "")):
             found += [f"line {node.lineno}: import {a.name}" for a in node.names if _is_private(a.name)]
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
                 node.func.id in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) > 1 and \
@@ -203,6 +203,10 @@ def private_reads(source: str, privates: dict[str, str], own: set[str], in_quant
             found += [f"line {node.lineno}: string {node.value!r} names .{n}" for n in foreign
                       if re.search(rf"\.{re.escape(n)}\b", node.value)]
     return found
+
+
+def _names_quant(module: str) -> bool:
+    return module == "yolo_qat.quant" or module.startswith("yolo_qat.quant.")
 
 
 def _quant_privates() -> dict[str, str]:
@@ -224,7 +228,7 @@ def _repo_sources():
 def test_the_scan_finds_private_reads():
     privates = {"_is_init": "lsq.py", "_scale": "lsq.py", "_set_module": "convert.py"}
     src = ('"""A docstring may mention q._is_init."""\n'
-           "from quant.convert import _set_module\n"
+           "from yolo_qat.quant.convert import _set_module\n"
            "def f(q, state, prefix):\n"
            "    a = q._is_init\n"
            "    b = getattr(q, '_scale')\n"

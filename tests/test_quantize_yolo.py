@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
-import models  # noqa: F401  (registers the YOLO policy)
-from models.checkpoint import load_checkpoint, save_checkpoint
-from quant import QuantConv2d, calibrate, layer_bits, quantize_model
+from yolo_qat import models  # noqa: F401  (registers the YOLO policy)
+from yolo_qat.models.checkpoint import load_checkpoint, save_checkpoint
+from yolo_qat.quant import QuantConv2d, calibrate, layer_bits, quantize_model
 
 # (cfg, class, #Conv2d in the model, #8-bit layers: stem + head prediction convs (+ proto))
 CASES = [("yolov5nu.yaml", DetectionModel, 76, 7), ("yolov8n-seg.yaml", SegmentationModel, 76, 11),
@@ -165,7 +165,7 @@ LOAD_SCRIPT = """
 import sys, torch
 torch.set_num_threads({threads})  # same as the parent: conv kernels differ in float order by thread count
 sys.path.insert(0, {root!r})
-from models.checkpoint import load_checkpoint
+from yolo_qat.models.checkpoint import load_checkpoint
 m, ckpt = load_checkpoint({path!r})
 x = torch.load({xpath!r})
 with torch.no_grad():

@@ -19,7 +19,7 @@ needs_fixtures = pytest.mark.skipif(not FIX.is_dir(), reason=f"fixtures not foun
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from data.embedded import ensure_embedded_dataset
+    from yolo_qat.data.embedded import ensure_embedded_dataset
 
     return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
 
@@ -128,7 +128,7 @@ def check_kd_with_qc_variants(data, out, before):
             d = c["qc_report"]["distill"]
             assert d["teacher"] == fp and d["label_free"] is label_free and c["qc_steps"] == 2
             assert d["source"] == (str(unlabelled) if label_free else None)
-    from engine.config import QATConfig
+    from yolo_qat.engine.config import QATConfig
 
     weight = QATConfig.distill_weight  # train_qat.py's default
     assert json.loads((out / "settings.json").read_text())["distill_weight"] == weight
@@ -195,9 +195,9 @@ TINY = ["--bits", "4", "--fp-epochs", "1", "--qat-epochs", "1", "--seeds", "0", 
 
 
 def check_original_cells(out, columns, task):
-    from engine.original import is_original
-    from models.checkpoint import load_checkpoint
-    from quant import is_quantized
+    from yolo_qat.engine.original import is_original
+    from yolo_qat.models.checkpoint import load_checkpoint
+    from yolo_qat.quant import is_quantized
 
     table = (out / "table.md").read_text()
     assert "Failed cells" not in table, table
@@ -308,7 +308,7 @@ def test_out_dir_of_another_target_is_refused(tmp_path):
     from types import SimpleNamespace
 
     from benchmarks.reproduce import SETTINGS, check_settings
-    from engine.cli_common import InputError
+    from yolo_qat.engine.cli_common import InputError
 
     a = SimpleNamespace(out=str(tmp_path), **{k: None for k in SETTINGS})
     a.target = "sim"

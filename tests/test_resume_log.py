@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.resume_log import trim_csv
+from yolo_qat.engine.resume_log import trim_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--imgsz", "64", "--batch", "4", "--workers", "0", "--calib-batches", "1", "--warmup-epochs", "0",
@@ -17,7 +17,7 @@ TINY = ["--imgsz", "64", "--batch", "4", "--workers", "0", "--calib-batches", "1
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from data.embedded import ensure_embedded_dataset
+    from yolo_qat.data.embedded import ensure_embedded_dataset
 
     return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
 
@@ -37,8 +37,8 @@ CRASH_SCRIPT = """
 import os, sys
 sys.path.insert(0, {root!r})
 import train_qat  # noqa: F401  (sets YOLO_OFFLINE, sys.path)
-from engine.cli import main
-from engine.trainer import QATTrainerMixin
+from yolo_qat.engine.cli import main
+from yolo_qat.engine.trainer import QATTrainerMixin
 
 save = QATTrainerMixin.save_model
 def save_model(self):

@@ -22,12 +22,13 @@ from torch import nn
 from ultralytics.nn.tasks import DetectionModel
 
 import correct_qc
-import deploy
-import engine.cli as cli
+from yolo_qat.models.pickled_names import renaming_pickle
+from yolo_qat import deploy
+import yolo_qat.engine.cli as cli
 import export
 import val
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.safe_load import TRUST_ENV, UnsafeCheckpointError, allowlist, safe_load, trusting
+from yolo_qat.models.checkpoint import load_checkpoint, save_checkpoint
+from yolo_qat.models.safe_load import TRUST_ENV, UnsafeCheckpointError, allowlist, safe_load, trusting
 
 ROOT = Path(__file__).resolve().parents[1]
 PREV = ROOT / "tests" / "fixtures" / "prev-release"
@@ -55,7 +56,7 @@ def untrusted(monkeypatch):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from data.embedded import ensure_embedded_dataset
+    from yolo_qat.data.embedded import ensure_embedded_dataset
 
     return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
 
@@ -155,9 +156,9 @@ def test_crafted_checkpoint_is_refused_by_every_script(payload, entry, data, fp,
 
 @pytest.mark.parametrize("payload", KINDS, indirect=True)
 def test_crafted_checkpoint_is_refused_by_the_python_api(payload):
-    from engine.distill import load_teacher
-    from engine.trainer import qat_trainer_class
-    from engine.validate import validate
+    from yolo_qat.engine.distill import load_teacher
+    from yolo_qat.engine.trainer import qat_trainer_class
+    from yolo_qat.engine.validate import validate
 
     path, name, marker = payload
     for load in (load_checkpoint, safe_load, deploy.load_packed, load_teacher, validate,
@@ -329,7 +330,7 @@ def flat(y):
 
 def assert_loads_unchanged(path):
     safe = safe_load(path)
-    same(safe, torch.load(path, map_location="cpu", weights_only=False))
+    same(safe, torch.load(path, map_location="cpu", weights_only=False, pickle_module=renaming_pickle))
     return safe
 
 
@@ -350,7 +351,7 @@ def test_ultralytics_checkpoints_load_unchanged(cfg, tmp_path):
     m.fuse()
     m.save(tmp_path / "fused.pt")
     fused = assert_loads_unchanged(tmp_path / "fused.pt")["model"]  # its convs' forward: bound forward_fuse
-    unsafe = torch.load(tmp_path / "fused.pt", weights_only=False)["model"]
+    unsafe = torch.load(tmp_path / "fused.pt", weights_only=False, pickle_module=renaming_pickle)["model"]
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         a, b = fused.float().eval()(x), unsafe.float().eval()(x)
@@ -408,8 +409,8 @@ def test_the_allowlist_is_derived_from_the_code():
     needs no edit here), and nothing that runs code is."""
     import ultralytics.nn.modules.block as block
 
-    from models import policy
-    from quant import qconv
+    from yolo_qat.models import policy
+    from yolo_qat.quant import qconv
 
     names = set(allowlist())
     for mod in (block, policy, qconv):

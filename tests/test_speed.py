@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import speed, step_time
-from engine.distill import DistillationCriterion
+from yolo_qat.engine.distill import DistillationCriterion
 
 # One thread: on a busy machine two intra-op threads can make each step ~30x slower (they spin-wait).
 TINY = ["--imgsz", "64", "--batch", "2", "--steps", "1", "--threads", "1"]

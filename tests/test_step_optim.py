@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant import LSQQuantizer, QuantRecipe, quant_convs, quantize_model
-from quant.grid import MIN_SCALE
-from quant.step_optim import NEAR_FLOOR, StepSizeAdam, step_size_optimizer, steps_near_floor
+from yolo_qat.quant import LSQQuantizer, QuantRecipe, quant_convs, quantize_model
+from yolo_qat.quant.grid import MIN_SCALE
+from yolo_qat.quant.step_optim import NEAR_FLOOR, StepSizeAdam, step_size_optimizer, steps_near_floor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_8bit_per_channel_qat_from_the_yaml(update, tmp_path):
     """The reported collapse: W8A8 per channel for the ort target from the yaml. Absolute updates drive hundreds
     of steps to the floor in a few updates (this test fails if that stops being so, i.e. if it no longer
     exercises the collapse); relative updates leave none, and results.csv says so."""
-    from data.embedded import ensure_embedded_dataset
+    from yolo_qat.data.embedded import ensure_embedded_dataset
 
     data = ensure_embedded_dataset(root=tmp_path / "ds", n_train=32, n_val=4, imgsz=64)
     env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

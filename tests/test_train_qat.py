@@ -17,7 +17,7 @@ TINY = ["--imgsz", "64", "--batch", "4", "--workers", "0", "--calib-batches", "2
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from data.embedded import ensure_embedded_dataset
+    from yolo_qat.data.embedded import ensure_embedded_dataset
 
     return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
 
@@ -94,7 +94,7 @@ CRASH_SCRIPT = """
 import os, sys
 sys.path.insert(0, {root!r})
 import train_qat  # noqa: F401  (sets YOLO_OFFLINE, sys.path)
-from engine.cli import main
+from yolo_qat.engine.cli import main
 
 seen = {{"n": 0}}
 def crash(trainer):
@@ -139,8 +139,8 @@ def test_crash_mid_epoch_then_resume(data, tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """A crash while writing never replaces a good checkpoint by a partial one."""
-    import models.checkpoint as mc
-    from quant import QuantConv2d
+    import yolo_qat.models.checkpoint as mc
+    from yolo_qat.quant import QuantConv2d
 
     model = torch.nn.Sequential(QuantConv2d.from_conv(torch.nn.Conv2d(3, 4, 3), 4, 4))
     path = mc.save_checkpoint(tmp_path / "best.pt", model, epoch=0)
@@ -183,7 +183,7 @@ def test_bad_input_messages(case, data, tmp_path, monkeypatch, capsys):
         r = cli(args, tmp_path)
         code, err = r.returncode, r.stderr
     else:  # the CLI's own main in process: same stderr and exit code, no fresh torch import per case
-        from engine.cli import main
+        from yolo_qat.engine.cli import main
 
         monkeypatch.chdir(tmp_path)
         code = main(args)
@@ -198,7 +198,7 @@ import sys
 sys.path.insert(0, {root!r})
 import torch
 import train_qat  # noqa: F401  (sets YOLO_OFFLINE, sys.path)
-from engine.cli import main
+from yolo_qat.engine.cli import main
 from ultralytics.utils.torch_utils import unwrap_model
 
 MODE = {mode!r}  # once: one NaN loss in epoch 2; always: every loss of epoch 2 on; first: from epoch 1 on

@@ -8,10 +8,10 @@ import pytest
 import torch
 from ultralytics.nn.tasks import DetectionModel
 
-import models  # noqa: F401  (registers the YOLO policy)
-from quant import LSQQuantizer, QuantConv2d, calibrate, quantize_model
-from quant.act import output_quantizers
-from quant.lsq import UncalibratedQuantizerError
+from yolo_qat import models  # noqa: F401  (registers the YOLO policy)
+from yolo_qat.quant import LSQQuantizer, QuantConv2d, calibrate, quantize_model
+from yolo_qat.quant.act import output_quantizers
+from yolo_qat.quant.lsq import UncalibratedQuantizerError
 
 from test_quantize_yolo import build, images, raw_outputs
 
@@ -36,7 +36,7 @@ def test_activation_quantizer_in_training_refuses_without_calibration():
 
 
 def test_distributed_forward_refuses_even_without_grad(monkeypatch):
-    import quant.lsq as lsq
+    import yolo_qat.quant.lsq as lsq
     monkeypatch.setattr(lsq, "_distributed", lambda: True)
     with torch.no_grad(), pytest.raises(UncalibratedQuantizerError):
         activation_quantizer()(torch.rand(2, 3, 8, 8))

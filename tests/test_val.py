@@ -9,9 +9,9 @@ from ultralytics.cfg import get_cfg
 from ultralytics.data import build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
 
-import models  # noqa: F401
-from engine.coco_eval import coco_map, image_ids, remap_predictions, yolo_labels_to_coco
-from models.checkpoint import save_checkpoint
+from yolo_qat import models  # noqa: F401
+from yolo_qat.engine.coco_eval import coco_map, image_ids, remap_predictions, yolo_labels_to_coco
+from yolo_qat.models.checkpoint import save_checkpoint
 from test_qc import qat_like_model, tiny_dataset
 
 
@@ -77,7 +77,7 @@ def test_image_ids_follow_ultralytics_names():
 
 
 def test_validate_quantized_model(data, tmp_path):
-    from engine.validate import validate
+    from yolo_qat.engine.validate import validate
 
     m = qat_like_model(data)
     r = validate(m, data, imgsz=64, batch=4, save_dir=tmp_path / "v", verbose=False)
@@ -95,7 +95,7 @@ def test_validate_quantized_model(data, tmp_path):
 
 
 def test_missing_coco_annotations_says_where(tmp_path, data):
-    from engine.validate import validate
+    from yolo_qat.engine.validate import validate
 
     root = tmp_path / "coco"
     (root / "images").mkdir(parents=True)
@@ -141,7 +141,7 @@ L_SHAPE = np.array([[0.05, 0.1], [0.95, 0.1], [0.95, 0.3], [0.3, 0.3], [0.3, 0.5
 def test_predicted_masks_map_to_original_image(ori_hw, batch_hw, pad_wh):
     """A perfect prediction made on the letterboxed image (imgsz 128, rect batch) and written through
     the validator's own scale_preds + pred_to_json lands on the ground-truth mask; its transpose does not."""
-    from engine.validate import PredictionsOnlySegmentationValidator
+    from yolo_qat.engine.validate import PredictionsOnlySegmentationValidator
 
     h, w = ori_hw
     gain = 128 / max(h, w)
@@ -156,7 +156,7 @@ def test_predicted_masks_map_to_original_image(ori_hw, batch_hw, pad_wh):
     # the model's view: polygon and box in letterboxed pixels
     poly_lb = L_SHAPE * (w, h) * gain + pad_wh
     box_lb = torch.tensor([[*poly_lb.min(0), *poly_lb.max(0)]], dtype=torch.float32)
-    from engine.coco_eval import polygon_mask
+    from yolo_qat.engine.coco_eval import polygon_mask
     mask_lb = torch.from_numpy(polygon_mask(poly_lb, *batch_hw)).float()[None]
     predn = {"bboxes": box_lb, "conf": torch.tensor([0.9]), "cls": torch.tensor([2.0]), "masks": mask_lb}
     pbatch = {"imgsz": torch.Size(batch_hw), "ori_shape": ori_hw, "ratio_pad": ((gain, gain), pad_wh),
@@ -188,7 +188,7 @@ def _rle_of(mask):
 
 
 def test_masks_to_original_identity_and_empty():
-    from engine.validate import masks_to_original
+    from yolo_qat.engine.validate import masks_to_original
 
     m = (torch.rand(3, 40, 60) > 0.5).float()
     assert torch.equal(masks_to_original(m, (40, 60), ((1.0, 1.0), (0, 0))), m.byte())

@@ -16,12 +16,12 @@ import onnx
 import pytest
 import torch
 
-import deploy
+from yolo_qat import deploy
 import val
-from engine.calib import calibration_loader, preprocess
-from engine.onnx_val import onnx_info, shape_notes
-from models.checkpoint import save_checkpoint
-from quant import calibrate, quantize_model
+from yolo_qat.engine.calib import calibration_loader, preprocess
+from yolo_qat.engine.onnx_val import onnx_info, shape_notes
+from yolo_qat.models.checkpoint import save_checkpoint
+from yolo_qat.quant import calibrate, quantize_model
 from test_qc import qat_like_model, tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def data(tmp_path_factory):
 
 
 def original_quantized(data, name):
-    from models.original import load_original
+    from yolo_qat.models.original import load_original
 
     m, _ = load_original(FIX / f"{name}.pt")
     loader, _ = calibration_loader(data, "segment" if "seg" in name else "detect", IMGSZ, 4,
