@@ -29,7 +29,7 @@ HELP = {
     "trust_checkpoint": "load every checkpoint in full (torch.load weights_only=False; the same as "
                         "YOLO_QAT_TRUST_CHECKPOINT=1): only for files you trust, since a .pt can run code when "
                         "unpickled. Without it, checkpoints load safely and one naming anything beyond the YOLO "
-                        "module classes and plain data is refused (README: Safe checkpoint loading)",
+                        "module classes and plain data is refused (docs/safe-loading.md)",
 }
 
 

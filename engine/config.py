@@ -58,8 +58,8 @@ class QATConfig:
     distill: bool = setting(False, "distil from the full-precision teacher: its class probabilities, box "
                                    "distributions (or boxes and objectness) and masks (engine/distill.py)")
     teacher: str | None = setting(None, "the teacher's FP checkpoint (default: the FP checkpoint QAT starts from)")
-    distill_weight: float = setting(1.0, "weight of the distillation term against the detection loss (1: 16 "
-                                         "cost 1.2 box / 1.5 mask points at W4A4 in the 3-seed benchmark; README)")
+    distill_weight: float = setting(1.0, "weight of the distillation term against the detection loss (how 1 was "
+                                         "chosen: docs/training.md)")
 
     def __post_init__(self):
         self.recipe = QuantRecipe.from_any(self.recipe).to_dict()  # raises ValueError on bad bits

@@ -22,17 +22,8 @@ quantization pass; deep copies (the EMA) share the teacher, pickles drop it (rel
 use, when it came from one). Ultralytics 8.4's own ``DistillationModel`` (``distill_model=``) is not used: it
 makes the teacher a submodule of the trained model and distils neck features only.
 
-How the defaults were chosen (W3A3 yolov5nu-seg, embedded data, imgsz 128, from a 16-epoch FP model at
-32.7 / 23.1 box / mask mAP50-95; 64 QAT steps, SGD lr 2e-3, EMA 0.99; Ultralytics' mAP of best.pt, seeds 0-3,
-paired differences to the same seed without distillation, box / mask points): weight 1 +0.64 / +0.35,
-4 +0.69 / +0.48, 16 +0.87 ± 0.57 / +0.80 ± 0.46 (every seed up), 64 +0.73 / +0.20. A larger weight also
-means larger steps: without distillation, 3x the lr gives +0.63 / +0.24, so against that control weight 16
-leaves +0.24 ± 0.42 box (noise) and +0.56 ± 0.54 mask. Term subsets at weight 4 (seeds 0-1): without the
-mask term mask mAP rose less (+0.60 vs +0.90); 5x the box gain +1.22 / +0.46 (within the noise); the feature
-term (gain 1) cost -4.6 / -3.0, hence off by default.
-The 3-seed benchmark (benchmarks/reproduce.py --methods ema kd, W4A4 and W3A3, pycocotools mAP of last.pt,
-README) then overturned the weight: 16 cost 1.2 box / 1.5 mask at W4A4 and gave +0.3 / +0.2 at W3A3, where
-weight 1 gave -0.1..+0.1 at W4A4 and +0.9 / +0.8 at W3A3; the default is 1.
+The default weight (1) and terms were chosen on the embedded data over seeds; the measurements are in
+docs/training.md ("Distillation from the FP model").
 """
 from __future__ import annotations
 
@@ -49,7 +40,7 @@ from yolo_qat.quant.recipe import dataclass_from
 
 from .config import QATConfig
 
-DEFAULT_WEIGHT = QATConfig.distill_weight  # chosen by the experiment in the module docstring
+DEFAULT_WEIGHT = QATConfig.distill_weight  # measured: docs/training.md
 MASK_TOPK = 16  # teacher locations per image whose masks are distilled
 
 

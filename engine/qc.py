@@ -27,9 +27,8 @@ from .distill import DEFAULT_WEIGHT, attach_distillation, detach_distillation
 END_TO_END_RTOL = 1e-4
 UNFOLDED_NAME, FOLDED_NAME = "qc_unfolded.pt", "qc.pt"  # checkpoints written by run_qc(weights_dir=...)
 # The paper's QC is one COCO epoch: 1,849 Adam steps at lr 1e-4 (batch 64). Adam moves a correction by about lr per
-# step at most, so lr x steps bounds how far QC can correct. On the embedded data (README, "QC's budget at small
-# scale", 3 seeds) W3A3 box mAP gained +0.6 at 1/116 of it (16 x 1e-4), +2.3 at 1/10, +3.9 at the paper's lr x steps
-# and +5.1 at 10x it, every seed in that order.
+# step at most, so lr x steps bounds how far QC can correct; on the embedded data QC's gain grew with it
+# (docs/paper-table.md, "QC's budget at small scale").
 PAPER_QC_BUDGET = 1849 * 1e-4
 
 
@@ -39,7 +38,7 @@ def budget_note(steps: int, lr: float, factor: float = 5.0) -> str | None:
         return None
     return (f"QC budget: {steps} steps x lr {lr:g} = {steps * lr:.2g}, {PAPER_QC_BUDGET / (steps * lr):.0f}x below the "
             f"paper's one COCO epoch (1849 steps x lr 1e-4 = 0.18); on the embedded data W3A3 QC gained 4x less at 1/10 "
-            f"of it: raise --steps (or --epochs) or --lr (README: QC's budget at small scale)")
+            f"of it: raise --steps (or --epochs) or --lr (docs/paper-table.md: QC's budget at small scale)")
 
 
 def require_quantized(model: nn.Module) -> None:

@@ -6,8 +6,8 @@ it inserts) and the exporter (deploy/), so the model that trains is the model th
 - ``sim``: the paper's simulation (conv inputs and weights only; LSQ+ offsets anywhere on the real line).
   The default, and what every checkpoint made before targets existed is. Its Q/DQ export is a float
   graph to onnxruntime (float convs on dequantized weights): for inspection and exchange, not speed.
-- ``ort``: onnxruntime's integer CPU kernels (x86 VNNI / AVX2, Arm dot-product). Its rules, probed with
-  ../shared/deploy/ort_probe.py: QLinearConv forms from DQ(u8 input, integer zero point) + DQ(s8 weight,
+- ``ort``: onnxruntime's integer CPU kernels (x86 VNNI / AVX2, Arm dot-product). Its rules, probed on small
+  graphs (docs/deploy-ort.md): QLinearConv forms from DQ(u8 input, integer zero point) + DQ(s8 weight,
   per channel) + DQ(int32 bias, scale s_x * s_w) -> Conv -> Q(output) with that Q the conv's only
   consumer; INT4 initializers keep the conv in float (int8 containers instead, codes exact); a sub-8-bit
   grid stays exact as an integer Clip between Q and DQ; SiLU -> QLinearSigmoid + QLinearMul when the

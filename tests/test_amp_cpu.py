@@ -1,4 +1,4 @@
-"""Quantized convs under autocast, checked with CPU autocast (issue 19).
+"""Quantized convs under autocast, checked with CPU autocast.
 
 bf16 (``torch.autocast(dtype=torch.bfloat16)``, CPU autocast's default) has 8 significant bits: an 8-bit code
 times the step size rounds off the grid, and a fake-quant output cast to bf16 is another code for 7-8% of an

@@ -1,5 +1,5 @@
 """Values that Ultralytics' own argument check rejects end in train_qat.py's one-paragraph error (exit 2),
-found before the dataset is touched or a model built (issue 12, item 3)."""
+found before the dataset is touched or a model built."""
 import pytest
 
 import yolo_qat.engine.cli as cli

@@ -1,4 +1,4 @@
-"""Settings declared once, command lines alike (issue 14).
+"""Settings declared once, command lines alike.
 
 Every field of QuantRecipe, QATConfig and QCConfig reaches its dataclass from the command line and from a
 --config yaml of the script that uses it; the fields are found by introspection, so a field added later is

@@ -49,7 +49,7 @@ def test_integer_convs(result):
         if r["kind"] == "ours":
             assert r["quantized_convs"] == fp["convs"] - 1  # all but the DFL conv
             if r["file"].endswith("(sim)"):
-                assert r["integer_convs"] == 0  # float convs on dequantized weights: what issue 18 is about
+                assert r["integer_convs"] == 0  # float convs on dequantized weights: slower than FP
 
 
 def test_count_on_a_hand_built_graph(tmp_path):

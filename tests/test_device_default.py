@@ -1,5 +1,5 @@
 """--device left out means Ultralytics' choice (the first GPU when there is one), in train_qat.py,
-val.py and correct_qc.py, and the device used is printed (issue 12, item 5)."""
+val.py and correct_qc.py, and the device used is printed."""
 import pytest
 import torch
 from ultralytics.utils import NUM_THREADS, torch_utils

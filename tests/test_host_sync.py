@@ -1,4 +1,4 @@
-"""No host sync in a QAT training step (issue 19), counted on the CPU.
+"""No host sync in a QAT training step, counted on the CPU.
 
 benchmarks/host_sync.py runs one forward + loss + backward + ``QATTrainerMixin.optimizer_step`` with the
 optimizers as ``build_optimizer`` makes them on CUDA (fused) and counts the calls that would make the host

@@ -1,5 +1,5 @@
 """The YOLO layer policy applies whatever the user imported, and quantize_model refuses a model with
-fixed operators that no policy claims (issue 12, item 2)."""
+fixed operators that no policy claims."""
 import json
 import os
 import subprocess

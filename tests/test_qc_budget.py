@@ -1,6 +1,6 @@
 """correct_qc.py says so, in one line, when a run's QC budget (lr x steps) is far below the paper's one COCO epoch
-(1,849 Adam steps x lr 1e-4): on the embedded data such budgets changed nothing (README, QC's budget at small
-scale), and the benchmark's QC was 16 steps x 1e-4 before issue 21."""
+(1,849 Adam steps x lr 1e-4): on the embedded data such budgets changed nothing (docs/paper-table.md, QC's
+budget at small scale)."""
 import pytest
 
 from yolo_qat.engine.qc import PAPER_QC_BUDGET, budget_note
@@ -10,7 +10,7 @@ from test_qc import qat_like_model, tiny_dataset
 
 def test_budget_note_only_far_below_the_paper():
     assert PAPER_QC_BUDGET == pytest.approx(0.1849)
-    note = budget_note(16, 1e-4)  # the CPU benchmark's QC before issue 21: one pass over 256 images at batch 16
+    note = budget_note(16, 1e-4)  # one pass over 256 images at batch 16
     assert note.startswith("QC budget: 16 steps x lr 0.0001 = 0.0016, 116x below the paper's") and "\n" not in note
     assert budget_note(1849, 1e-4) is None and budget_note(185, 1e-3) is None  # the paper's, and matched to it
     assert budget_note(185, 1e-4).startswith("QC budget: 185 steps x lr 0.0001 = 0.019, 10x below")  # W3A3: +2.3

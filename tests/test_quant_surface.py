@@ -1,4 +1,4 @@
-"""The public surface of quant/ (issue 14): integer codes, the step size shaped for a tensor, module
+"""The public surface of quant/: integer codes, the step size shaped for a tensor, module
 replacement; and the structure around it: no private name of a quant/ module read outside it, no import
 cycle inside quant/."""
 import ast

@@ -1,7 +1,7 @@
 """benchmarks/reproduce.py end to end on a tiny embedded dataset: one bit width, two methods with QC,
 one seed; table / json / csv / PNGs are written, and a re-run skips every finished cell. Then method kd
 (EMA + distillation) with the three QC variants joins the same out dir, reusing the finished EMA cells.
-The paper's own models (the original anchor-based YOLOv5 / YOLOv7, issue 21): yolov5n from its yaml through the
+The paper's own models (the original anchor-based YOLOv5 / YOLOv7): yolov5n from its yaml through the
 command line with both ablations, yolov7-tiny and yolov5n-seg from the original-code checkpoints with every
 other method, kd and the QC variants."""
 import json
@@ -212,7 +212,7 @@ def check_original_cells(out, columns, task):
 
 
 def test_original_yolov5n_from_its_yaml_on_the_command_line(data, tmp_path):
-    """The command of issue 21 that ended in 'Detect.__init__() takes from 1 to 5 positional arguments but 6 were
+    """The command that once ended in 'Detect.__init__() takes from 1 to 5 positional arguments but 6 were
     given' in the first QAT cell (Ultralytics' parse_model building the anchor-based yaml); then both ablations
     into the same out dir (in-process), reusing its runs: the QC ablation trains per-tensor and per-channel
     corrections on the EMA run, the decay sweep reuses a=0 (LSQ) and a=0.99 (EMA)."""

@@ -1,4 +1,4 @@
-"""Safe checkpoint loading (issue 20, models/safe_load.py).
+"""Safe checkpoint loading (models/safe_load.py; docs/safe-loading.md).
 
 Crafted pickles (os.system, subprocess.Popen, builtins.eval / exec, importlib.import_module, a payload nested in
 train_args or in a module's __dict__, in a packed file, a model class called with a poisoned yaml, a model yaml

@@ -1,4 +1,4 @@
-"""A quantizer without calibration (issue 19): an activation quantizer that runs in training before its step size
+"""A quantizer without calibration: an activation quantizer that runs in training before its step size
 was set is an error naming the layer, never an initialisation from the batch at hand (under DDP each rank would take
 its own batch and the replicas would diverge). Weight quantizers still initialise from the weight (deterministic);
 outside a training step and outside DDP an activation quantizer still initialises from its first input."""
