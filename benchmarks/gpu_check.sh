@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the QAT project on ONE CUDA GPU, under 8 minutes on an H100/H200 (issue 19).
+# GPU check of the QAT project on ONE CUDA GPU, under 8 minutes on an H100/H200.
 #
 #   bash benchmarks/gpu_check.sh [OUT]      # OUT: output folder (default /tmp/qat-gpu-check)
 #
