@@ -115,7 +115,8 @@ def run(a: argparse.Namespace) -> int:
     from yolo_qat.engine.cli_common import InputError, input_error, output_dir
     from yolo_qat.engine.qc import budget_note, run_qc, tie_note
     from yolo_qat.quant.qc import FoldCheckError, qc_modules
-    from yolo_qat.engine.validate import format_table, trained_imgsz, validate
+    from yolo_qat.engine.validate import format_table, validate
+    from yolo_qat.models.facts import trained_imgsz
 
     try:
         model, ckpt = load_checkpoint(a.weights, device=a.device)

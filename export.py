@@ -110,9 +110,10 @@ def export(args: argparse.Namespace) -> int:
     from yolo_qat import models  # noqa: F401  (registers the YOLO policy, so checkpoints unpickle)
     from yolo_qat.deploy.verify import compare_onnxruntime
     from yolo_qat.engine.cli_common import input_error
-    from yolo_qat.engine.validate import trained_imgsz
+    from yolo_qat.models.facts import trained_imgsz
     from yolo_qat.models.checkpoint import load_checkpoint
-    from yolo_qat.models.original import is_original_model, prepare_original
+    from yolo_qat.models.facts import is_original as is_original_model
+    from yolo_qat.models.original import prepare_original
     from yolo_qat.quant import is_quantized
 
     if args.device != "cpu":

@@ -64,10 +64,11 @@ def ptq_map(weights, data, recipe, batches, imgsz: int, batch: int, device, seed
 
 def run(opt) -> list[dict]:
     from yolo_qat import models  # noqa: F401
-    from yolo_qat.engine.calib import model_task
+    from yolo_qat.models.facts import model_task
     from yolo_qat.engine.cli_common import InputError, output_dir
     from yolo_qat.engine.sensitivity import PROXIES, MixedPrecisionConfig, allocate_report, calibration_batches, recipe_dict
-    from yolo_qat.engine.validate import load_model, trained_imgsz
+    from yolo_qat.engine.validate import load_model
+    from yolo_qat.models.facts import trained_imgsz
     from yolo_qat.quant import QuantRecipe
     from yolo_qat.quant.costs import LayerGeometry, weight_bits
 

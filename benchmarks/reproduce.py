@@ -294,7 +294,7 @@ def ensure_qat(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
     if done:
         return done
     from yolo_qat.engine.cli import qat_config, qat_overrides
-    from yolo_qat.engine.original import is_original_source
+    from yolo_qat.models.facts import is_original_source
     from yolo_qat.engine.trainer import qat_trainer_class
 
     from benchmarks.plots import ScaleRecorder

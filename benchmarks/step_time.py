@@ -155,9 +155,9 @@ def time_cfg(cfg: str, args) -> dict[str, float]:
             _sync(device)
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    from yolo_qat.models.original import is_original_model
+    from yolo_qat.models.facts import is_original
 
-    kind = "original anchor-based, YOLOv5 loss" if is_original_model(fp) else "Ultralytics, its own loss"
+    kind = "original anchor-based, YOLOv5 loss" if is_original(fp) else "Ultralytics, its own loss"
     print(f"{cfg} ({kind}, {type(fp.model[-1]).__name__} head, {device}{', AMP fp16' if args.amp else ''}):")
     for k, v in med.items():
         mem = (f"  peak {peak[k] / 2 ** 20:8.0f} MiB (x{peak[k] / max(peak['fp'], 1):.2f} fp)" if k in peak else "")

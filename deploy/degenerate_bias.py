@@ -30,6 +30,11 @@ FIT_CODES = 2**30  # the bias code of a refitted channel: half the int32 range, 
 _FLOOR = 100 * MIN_SCALE  # a step this small was clamped at (or driven to) the floor, not calibrated on data
 
 
+class ExportWarning(UserWarning):
+    """Something about the export the user should know (approximation, fallback); defined here, the lowest module
+    that warns, and raised by deploy.onnx_qdq too."""
+
+
 def _code(y: torch.Tensor, q) -> torch.Tensor:
     """The output quantizer's integer code of the values ``y`` (float64), as QuantizeLinear computes it."""
     s = float(q.scale.reshape(-1)[0])
@@ -81,8 +86,6 @@ def fit_int32_bias(name: str, qconv, codes, w_scale, bias, out_q) -> torch.Tenso
         raise ValueError(_refusal(name, qconv, w_scale, bias, over,
                                   f"in {int((over & ~const).sum())} of those channels the input can still change the "
                                   f"output code, so no coarser step gives the model's codes"))
-    from .onnx_qdq import ExportWarning
-
     warnings.warn(f"{name}: the int32 bias of {int(over.sum())} of {over.numel()} channels does not fit at s_x * s_w "
                   f"(input step s_x = {float(s_x):.3g}) and no input can change those channels' output codes: their "
                   f"weight step is raised to the smallest whose bias fits (codes unchanged), which changes no output "

@@ -25,12 +25,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper, version_converter
 from torch import nn
 
-from yolo_qat.models.original import is_original_model
+from yolo_qat.models.facts import is_original
 from yolo_qat.models.yolo import Detect as AnchorDetect
 from yolo_qat.quant import is_quantized, layer_bits
 
 from yolo_qat.quant.targets import Target, get_target, model_target
 
+from .degenerate_bias import ExportWarning
 from .ort_modules import swap_for_ort
 from .qdq_conv import swap_quant_convs
 
@@ -40,10 +41,6 @@ try:  # the TorchScript exporter stops below the ONNX release's max; later opset
     from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as TS_MAX_OPSET
 except ImportError:  # pragma: no cover - older torch
     TS_MAX_OPSET = 17
-
-
-class ExportWarning(UserWarning):
-    """Something about the export the user should know (approximation, fallback)."""
 
 
 class NothingQuantizedError(ValueError):
@@ -74,7 +71,7 @@ def prepare_export_model(model: nn.Module, imgsz=(640, 640), dynamic: bool = Fal
     from yolo_qat.models import fold_bn_into_quant_convs, make_fuse_quant_aware
 
     quantized = is_quantized(model)
-    if not quantized and not is_original_model(model):
+    if not quantized and not is_original(model):
         raise NothingQuantizedError(
             "the model has no quantized layer (no QuantConv2d): there is nothing quantized to export. "
             "Export a QAT or QC checkpoint (train_qat.py / correct_qc.py output), or use Ultralytics' own "
@@ -83,7 +80,7 @@ def prepare_export_model(model: nn.Module, imgsz=(640, 640), dynamic: bool = Fal
     for p in m.parameters():
         p.requires_grad_(False)
     if quantized:
-        if is_original_model(m):
+        if is_original(m):
             make_fuse_quant_aware(m)  # a quantized RepConv must keep its branches (in case finalize was skipped)
         # BN -> out_scale/bias of the quantized convs first (exact, integer weights unchanged), whatever
         # the model's class; then the model's fuse() for any float conv left.
@@ -140,7 +137,7 @@ def _metadata(model: nn.Module, imgsz, batch: int, layers: dict) -> dict:
     from ultralytics import __version__
     from ultralytics.nn.tasks import guess_model_task
 
-    if is_original_model(model):
+    if is_original(model):
         what = "quantized (QAT/QC), ONNX Q/DQ" if layers else "float, fused"
         protos = "; output1 protos" if len(_output_names(model)) > 1 else ""
         desc = (f"original anchor-based YOLOv5/YOLOv7, {what}; output0 (batch, anchors, 5+nc[+nm]): xywh pixels, "
@@ -177,7 +174,7 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
     with torch.no_grad():
         m(im)  # dry run: Detect caches anchors for the static shape, as in Ultralytics' exporter
     names = _output_names(m)
-    axes = _dynamic_axes(names, is_original_model(m)) if dynamic else None
+    axes = _dynamic_axes(names, is_original(m)) if dynamic else None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():

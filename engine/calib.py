@@ -9,29 +9,28 @@ import random
 import warnings
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from ultralytics.cfg import get_cfg
 from ultralytics.data import build_dataloader, build_yolo_dataset
+from ultralytics.data.augment import LetterBox
+from ultralytics.data.dataset import YOLODataset
+from ultralytics.data.utils import IMG_FORMATS
 from ultralytics.utils import DEFAULT_CFG_DICT, IterableSimpleNamespace
+from ultralytics.utils.patches import imread
 
-from yolo_qat.engine.data_download import check_dataset
+from yolo_qat.data.embedded import ensure_embedded_dataset
 
-def model_task(model: nn.Module) -> str:
-    """'segment', 'detect' (or another Ultralytics task, which the callers refuse) of a model in memory."""
-    from ultralytics.nn.tasks import SegmentationModel, guess_model_task
-
-    # Original yolov5-seg models subclass SegmentationModel but carry their own Segment head, which
-    # Ultralytics' guess does not know.
-    return "segment" if isinstance(model, SegmentationModel) else guess_model_task(model)
+from .data_download import check_dataset
 
 
 def resolve_data(data: str | Path | None) -> str:
     """The dataset yaml to use: ``data`` or, by default, the embedded offline dataset. FileNotFoundError
     (one paragraph) when ``data`` is not a file."""
     if data is None:
-        from yolo_qat.data.embedded import ensure_embedded_dataset
-
         return str(ensure_embedded_dataset())
     if not Path(data).is_file():
         raise FileNotFoundError(f"dataset yaml '{data}' does not exist: pass the path of an Ultralytics dataset yaml "
@@ -85,8 +84,6 @@ def calibration_files(train_files: list[str], n_images: int | None = None, fract
 
 def _train_image_files(data: dict) -> list[str]:
     # Ultralytics' own file discovery (dirs, list files, several roots), without building labels.
-    from ultralytics.data.dataset import YOLODataset
-
     return YOLODataset.get_img_files(_Finder(), data["train"])
 
 
@@ -134,8 +131,6 @@ def preprocess(batch: dict, device: torch.device | str = "cpu") -> dict:
 def folder_images(source: str | Path) -> list[str]:
     """Every image file (Ultralytics' formats) in folder ``source`` and its subfolders, sorted. No label files
     are looked for: a ``labels`` folder next to the images, if any, is ignored."""
-    from ultralytics.data.utils import IMG_FORMATS
-
     root = Path(source)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder '{source}' does not exist or is not a folder: pass a folder of images "
@@ -149,8 +144,6 @@ def folder_images(source: str | Path) -> list[str]:
 
 def _readable(files: list[str]) -> list[str]:
     # Header check of each file (as Ultralytics' dataset does before training): skip what would fail mid-run.
-    from PIL import Image
-
     good = []
     for f in files:
         try:
@@ -171,8 +164,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     fails on these batches instead of reading them as images without objects."""
 
     def __init__(self, files: list[str], imgsz: int = 640):
-        from ultralytics.data.augment import LetterBox
-
         self.files, self.imgsz = list(files), int(imgsz)
         self.letterbox = LetterBox(new_shape=(self.imgsz, self.imgsz), auto=False, scaleup=False, center=True)
 
@@ -180,10 +171,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict:
-        import cv2
-        import numpy as np
-        from ultralytics.utils.patches import imread
-
         f = self.files[i]
         im = imread(f)  # BGR
         if im is None:

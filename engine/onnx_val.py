@@ -8,7 +8,7 @@ changes to that path, both here:
 - the session is ``deploy.verify.ort_session`` (CPUExecutionProvider, the project's session options) instead
   of AutoBackend's own, so validation runs the graph as the export check does;
 - the original anchor-based YOLOv5 / YOLOv7 layout (output0 (B, N, 5+nc[+nm])) goes through the project's
-  anchor-based validators (``engine/original.py``), whose postprocess turns it into Ultralytics' layout.
+  anchor-based validators (``engine/validate.py``), whose postprocess turns it into Ultralytics' layout.
 
 The layout is told by the output shapes, with nc from the metadata names: Ultralytics' (B, 4+nc[+nm], N)
 or the original (B, N, 5+nc[+nm]).

@@ -8,29 +8,29 @@ SegmentationTrainer with
 - the YOLOv5 hyper-parameters (hyp.scratch-low) where the user set nothing: ``TRAIN_DEFAULTS``;
 - the AutoAnchor check of yolov5's train.py after the data is loaded (engine/autoanchor.py): anchors are refitted
   only for a model built from a yaml; trained weights keep theirs (the check is logged);
-- the YOLOv5 loss items (box, [seg,] obj, cls) and the validators below.
-Validators: Ultralytics' DetectionValidator / SegmentationValidator (and the predictions-only ones of
-engine/validate.py) whose ``postprocess`` first turns the original output into Ultralytics' layout, so its NMS,
-metrics and predictions.json (and pycocotools after it) run unchanged.
+- the YOLOv5 loss items (box, [seg,] obj, cls) and the validators of engine/validate.py, whose ``postprocess``
+  first turns the original output into Ultralytics' layout.
 """
 from __future__ import annotations
 
 from copy import copy
 from pathlib import Path
 
-import torch
 from torch import nn
 from ultralytics.cfg import cfg2dict
-from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
-from ultralytics.models.yolo.segment import SegmentationTrainer, SegmentationValidator
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK, YAML
 from ultralytics.utils.torch_utils import unwrap_model
 
+from yolo_qat.models.common import ImplicitA, ImplicitM
+from yolo_qat.models.facts import original_yaml_task
 from yolo_qat.models.loss import DEFAULT_HYP, YOLOv5DetLoss, YOLOv5SegLoss, check_loss_hyp, resolve_hyp
 from yolo_qat.models.registry import is_original_yaml
+from yolo_qat.models.yolo import DetectionModel, SegmentationModel
 
 from .autoanchor import broadcast_anchors, check_anchors
-from .validate import PredictionsOnlyDetectionValidator, PredictionsOnlySegmentationValidator
+from .validate import validator_class
 
 # hyp.scratch-low keys that Ultralytics' trainer and data pipeline read under the same name and meaning (its
 # box / cls gains mean other losses: the YOLOv5 gains stay in models/loss.py). Ultralytics' defaults equal most
@@ -41,104 +41,8 @@ _SHARED_HYP = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmu
 TRAIN_DEFAULTS = {**{k: DEFAULT_HYP[k] for k in _SHARED_HYP}, "optimizer": "SGD", "close_mosaic": 0}
 
 
-def is_original(model) -> bool:
-    """True for a model whose head is one of models.yolo's anchor-based heads (FP or quantized, any wrapper)."""
-    from yolo_qat.models.yolo import Detect
-
-    layers = getattr(unwrap_model(model), "model", None)
-    return isinstance(layers, nn.Sequential) and len(layers) > 0 and isinstance(layers[-1], Detect)
-
-
-def is_original_source(src) -> bool:
-    """True for an original model, an original-format yaml (path, registry name, dict) or a .pt checkpoint
-    holding an original model (a yolov5 / yolov7 checkpoint, or one this project wrote from such a model).
-    Unreadable files give False: the caller's own loading reports them."""
-    if isinstance(src, nn.Module):
-        return is_original(src)
-    if isinstance(src, (str, Path)) and str(src).endswith(".pt"):
-        if not Path(src).is_file():
-            return False
-        from yolo_qat.models.checkpoint import load_checkpoint
-
-        try:
-            model, _ = load_checkpoint(src)
-        except (ValueError, FileNotFoundError):
-            return False
-        return is_original(model)
-    return is_original_yaml(src)
-
-
-def original_yaml_task(cfg) -> str:
-    """'segment' for an original yaml whose head is Segment, else 'detect'."""
-    from yolo_qat.models.yolo import load_original_yaml
-
-    head = load_original_yaml(cfg)["head"][-1][2]
-    return "segment" if head == "Segment" else "detect"
-
-
 def loss_names(task: str) -> tuple[str, ...]:
     return YOLOv5SegLoss.item_names if task == "segment" else YOLOv5DetLoss.item_names
-
-
-# ---------------------------------------------------------------------------------------------- validation
-
-def to_ultralytics_preds(preds):
-    """The original eval output -> the input of Ultralytics' postprocess.
-
-    (pred, maps) / (pred,) / pred, with pred (B, N, 5 + nc) = decoded xywh pixels, objectness, class
-    probabilities -> (B, 4 + nc, N) with class scores objectness x probability (yolov5's NMS score);
-    (pred, proto, maps) / (pred, proto) with nm mask coefficients after the classes -> [(B, 4 + nc + nm, N),
-    proto], the coefficients passed through."""
-    proto = None
-    if isinstance(preds, (list, tuple)):
-        if len(preds) > 1 and torch.is_tensor(preds[1]) and preds[1].dim() == 4:
-            proto = preds[1]
-        pred = preds[0] if preds else None
-    else:
-        pred = preds
-    nm = proto.shape[1] if proto is not None else 0
-    if not torch.is_tensor(pred) or pred.dim() != 3 or pred.shape[-1] - 5 - nm < 1:
-        shape = tuple(pred.shape) if torch.is_tensor(pred) else type(pred).__name__
-        raise TypeError(f"expected the eval output of an anchor-based YOLOv5/YOLOv7 model, (pred, ...) with pred "
-                        f"(batch, anchors, 5 + nc{' + nm' if nm else ''}); got {shape}. Anchor-free Ultralytics "
-                        f"models validate with Ultralytics' own validators.")
-    nc = pred.shape[-1] - 5 - nm
-    scores = pred[..., 5:5 + nc] * pred[..., 4:5]
-    out = torch.cat((pred[..., :4], scores, pred[..., 5 + nc:]), -1).transpose(1, 2)
-    return out if proto is None else [out, proto]
-
-
-class OriginalValidatorMixin:
-    """Put before an Ultralytics detection / segmentation validator class."""
-
-    def postprocess(self, preds):
-        return super().postprocess(to_ultralytics_preds(preds))
-
-
-class OriginalDetectionValidator(OriginalValidatorMixin, DetectionValidator):
-    pass
-
-
-class OriginalSegmentationValidator(OriginalValidatorMixin, SegmentationValidator):
-    pass
-
-
-class OriginalPredictionsOnlyDetectionValidator(OriginalValidatorMixin, PredictionsOnlyDetectionValidator):
-    pass
-
-
-class OriginalPredictionsOnlySegmentationValidator(OriginalValidatorMixin, PredictionsOnlySegmentationValidator):
-    pass
-
-
-def validator_class(task: str, original: bool, predictions_only: bool = False):
-    """The validator class for a task, for original or Ultralytics models, Ultralytics' or engine/validate.py's."""
-    table = {(False, False): (DetectionValidator, SegmentationValidator),
-             (False, True): (PredictionsOnlyDetectionValidator, PredictionsOnlySegmentationValidator),
-             (True, False): (OriginalDetectionValidator, OriginalSegmentationValidator),
-             (True, True): (OriginalPredictionsOnlyDetectionValidator, OriginalPredictionsOnlySegmentationValidator)}
-    det, seg = table[(bool(original), bool(predictions_only))]
-    return seg if task == "segment" else det
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -153,8 +57,6 @@ def _user_defaults(cfg, overrides: dict) -> dict:
 def _implicit_without_decay(optimizer, model) -> None:
     """yolov7's ImplicitA / ImplicitM vectors train without weight decay, as its train.py groups them (decay would
     pull the multiplicative ImplicitM towards 0); Ultralytics' grouping puts them with the decayed weights."""
-    from yolo_qat.models.common import ImplicitA, ImplicitM
-
     implicit = {id(p) for m in unwrap_model(model).modules() if isinstance(m, (ImplicitA, ImplicitM))
                 for p in m.parameters(recurse=False)}
     groups = {g.get("param_group"): g for g in optimizer.param_groups}
@@ -188,8 +90,6 @@ class OriginalTrainerMixin:
         self.anchor_report: dict | None = None
 
     def get_model(self, cfg=None, weights=None, verbose=True):
-        from yolo_qat.models.yolo import DetectionModel, SegmentationModel
-
         cfg = cfg if cfg is not None else self.args.model
         if not is_original_yaml(cfg):
             raise ValueError(f"{type(self).__name__} trains the original anchor-based YOLOv5/YOLOv7 models; "

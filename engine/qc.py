@@ -20,7 +20,9 @@ from yolo_qat.quant.bn_reestimate import reestimate_bn
 from yolo_qat.models.checkpoint import save_checkpoint
 from yolo_qat.quant.qc import FoldCheckError, fold_qc_checked, freeze_for_qc, insert_qc, qc_modules, set_batchnorm_eval
 
-from .calib import calibration_loader, ensure_loss_args, image_folder_loader, model_task, preprocess
+from yolo_qat.models.facts import model_task
+
+from .calib import calibration_loader, ensure_loss_args, image_folder_loader, preprocess
 from .distill import DEFAULT_WEIGHT, attach_distillation, detach_distillation
 
 # End to end (logged, not checked): outputs that moved by more than this share of their range count as "off".

@@ -234,8 +234,9 @@ def measure(weights, data=None, recipe: dict | None = None, cfg: MixedPrecisionC
     """Per-layer sensitivity of the FP checkpoint (or FP model) ``weights`` on the target of ``recipe``: a report
     (plain data, json-able) with every quantized conv's geometry and the proxy of each candidate width that pays
     on the target under the budget's measure, and with ``cfg.validate_layers`` its mAP check."""
-    from yolo_qat.engine.calib import ensure_loss_args, model_task
-    from yolo_qat.engine.validate import load_model, trained_imgsz
+    from yolo_qat.engine.calib import ensure_loss_args
+    from yolo_qat.engine.validate import load_model
+    from yolo_qat.models.facts import model_task, trained_imgsz
 
     cfg = MixedPrecisionConfig.from_any(cfg)
     ref_recipe = reference_recipe(recipe, cfg)

@@ -480,7 +480,7 @@ ORIGINAL_TRAINERS = {"detect": QATOriginalDetectionTrainer, "segment": QATOrigin
 
 def qat_trainer_class(task: str, original: bool = False):
     """The QAT trainer for a task; ``original`` for the anchor-based models of models/yolo.py
-    (``engine.original.is_original_source`` tells them apart)."""
+    (``models.facts.is_original_source`` tells them apart)."""
     if task not in TRAINERS:
         raise ValueError(f"task {task!r} is not supported for QAT: allowed values are {sorted(TRAINERS)}")
     return (ORIGINAL_TRAINERS if original else TRAINERS)[task]

@@ -4,7 +4,9 @@ COCO-format predictions file, then pycocotools COCOeval on that file (boxes and 
 Ultralytics 8.4 scores its predictions.json with faster-coco-eval (not installed here, and not the
 reference implementation), so the validators below write the file and stop there; scoring is
 ``engine.coco_eval``. Quantized checkpoints load as pickled models whose ``fuse()`` keeps the
-integer weights (models/policy.py), so AutoBackend's fusing is safe.
+integer weights (models/policy.py), so AutoBackend's fusing is safe. The original anchor-based YOLOv5 / YOLOv7
+models validate with the same classes behind ``OriginalValidatorMixin``, whose ``postprocess`` first turns their
+output into Ultralytics' layout, so its NMS, metrics and predictions.json (and pycocotools after it) run unchanged.
 """
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.models.yolo.segment import SegmentationValidator
 from ultralytics.utils import LOGGER, ops
 
-from yolo_qat.engine.data_download import check_dataset
-
 from yolo_qat.models.checkpoint import load_checkpoint
+from yolo_qat.models.facts import is_original, model_task, trained_imgsz
 
-from .calib import model_task, resolve_data
+from .calib import resolve_data
 from .coco_eval import coco_annotations_path, coco_map, image_ids, remap_predictions, yolo_labels_to_coco
+from .data_download import check_dataset
+from .onnx_val import is_onnx, onnx_info, project_ort_backend
 
 
 class PredictionsOnlyDetectionValidator(DetectionValidator):
@@ -81,6 +84,67 @@ def masks_to_original(masks: torch.Tensor, ori_shape, ratio_pad=None) -> torch.T
     return content.byte()
 
 
+# ---------------------------------------------------------------------------------------------- original models
+
+def to_ultralytics_preds(preds):
+    """The original eval output -> the input of Ultralytics' postprocess.
+
+    (pred, maps) / (pred,) / pred, with pred (B, N, 5 + nc) = decoded xywh pixels, objectness, class
+    probabilities -> (B, 4 + nc, N) with class scores objectness x probability (yolov5's NMS score);
+    (pred, proto, maps) / (pred, proto) with nm mask coefficients after the classes -> [(B, 4 + nc + nm, N),
+    proto], the coefficients passed through."""
+    proto = None
+    if isinstance(preds, (list, tuple)):
+        if len(preds) > 1 and torch.is_tensor(preds[1]) and preds[1].dim() == 4:
+            proto = preds[1]
+        pred = preds[0] if preds else None
+    else:
+        pred = preds
+    nm = proto.shape[1] if proto is not None else 0
+    if not torch.is_tensor(pred) or pred.dim() != 3 or pred.shape[-1] - 5 - nm < 1:
+        shape = tuple(pred.shape) if torch.is_tensor(pred) else type(pred).__name__
+        raise TypeError(f"expected the eval output of an anchor-based YOLOv5/YOLOv7 model, (pred, ...) with pred "
+                        f"(batch, anchors, 5 + nc{' + nm' if nm else ''}); got {shape}. Anchor-free Ultralytics "
+                        f"models validate with Ultralytics' own validators.")
+    nc = pred.shape[-1] - 5 - nm
+    scores = pred[..., 5:5 + nc] * pred[..., 4:5]
+    out = torch.cat((pred[..., :4], scores, pred[..., 5 + nc:]), -1).transpose(1, 2)
+    return out if proto is None else [out, proto]
+
+
+class OriginalValidatorMixin:
+    """Put before an Ultralytics detection / segmentation validator class."""
+
+    def postprocess(self, preds):
+        return super().postprocess(to_ultralytics_preds(preds))
+
+
+class OriginalDetectionValidator(OriginalValidatorMixin, DetectionValidator):
+    pass
+
+
+class OriginalSegmentationValidator(OriginalValidatorMixin, SegmentationValidator):
+    pass
+
+
+class OriginalPredictionsOnlyDetectionValidator(OriginalValidatorMixin, PredictionsOnlyDetectionValidator):
+    pass
+
+
+class OriginalPredictionsOnlySegmentationValidator(OriginalValidatorMixin, PredictionsOnlySegmentationValidator):
+    pass
+
+
+def validator_class(task: str, original: bool, predictions_only: bool = False):
+    """The validator class for a task, for original or Ultralytics models, Ultralytics' or the predictions-only ones."""
+    table = {(False, False): (DetectionValidator, SegmentationValidator),
+             (False, True): (PredictionsOnlyDetectionValidator, PredictionsOnlySegmentationValidator),
+             (True, False): (OriginalDetectionValidator, OriginalSegmentationValidator),
+             (True, True): (OriginalPredictionsOnlyDetectionValidator, OriginalPredictionsOnlySegmentationValidator)}
+    det, seg = table[(bool(original), bool(predictions_only))]
+    return seg if task == "segment" else det
+
+
 def is_coco_val(data: dict, split: str = "val") -> bool:
     """Ultralytics' own test (DetectionValidator.init_metrics) for 'this is COCO val2017'."""
     val = data.get(split, "")
@@ -104,16 +168,6 @@ def ultralytics_metrics(stats: dict, task: str) -> dict:
     return {k: float(v) for k, v in out.items()}
 
 
-def trained_imgsz(model: nn.Module, default: int = 640) -> int:
-    """The image size the model was trained at (``model.args``, a dict or namespace; for a checkpoint of
-    yolov5's train.py the ``opt`` it recorded, see models/original.py), else ``default``."""
-    args = getattr(model, "args", None)
-    v = args.get("imgsz") if isinstance(args, dict) else getattr(args, "imgsz", None)
-    if not (isinstance(v, int) and v > 0):
-        v = getattr(model, "train_imgsz", None)
-    return int(v) if isinstance(v, int) and v > 0 else default
-
-
 def validate(weights_or_model, data=None, imgsz: int | None = None, batch: int = 16, device: str = "cpu",
              save_dir: str | Path = "runs/val/exp", conf: float = 0.001, iou: float = 0.7,
              verbose: bool = True, pycocotools: bool = True, workers: int | None = None, rect: bool = True) -> dict:
@@ -134,8 +188,6 @@ def validate(weights_or_model, data=None, imgsz: int | None = None, batch: int =
     shape (batch and imgsz from its metadata override ``batch`` / ``imgsz``; square letterboxed batches, which
     equal rect ones on square images), in Ultralytics' or the original anchor-based layout (engine/onnx_val.py).
     """
-    from .onnx_val import is_onnx, onnx_info, project_ort_backend
-
     onnx_file = is_onnx(weights_or_model)
     if onnx_file:  # run by onnxruntime at the file's static shape (engine/onnx_val.py)
         info = onnx_info(weights_or_model)
@@ -157,8 +209,6 @@ def validate(weights_or_model, data=None, imgsz: int | None = None, batch: int =
     args = {"data": data, "imgsz": imgsz, "batch": batch, "device": device, "task": task, "mode": "val",
             "split": "val", "save_json": pycocotools, "plots": False, "conf": conf, "iou": iou, "rect": rect and not onnx_file,
             "verbose": verbose, **({} if workers is None else {"workers": workers})}
-    from .original import is_original, validator_class  # anchor-based models: their output turned first
-
     cls = validator_class(task, original=original if onnx_file else is_original(model), predictions_only=True)
     validator = cls(save_dir=save_dir, args=args)
     with project_ort_backend() if onnx_file else contextlib.nullcontext():

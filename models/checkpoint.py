@@ -15,14 +15,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from ultralytics import __version__
 
 from yolo_qat.quant import is_quantized
+
+from .safe_load import MissingClassError, UnsafeCheckpointError, missing_class_message, safe_load
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, **extra) -> Path:
     """Atomically write ``{'model': fp32 model, 'quant_recipe': ..., **extra}`` to ``path``."""
-    from ultralytics import __version__
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     m = copy.deepcopy(getattr(model, "module", model)).float()
@@ -45,8 +46,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     model in fp32, eval mode. Loaded safely (``models.safe_load``): a file that names anything beyond the module
     classes and data YOLO checkpoints hold raises ``UnsafeCheckpointError`` (a ValueError) before it runs, unless
     trusted (``trust=True``, or ``YOLO_QAT_TRUST_CHECKPOINT=1`` when ``trust`` is None)."""
-    from .safe_load import MissingClassError, UnsafeCheckpointError, safe_load
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist: pass the path of a .pt file")
@@ -55,9 +54,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     except (UnsafeCheckpointError, MissingClassError) as e:
         raise e from None  # one paragraph, no chained traceback
     except Exception as e:  # pickle errors, truncated files, not-a-zip ...
-        from .original import missing_class_message  # a class of another YOLO release: say which, not a traceback
-
-        msg = missing_class_message(path, e)
+        msg = missing_class_message(path, e)  # a class of another YOLO release: say which, not a traceback
         if msg:
             raise ValueError(msg) from None
         raise ValueError(f"'{path}' is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); "
@@ -68,9 +65,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                          f"saved by Ultralytics (e.g. runs/detect/train/weights/best.pt) or by train_qat.py")
     model = model.float().to(device).eval()
     if "opt" in ckpt:  # a checkpoint of yolov5's train.py: the image size it trained at
-        from .original import record_train_imgsz
-
         record_train_imgsz(model, ckpt)
     if is_quantized(model) and getattr(model, "quant_recipe", None) is None:
         model.quant_recipe = ckpt.get("quant_recipe")
     return model, ckpt
+
+
+def record_train_imgsz(model: nn.Module, ckpt: dict) -> nn.Module:
+    """``model.train_imgsz`` from the arguments yolov5's train.py records in ``ckpt['opt']`` (a dict, older
+    releases a Namespace; imgsz an int or [h, w]): the default image size of val.py / correct_qc.py
+    (models.facts.trained_imgsz). yolov7 records none."""
+    opt = ckpt.get("opt") if isinstance(ckpt, dict) else None
+    imgsz = opt.get("imgsz") if isinstance(opt, dict) else getattr(opt, "imgsz", None)
+    if isinstance(imgsz, (list, tuple)) and imgsz:
+        imgsz = max(imgsz)
+    if isinstance(imgsz, int) and imgsz > 0:
+        model.train_imgsz = imgsz
+    return model

@@ -1,4 +1,5 @@
-"""Short model names -> the yaml files in this folder; Ultralytics' own yaml names pass through.
+"""Short model names -> the yaml files in this folder (``models.yaml_rule.resolve_model_cfg`` resolves a name, a user's
+file or one of Ultralytics' own yaml names).
 
 Two yaml formats live here: Ultralytics' (anchor-free, built by ultralytics.nn.tasks) and the original
 anchor-based one of yolov5 / yolov7 (built by models.yolo); ``is_original_yaml`` tells them apart.
@@ -6,6 +7,8 @@ anchor-based one of yolov5 / yolov7 (built by models.yolo); ``is_original_yaml``
 from __future__ import annotations
 
 from pathlib import Path
+
+import yaml
 
 _DIR = Path(__file__).resolve().parent
 
@@ -37,40 +40,8 @@ def is_original_yaml(cfg: str | Path | dict) -> bool:
             return True
         if key in MODEL_CFGS or not Path(s).is_file():
             return False
-        import yaml
-
         try:
             d = yaml.safe_load(Path(s).read_text(encoding="utf-8", errors="ignore"))
         except yaml.YAMLError:
             return False
     return isinstance(d, dict) and "anchors" in d and "scales" not in d
-
-
-def _is_ultralytics_cfg(name: str) -> bool:
-    # Ultralytics resolves 'yolov8n-seg.yaml' to cfg/models/v8/yolov8-seg.yaml with scale 'n'; the same lookup
-    # (scale-stripped, then searched in its package) tells whether it would find the file.
-    from ultralytics.nn.tasks import yaml_model_load
-
-    try:
-        yaml_model_load(name)
-    except Exception:
-        return False
-    return True
-
-
-def resolve_model_cfg(name_or_path: str | Path) -> str:
-    """Return the yaml path for a short name ('yolov5nu', 'yolov7-tinyu-seg.yaml'), an existing file, or an
-    Ultralytics model yaml name ('yolo11n.yaml'); raise ValueError otherwise."""
-    s = str(name_or_path)
-    key = s[:-5] if s.endswith(".yaml") else s
-    if key in MODEL_CFGS:
-        return MODEL_CFGS[key]
-    if Path(s).is_file():
-        from .yaml_rule import check_model_yaml_file
-
-        check_model_yaml_file(s)  # a user's file: built only if it follows the rule (ValueError, one paragraph)
-        return s
-    if s.endswith((".yaml", ".yml")) and Path(s).name == s and _is_ultralytics_cfg(s):
-        return s
-    raise ValueError(f"unknown model config {s!r}; known names: {', '.join(MODEL_CFGS)}, an existing yaml path, "
-                     "or an Ultralytics model yaml such as 'yolov8n.yaml' or 'yolo11n-seg.yaml'")

@@ -34,6 +34,7 @@ what it needed beyond the allowlist is printed.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import contextlib
 import functools
 import importlib
@@ -47,15 +48,19 @@ import pkgutil
 import re
 import sys
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from ultralytics.utils import IterableSimpleNamespace
 
 from .env_flag import env_flag
 from .load_limits import StructureError, check_archive, check_object_tree
 from .pickled_names import current_module, renaming_pickle, spelled_names
+from .yaml_rule import yaml_problem, yaml_refusal
 
 TRUST_ENV = "YOLO_QAT_TRUST_CHECKPOINT"
 TRUST_HOW = (f"--trust-checkpoint (train_qat.py, correct_qc.py, val.py, export.py, benchmarks/reproduce.py) or the "
@@ -96,7 +101,15 @@ class OversizedCheckpointError(UnsafeCheckpointError):
 
 
 class MissingClassError(ValueError):
-    """A checkpoint naming a class of another YOLO release (models.original.missing_class_message)."""
+    """A checkpoint naming a class of another YOLO release (``missing_class_message``)."""
+
+
+# The checkpoints of the original repositories that load (models/original.py), named in the refusals.
+SUPPORTED = ("ultralytics/yolov5 v6.x / v7.0 detection and segmentation checkpoints (models.yolo.DetectionModel "
+             "or Model, SegmentationModel, Detect, Segment; models.common Conv, C3, Bottleneck, SPPF, SPP, Focus, "
+             "Concat, Proto) and WongKinYiu/yolov7 detection checkpoints with Detect or IDetect heads "
+             "(models.common Conv, Concat, MP, SP, SPPCSPC, RepConv, ImplicitA, ImplicitM), beside Ultralytics "
+             "checkpoints")
 
 
 class _Refused(pickle.UnpicklingError):
@@ -179,11 +192,6 @@ class _Registry:
 
     def _data_types(self):
         """Types of checkpoint metadata whose constructors only build data (calling them is harmless)."""
-        import types
-
-        import numpy as np
-        from ultralytics.utils import IterableSimpleNamespace
-
         self._add(IterableSimpleNamespace, "ultralytics.utils.IterableSimpleNamespace")
         self._add(types.SimpleNamespace, "types.SimpleNamespace")
         local = pathlib.WindowsPath if os.name == "nt" else pathlib.PosixPath  # a path pickled on the other OS
@@ -282,8 +290,6 @@ def _names(f) -> list[str] | None:
 def _as_unpickled(full: str) -> str:
     """A scanned name as the unpickler resolves it: protocol-2 pickles spell Python 3 names in Python 2's
     (subprocess.Popen is 'commands.Popen'), which torch's unpickler maps back (_compat_pickle)."""
-    import _compat_pickle
-
     module, _, name = full.rpartition(".")
     if (module, name) in _compat_pickle.NAME_MAPPING:
         module, name = _compat_pickle.NAME_MAPPING[(module, name)]
@@ -302,14 +308,36 @@ def _check_names(path, names: list[str]) -> None:
             raise UnsafeCheckpointError(path, reg.refusal(name))
 
 
+def missing_class_message(path, exc: BaseException) -> str | None:
+    """One paragraph for a checkpoint that names a class or module this repo does not define (another
+    yolov5 / yolov7 release, a yolov5 ClassificationModel, ...); None if ``exc`` is not such an error."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        module, what = exc.name, f"module {exc.name}"
+    elif isinstance(exc, AttributeError):
+        m = re.search(r"Can't get attribute '([\w.]+)' on <module '([\w.]+)'", str(exc))
+        if not m:
+            return None
+        module, what = m.group(2), f"class {m.group(2)}.{m.group(1)}"
+    else:
+        return None
+    module = module.removeprefix("yolo_qat.")  # the loaders resolve a checkpoint's models.* inside the package
+    what = what.replace("yolo_qat.", "", 1)
+    if module.split(".")[0] not in ("models", "utils"):  # the YOLO repositories' packages; numpy etc. are other trouble
+        return None
+    hint = (" A YOLOv5 ClassificationModel is not a detector: this project quantizes detection and segmentation "
+            "models." if "Classif" in what else "")
+    return (f"'{path}' was pickled with {what}, which this repo does not define: it comes from a YOLO release or "
+            f"model type this project does not load.{hint} Supported: {SUPPORTED}. For another release of the same "
+            f"architecture, save the model's state_dict with the code that wrote the checkpoint and load it into "
+            f"a model built from a yaml in models/ (models.yolo.DetectionModel).")
+
+
 def _missing_class(path, name: str) -> str | None:
-    """The paragraph of models.original.missing_class_message for a class of another YOLO release (a name under
+    """The paragraph of ``missing_class_message`` for a class of another YOLO release (a name under
     this repo's ``models`` package that it does not define), found without importing anything new."""
     module, _, attr = name.rpartition(".")
     if module.split(".")[0] not in ("models", "utils"):
         return None
-    from .original import missing_class_message
-
     mod = sys.modules.get(current_module(module))
     if mod is None and module.split(".")[0] == "models":
         with contextlib.suppress(ImportError, ValueError):
@@ -411,8 +439,6 @@ def _refusal_from_message(msg: str) -> str | None:
 def check_model_yamls(obj, path) -> None:
     """Refuse a checkpoint whose model yaml (``model.yaml`` of its model / EMA, a packed file's ``yaml``) would run
     code when the model is rebuilt from it (train_qat.py from an FP checkpoint, packed files, teachers)."""
-    from .yaml_rule import yaml_problem, yaml_refusal
-
     if not isinstance(obj, dict):
         return
     yamls = [getattr(obj.get(k), "yaml", None) for k in ("model", "ema") if isinstance(obj.get(k), nn.Module)]

@@ -21,10 +21,16 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import importlib
 from pathlib import Path
 
+import torchvision.ops
+import yaml
 from torch import nn
+from ultralytics.nn import tasks
+from ultralytics.nn.tasks import BaseModel, yaml_model_load
+
+from .registry import MODEL_CFGS, is_original_yaml
+from .yolo import _MODULES
 
 MAX_YAML_NODES = 100_000  # a YOLO yaml has ~300 items; anchors (aliases) shared level by level are counted per path
 _LAYER_PACKAGES = ("torch.nn.modules", "torchvision.ops", "ultralytics.nn.modules")
@@ -59,19 +65,13 @@ def _resolve(name: str, original: bool):
     if name.startswith("nn."):
         return getattr(nn, name[3:], None)
     if name.startswith("torchvision.ops."):
-        return getattr(importlib.import_module("torchvision.ops"), name[16:], None)
+        return getattr(torchvision.ops, name[16:], None)
     if original:
-        from .yolo import _MODULES
-
         return _MODULES.get(name)
-    from ultralytics.nn import tasks
-
     return vars(tasks).get(name)
 
 
 def _is_layer_class(obj) -> bool:
-    from ultralytics.nn.tasks import BaseModel
-
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)) or issubclass(obj, BaseModel):
         return False
     if obj.__name__ in _NOT_LAYERS:
@@ -115,8 +115,6 @@ def _dict_problem(d: dict, original: bool) -> str | None:
 def yaml_problem(d) -> str | None:
     """What this model yaml (a dict) names that a builder would evaluate, call or build beyond layer classes, or
     None: the rule of the module docstring, applied to every dict at any depth."""
-    from .registry import is_original_yaml
-
     original = isinstance(d, dict) and is_original_yaml(d)
     stack, seen = [d], 0
     while stack:
@@ -143,8 +141,6 @@ def yaml_refusal(problem: str) -> str:
 
 def check_model_yaml_file(path: str | Path) -> None:
     """ValueError (one paragraph) for a model yaml file (``--cfg``) that breaks the rule; nothing is built."""
-    import yaml
-
     try:
         d = yaml.safe_load(Path(path).read_text(encoding="utf-8", errors="ignore"))
     except (yaml.YAMLError, OSError) as e:
@@ -156,11 +152,37 @@ def check_model_yaml_file(path: str | Path) -> None:
         raise ValueError(f"refused to build from '{path}': {yaml_refusal(problem)}.")
 
 
+def _is_ultralytics_cfg(name: str) -> bool:
+    # Ultralytics resolves 'yolov8n-seg.yaml' to cfg/models/v8/yolov8-seg.yaml with scale 'n'; the same lookup
+    # (scale-stripped, then searched in its package) tells whether it would find the file.
+    try:
+        yaml_model_load(name)
+    except Exception:
+        return False
+    return True
+
+
+def resolve_model_cfg(name_or_path: str | Path) -> str:
+    """Return the yaml path for a short name ('yolov5nu', 'yolov7-tinyu-seg.yaml'), an existing file, or an
+    Ultralytics model yaml name ('yolo11n.yaml'); raise ValueError otherwise."""
+    s = str(name_or_path)
+    key = s[:-5] if s.endswith(".yaml") else s
+    if key in MODEL_CFGS:
+        return MODEL_CFGS[key]
+    if Path(s).is_file():
+        check_model_yaml_file(s)  # a user's file: built only if it follows the rule (ValueError, one paragraph)
+        return s
+    if s.endswith((".yaml", ".yml")) and Path(s).name == s and _is_ultralytics_cfg(s):
+        return s
+    raise ValueError(f"unknown model config {s!r}; known names: {', '.join(MODEL_CFGS)}, an existing yaml path, "
+                     "or an Ultralytics model yaml such as 'yolov8n.yaml' or 'yolo11n-seg.yaml'")
+
+
 @contextlib.contextmanager
 def restricted_build():
     """Within the block (this thread), Ultralytics' own parse_model builds without eval and only from nn.Module
     names, where the installed Ultralytics has that mode; a no-op elsewhere. A second line behind ``yaml_problem``."""
-    safe = getattr(importlib.import_module("ultralytics.nn.tasks"), "_SafeLoad", None)
+    safe = getattr(tasks, "_SafeLoad", None)
     local = getattr(safe, "_local", None)
     if local is None:
         yield

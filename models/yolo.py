@@ -22,12 +22,15 @@ from copy import deepcopy
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 from ultralytics.nn import tasks
 from ultralytics.utils import LOGGER
 
 from .common import (C3, SPP, SPPCSPC, SPPF, Bottleneck, Concat, Conv, Focus, ImplicitA, ImplicitM, MP, Proto,
                      RepConv, SP)
+from .loss import YOLOv5DetLoss, YOLOv5SegLoss
+from .registry import ORIGINAL_CFGS
 
 __all__ = ["Detect", "Segment", "IDetect", "DetectionModel", "Model", "SegmentationModel", "parse_model",
            "load_original_yaml", "check_anchor_order"]
@@ -224,15 +227,11 @@ _HEADS = (Detect, Segment, IDetect)
 
 def load_original_yaml(cfg) -> dict:
     """The dict of an original-format model yaml (path or dict); ValueError if it is not one."""
-    import yaml
-
     if isinstance(cfg, dict):
         d, name = deepcopy(cfg), "the model dict"
     else:
         path = Path(cfg)
         if not path.is_file():
-            from .registry import ORIGINAL_CFGS
-
             if str(cfg).removesuffix(".yaml") in ORIGINAL_CFGS:
                 path = Path(ORIGINAL_CFGS[str(cfg).removesuffix(".yaml")])
             else:
@@ -456,8 +455,6 @@ class DetectionModel(tasks.DetectionModel):
         return super().fuse(verbose=verbose, imgsz=imgsz)
 
     def init_criterion(self):
-        from .loss import YOLOv5DetLoss
-
         return YOLOv5DetLoss(self)
 
 
@@ -473,6 +470,4 @@ class SegmentationModel(DetectionModel, tasks.SegmentationModel):
         super().__init__(cfg, ch, nc, anchors, verbose)
 
     def init_criterion(self):
-        from .loss import YOLOv5SegLoss
-
         return YOLOv5SegLoss(self)

@@ -63,7 +63,7 @@ def test_distill_errors_are_one_paragraph(monkeypatch, tmp_path, capsys):
     from ultralytics.nn.tasks import DetectionModel
 
     from yolo_qat.models.checkpoint import save_checkpoint
-    from yolo_qat.models.registry import resolve_model_cfg
+    from yolo_qat.models.yaml_rule import resolve_model_cfg
 
     monkeypatch.chdir(tmp_path)
     args = [*BASE, "--project", str(tmp_path / "runs")]

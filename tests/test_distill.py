@@ -22,7 +22,7 @@ from yolo_qat.engine.distill import (DistillationCriterion, TeacherMismatchError
 from yolo_qat.engine.ema import QATModelEMA
 from yolo_qat.models import yolo as original
 from yolo_qat.models.checkpoint import load_checkpoint, save_checkpoint
-from yolo_qat.models.registry import resolve_model_cfg
+from yolo_qat.models.yaml_rule import resolve_model_cfg
 from yolo_qat.quant import QuantConv2d, calibrate, quantize_model, set_quantizers_enabled
 from yolo_qat.quant.qc import qc_modules, set_batchnorm_eval
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel, guess_model_task, yaml_model_load
 
-from yolo_qat.models.registry import MODEL_CFGS, is_original_yaml, resolve_model_cfg
+from yolo_qat.models.registry import MODEL_CFGS, is_original_yaml
+from yolo_qat.models.yaml_rule import resolve_model_cfg
 
 
 def _build(name):

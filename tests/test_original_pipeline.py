@@ -16,8 +16,9 @@ from ultralytics.utils.nms import non_max_suppression
 
 from yolo_qat.models.pickled_names import renaming_pickle
 from yolo_qat.engine.autoanchor import anchor_metrics, check_anchors, fit_anchors, head_anchors_px, label_sizes
-from yolo_qat.engine.original import (TRAIN_DEFAULTS, OriginalDetectionTrainer, OriginalSegmentationTrainer, is_original,
-                             is_original_source, to_ultralytics_preds, validator_class)
+from yolo_qat.engine.original import TRAIN_DEFAULTS, OriginalDetectionTrainer, OriginalSegmentationTrainer
+from yolo_qat.engine.validate import to_ultralytics_preds, validator_class
+from yolo_qat.models.facts import is_original, is_original_source
 from yolo_qat.models.loss import build_targets
 from yolo_qat.models.registry import ORIGINAL_CFGS
 from yolo_qat.models.yolo import DetectionModel, IDetect, SegmentationModel
@@ -212,7 +213,7 @@ def test_cli_reads_both_checkpoint_layouts_and_the_yamls(tmp_path):
     """engine/cli.py's inspect_source on an unstripped yolov5 last.pt (fp16 model and EMA, the EMA is used), the
     yolov7 layout and the original yamls (Ultralytics' guess would read only the file name)."""
     from yolo_qat.engine.cli import inspect_source
-    from yolo_qat.models.registry import resolve_model_cfg
+    from yolo_qat.models.yaml_rule import resolve_model_cfg
 
     ckpt = torch.load(FIX / FIXTURES["yolov5n-seg"], map_location="cpu", weights_only=False, pickle_module=renaming_pickle)
     ema = ckpt["model"]

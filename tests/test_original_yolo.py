@@ -15,7 +15,8 @@ from torch import nn
 from yolo_qat.models.pickled_names import renaming_pickle
 from yolo_qat.models import common
 from yolo_qat.models.checkpoint import load_checkpoint
-from yolo_qat.models.registry import MODEL_CFGS, ORIGINAL_CFGS, is_original_yaml, resolve_model_cfg
+from yolo_qat.models.registry import MODEL_CFGS, ORIGINAL_CFGS, is_original_yaml
+from yolo_qat.models.yaml_rule import resolve_model_cfg
 from yolo_qat.models.yolo import Detect, DetectionModel, IDetect, Segment, SegmentationModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -408,7 +409,7 @@ def test_idetect_fold_keeps_quantized_weights():
 def test_training_image_size_of_a_yolov5_checkpoint_is_the_default_of_val_and_qc():
     """yolov5's train.py records its arguments in ckpt['opt'] (the fixtures were trained at 128): val.py and
     correct_qc.py default to that size; yolov7 records none, so 640 (both scripts' fallback)."""
-    from yolo_qat.engine.validate import trained_imgsz
+    from yolo_qat.models.facts import trained_imgsz
     from yolo_qat.models.checkpoint import load_checkpoint
 
     assert trained_imgsz(load_checkpoint(FIX / FIXTURES["yolov5n"])[0]) == 128

@@ -51,7 +51,7 @@ def train_qat(cfg: str, bits: int, data, project) -> str:
     """Two QAT epochs from the model yaml with the repo's trainer (the path train_qat.py takes)."""
     from yolo_qat.engine.config import QATConfig
     from yolo_qat.engine.trainer import qat_trainer_class
-    from yolo_qat.models.registry import resolve_model_cfg
+    from yolo_qat.models.yaml_rule import resolve_model_cfg
 
     task = "segment" if cfg.endswith("-seg") else "detect"
     qat = QATConfig(recipe={"w_bits": bits, "a_bits": bits}).to_dict()

@@ -47,7 +47,8 @@ def assert_downstream(target, layers):
 def qat_steps(model, data_yaml, steps=2, lr=1e-3, imgsz=64):
     """A few QAT steps (Adam on the weights and every quantizer, BN statistics frozen), as QAT leaves a model:
     the encodings of shared tensors move away from the input quantizers of the convs that read them as they are."""
-    from yolo_qat.engine.calib import calibration_loader, ensure_loss_args, model_task, preprocess
+    from yolo_qat.engine.calib import calibration_loader, ensure_loss_args, preprocess
+    from yolo_qat.models.facts import model_task
 
     ensure_loss_args(model)
     loader, _ = calibration_loader(data_yaml, model_task(model), imgsz, 4, save_dir=data_yaml.parent / "qat_build")

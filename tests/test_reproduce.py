@@ -195,7 +195,7 @@ TINY = ["--bits", "4", "--fp-epochs", "1", "--qat-epochs", "1", "--seeds", "0", 
 
 
 def check_original_cells(out, columns, task):
-    from yolo_qat.engine.original import is_original
+    from yolo_qat.models.facts import is_original
     from yolo_qat.models.checkpoint import load_checkpoint
     from yolo_qat.quant import is_quantized
 
