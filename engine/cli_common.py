@@ -4,7 +4,9 @@ benchmarks/reproduce.py): the same flags with one meaning each, one boolean styl
 - ``--weights --trust-checkpoint --data --download --imgsz --batch --device --project --name --exist-ok`` (``add_shared``);
 - booleans are ``--flag`` / ``--no-flag`` (``argparse.BooleanOptionalAction``) everywhere;
 - a bad input is one paragraph ``<script>: error: <what is wrong and how to fix it>`` on stderr and exit
-  status 2, the format and status of argparse's own errors (``InputError`` + ``input_error``);
+  status 2, the format and status of argparse's own errors (``InputError`` + ``input_error``); a run that
+  fails after it started ends the same way with status 1, or 3 for QC's fold check (``RunFailed``);
+  engine/cli_main.py's ``run_main`` is the one wrapper that maps them;
 - outputs go to ``<project>/<name>/`` (``runs/<task>/<name>/`` by default), made unique as Ultralytics'
   trainer does (``exp``, ``exp-2``, ...) unless ``--exist-ok`` (``output_dir``).
 """
@@ -14,7 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
+EXIT_FAILED = 1  # the run started and failed (training diverged, an output failed its check)
 EXIT_INPUT = 2  # argparse exits with 2 on a bad flag; a bad value found later is the same kind of error
+EXIT_FOLD = 3  # QC's fold check failed: both checkpoints are kept, so the run is not lost
 
 HELP = {
     "data": "dataset yaml (default: the embedded offline dataset, generated on first use)",
@@ -35,6 +39,14 @@ HELP = {
 
 class InputError(Exception):
     """A problem with what the user passed: reported as one paragraph, no traceback (``input_error``)."""
+
+
+class RunFailed(Exception):
+    """The run started and failed: reported as one paragraph ending the command with exit status ``code``."""
+
+    def __init__(self, message, code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.code = code
 
 
 def input_error(prog: str, message, code: int = EXIT_INPUT) -> int:

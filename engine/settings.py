@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from yolo_qat.configs.presets import PRESET_NAMES, preset
 from yolo_qat.engine.cli_common import InputError
 
 FORMS = "dicts are one yaml/json mapping, lists zero or more values, 'none' clears a value that may be None"
@@ -140,13 +141,21 @@ def parse_with_config(p: argparse.ArgumentParser, argv, defaults: dict | None = 
 
 
 def read_config(path, p: argparse.ArgumentParser) -> dict:
+    """The settings of a recipe yaml, or of a preset named instead of a file (configs/presets.py)."""
+    if str(path) in PRESET_NAMES and not Path(path).is_file():
+        return _known_keys(path, preset(str(path)), p)
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"recipe file '{path}' does not exist: pass the path of a yaml such as configs/ema_w4a4.yaml")
+        raise InputError(f"recipe file '{path}' does not exist: pass the path of a yaml such as configs/ema_w4a4.yaml, "
+                         f"or a preset name ({', '.join(PRESET_NAMES)})")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise InputError(f"recipe file '{path}' is not valid yaml ({' '.join(str(e).split())})") from None
+    return _known_keys(path, values, p)
+
+
+def _known_keys(path, values, p: argparse.ArgumentParser) -> dict:
     dests = {a.dest for a in p._actions} - {"help", "config"}
     if not isinstance(values, dict) or set(values) - dests:
         bad = sorted(set(values) - dests) if isinstance(values, dict) else values

@@ -20,9 +20,10 @@ import yaml
 import correct_qc
 import export
 import val
-from yolo_qat.engine import cli
+from yolo_qat.engine import cli, cli_export, cli_qc, cli_val
 from yolo_qat.engine.cli_common import output_dir
 from yolo_qat.engine.config import QATConfig, QCConfig
+from yolo_qat.engine.exporting import verify_images
 from yolo_qat.engine.settings import _members, default_of, setting_fields
 from yolo_qat.quant import QuantRecipe
 
@@ -40,9 +41,9 @@ def train_qat_config(argv):
 
 
 def correct_qc_config(argv):
-    a = correct_qc.parse_args(["--weights", "w.pt", *argv])
+    a = cli_qc.parse_args(["--weights", "w.pt", *argv])
     a.imgsz = a.imgsz or 64  # what main() takes from the checkpoint
-    return dataclasses.asdict(correct_qc.qc_config(a))
+    return dataclasses.asdict(cli_qc.qc_config(a))
 
 
 # (dataclass, the script's builder); QATConfig's recipe field is set through QuantRecipe's fields
@@ -152,8 +153,8 @@ def test_bad_config_values_are_one_paragraph(tmp_path, capsys):
 
 SHARED = ["--weights", "w.pt", "--data", "d.yaml", "--imgsz", "96", "--batch", "3", "--device", "cpu",
           "--project", "p", "--name", "n", "--exist-ok"]
-PARSERS = {"train_qat.py": cli.build_parser, "correct_qc.py": correct_qc.build_parser, "val.py": val.build_parser,
-           "export.py": export.build_parser, "reproduce.py": reproduce.build_parser}
+PARSERS = {"train_qat.py": cli.build_parser, "correct_qc.py": cli_qc.build_parser, "val.py": cli_val.build_parser,
+           "export.py": cli_export.build_parser, "reproduce.py": reproduce.build_parser}
 
 
 @pytest.mark.parametrize("prog", PARSERS)
@@ -205,7 +206,8 @@ def test_imgsz_defaults_to_the_checkpoint_training_size(tmp_path):
     data.write_text("path: .\n")
     for argv, imgsz in (([], 96), (["--imgsz", "64"], 64)):
         opt = cli.parse_args(["--weights", str(ckpt), "--data", str(data), *argv])
-        assert cli.resolve_inputs(opt) == (str(data), str(ckpt), "detect") and opt.imgsz == imgsz
+        data_yaml, source = cli.resolve_inputs(opt)
+        assert (data_yaml, source.path, source.task) == (str(data), str(ckpt), "detect") and opt.imgsz == imgsz
     opt = cli.parse_args(["--cfg", "yolov5nu", "--data", str(data)])
     cli.resolve_inputs(opt)
     assert opt.imgsz == 640  # a model yaml says nothing: Ultralytics' default
@@ -233,7 +235,7 @@ def test_export_verifies_on_validation_images_of_data(tmp_path, capsys):
     from yolo_qat.quant import calibrate, quantize_model
 
     data = ensure_embedded_dataset(root=tmp_path / "ds", n_train=2, n_val=3, imgsz=64)
-    x = export.verify_images(data, 64, 4)
+    x = verify_images(data, 64, 4)
     assert x.shape == (4, 3, 64, 64) and 0 <= x.min() and x.max() <= 1 and torch.equal(x[3], x[0])  # 3 images
     assert x[:3].std(dim=(1, 2, 3)).min() > 0.01 and not torch.equal(x[0], x[1])
     torch.manual_seed(0)

@@ -5,9 +5,8 @@ import torch
 from ultralytics.utils import NUM_THREADS, torch_utils
 from ultralytics.utils.torch_utils import select_device
 
-import correct_qc
 import yolo_qat.engine.cli as cli
-import val
+from yolo_qat.engine import cli_qc, cli_val
 from yolo_qat.engine.device import resolve_device
 
 
@@ -50,14 +49,14 @@ def test_default_is_what_select_device_picks_here():
 def test_scripts_default_to_the_first_gpu_and_say_so(two_gpus, monkeypatch, tmp_path, capsys):
     assert train_qat_device([], monkeypatch, tmp_path) == "cuda:0"
     assert "train_qat.py: device cuda:0 (Ultralytics' default" in capsys.readouterr().out
-    assert val.parse_args(["--weights", "a.pt"]).device == "cuda:0"
+    assert cli_val.parse_args(["--weights", "a.pt"]).device == "cuda:0"
     assert "val.py: device cuda:0 (Ultralytics' default" in capsys.readouterr().out
-    assert correct_qc.parse_args(["--weights", "a.pt"]).device == "cuda:0"
+    assert cli_qc.parse_args(["--weights", "a.pt"]).device == "cuda:0"
     assert "correct_qc.py: device cuda:0 (Ultralytics' default" in capsys.readouterr().out
     # an explicit choice is kept (and a multi-GPU one stays whole for Ultralytics' DDP launcher)
     assert train_qat_device(["--device", "cpu"], monkeypatch, tmp_path) == "cpu"
     assert train_qat_device(["--device", "0,1"], monkeypatch, tmp_path) == "0,1"
-    assert val.parse_args(["--weights", "a.pt", "--device", "1"]).device == "cuda:1"
+    assert cli_val.parse_args(["--weights", "a.pt", "--device", "1"]).device == "cuda:1"
     out = capsys.readouterr().out
     assert "train_qat.py: device cpu\n" in out and "val.py: device cuda:1\n" in out
 
@@ -70,5 +69,5 @@ def test_a_missing_gpu_is_a_one_line_error(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("train_qat.py: error: --device: device '3' is not available") and err.count("\n") == 1
     with pytest.raises(SystemExit) as e:
-        val.parse_args(["--weights", "a.pt", "--device", "3"])
+        cli_val.parse_args(["--weights", "a.pt", "--device", "3"])
     assert e.value.code == 2 and "argument --device: device '3' is not available" in capsys.readouterr().err
