@@ -2,11 +2,10 @@
 W4A4 and W3A3, through correct_qc.py: the folds pass their per-layer check, both checkpoints are
 written and the unfolded one folds later to the same model, and a wrong fold still fails the check.
 
-What this guarded first: QAT from a model yaml used to calibrate on BN's initial statistics, and the final
-head convs then output their bias almost unchanged everywhere, so a check relative to the output's range
-failed on float32 rounding alone ("max diff 0.00103 of its range > 0.0001") and the QC run was lost.
-Calibration now estimates BN statistics for a never-trained model first, so these runs no longer make such
-a head; tests/test_qc.py (test_fold_check_passes_a_near_constant_head_output) keeps that case.
+A QAT from a model yaml calibrated on BN's initial statistics would leave final head convs that output their
+bias almost unchanged everywhere, where a check relative to the output's range fails on float32 rounding alone;
+calibration estimates BN statistics for a never-trained model first, and tests/test_qc.py
+(test_fold_check_passes_a_near_constant_head_output) keeps that case.
 """
 import json
 

@@ -2,9 +2,9 @@
 
 What this guards. On the integer targets most convs read a tensor another module encoded (``input_source``: a
 block output, a residual sum, a C2f split) as it is; their own input quantizer never runs, and QAT trains the
-encoding away from it. The fold check used to evaluate such a conv in float64 on its input re-quantized by that
-unused quantizer, so every one of them "differed from its float64 evaluation" by thousands of times the float32
-bound (a real YOLOv8s W4A8 ``ort`` run: 49 of 63 layers) and QC could not finish. On ``ort`` and ``npu`` a folded
+encoding away from it. A fold check that evaluated such a conv in float64 on its input re-quantized by that
+unused quantizer would find every one of them "different from its float64 evaluation" by thousands of times the
+float32 bound, and QC could not finish. On ``ort`` and ``npu`` a folded
 layer's output goes straight into an 8-bit quantizer: an output that sits within the float32 bounds of a rounding
 tie may take the other code after folding; the check counts those as ties and still fails a wrong fold.
 
