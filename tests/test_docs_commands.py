@@ -320,3 +320,28 @@ def test_marked_python_blocks_run(tmp_path):
         r = subprocess.run([sys.executable, "block.py"], cwd=work, capture_output=True, text=True, timeout=600,
                            env=env)
         assert r.returncode == 0, f"{b.where()} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def test_links_between_the_docs_resolve():
+    """Every relative link of README.md and docs/*.md names a file inside the repo, and its #anchor a heading there."""
+    bad = []
+    for doc in DOCS:
+        text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # a web address
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            if not file.exists() or ROOT not in file.parents and file != ROOT:
+                bad.append(f"{doc.relative_to(ROOT)}: {target} does not exist in the repo")
+            elif anchor and file.suffix == ".md":
+                heads = {slug(h) for h in re.findall(r"^#+\s+(.*)$", file.read_text(), flags=re.M)}
+                if anchor not in heads:
+                    bad.append(f"{doc.relative_to(ROOT)}: #{anchor} is no heading of {file.name}")
+    assert not bad, "\n".join(bad)
