@@ -6,7 +6,7 @@ SegmentationTrainer with
   or a checkpoint's ``model.yaml`` dict) with nc from the data, weights transferred by Ultralytics' ``model.load``
   (every tensor of matching name and shape, anchors included);
 - the YOLOv5 hyper-parameters (hyp.scratch-low) where the user set nothing: ``TRAIN_DEFAULTS``;
-- the AutoAnchor check of yolov5's train.py after the data is loaded (engine/autoanchor.py): anchors are refitted
+- the AutoAnchor check of yolov5's train.py after the data is loaded (``after_train_pipeline``) (engine/autoanchor.py): anchors are refitted
   only for a model built from a yaml; trained weights keep theirs (the check is logged);
 - the YOLOv5 loss items (box, [seg,] obj, cls) and the validators of engine/validate.py, whose ``postprocess``
   first turns the original output into Ultralytics' layout.
@@ -30,6 +30,7 @@ from yolo_qat.models.registry import is_original_yaml
 from yolo_qat.models.yolo import DetectionModel, SegmentationModel
 
 from .autoanchor import broadcast_anchors, check_anchors
+from .ultralytics_compat import UltralyticsTrainerCompat
 from .validate import validator_class
 
 # hyp.scratch-low keys that Ultralytics' trainer and data pipeline read under the same name and meaning (its
@@ -67,7 +68,7 @@ def _implicit_without_decay(optimizer, model) -> None:
     groups["bn"]["params"] = list(groups["bn"]["params"]) + moved
 
 
-class OriginalTrainerMixin:
+class OriginalTrainerMixin(UltralyticsTrainerCompat):
     """Put before Ultralytics' DetectionTrainer / SegmentationTrainer (see the two classes below)."""
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None):
@@ -134,8 +135,8 @@ class OriginalTrainerMixin:
         _implicit_without_decay(optimizer, model)
         return optimizer
 
-    def _build_train_pipeline(self):
-        super()._build_train_pipeline()
+    def after_train_pipeline(self):
+        super().after_train_pipeline()
         if self.anchor_report is None:  # once: an OOM retry rebuilds the pipeline
             self.anchor_report = self.check_anchors()
 

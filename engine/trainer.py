@@ -3,7 +3,7 @@
 What changes against plain Ultralytics training, each in the smallest override that does it:
 - ``setup_model``: the FP model (yaml or any Ultralytics .pt) is quantized by the recipe; on resume
   the quantized model and its raw (non-EMA) weights come back from our own checkpoint.
-- ``_build_train_pipeline``: activation quantizers are calibrated on a few training batches once,
+- ``after_train_pipeline``: activation quantizers are calibrated on a few training batches once,
   before the EMA copy is taken (so the EMA starts from calibrated scales); with ``distill`` the model's
   loss gets the distillation term from the FP teacher (engine/distill.py), loaded in ``setup_model``
   from the path the settings carry (resolved when the run starts, so a resume finds the same file).
@@ -11,16 +11,20 @@ What changes against plain Ultralytics training, each in the smallest override t
   (``optimizer=auto`` would pick MuSGD/AdamW by run length and put scales in its groups).
 - ``optimizer_step``: dampening gradient, both optimizers, frozen-weight re-application,
   oscillation tracking, iterative freezing, then the EMA.
-- ``resume_training`` / ``_load_checkpoint_state`` / ``save_model`` / ``final_eval``: fp32
+- ``resume_training`` / ``load_training_state`` / ``save_model`` / ``final_eval``: fp32
   checkpoints that carry the recipe, QAT args and the complete training state;
-  ``_handle_nan_recovery`` goes back to that state when the loss turns NaN.
-The class is importable by module path and built from plain overrides, as the DDP launcher needs.
+  ``recover_from_nan`` goes back to that state when the loss turns NaN.
+The hooks named here without an Ultralytics method of that name are reached through Ultralytics' private methods,
+which engine/ultralytics_compat.py overrides and checks against the installed version.
+The class is importable by module path and built from plain overrides, as the DDP launcher needs, and is
+Ultralytics' ``trainer=``: ``YOLO("fp.pt").train(trainer=QATDetectionTrainer, qat={...}, data=...)``; ``qat`` is
+a QATConfig (or its dict), a QuantRecipe, a preset name or recipe yaml (configs/presets.py), or a dict of such settings.
 """
 from __future__ import annotations
 
 import csv
 import math
-from copy import copy
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -28,12 +32,16 @@ import torch.distributed as dist
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.models.yolo.segment import SegmentationTrainer
-from ultralytics.utils import DEFAULT_CFG, LOCAL_RANK, LOGGER, RANK, YAML
+from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOCAL_RANK, LOGGER, RANK, YAML
+from ultralytics.utils.files import get_latest_run
 from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
 
 from yolo_qat import models  # noqa: F401  (registers the YOLO layer policy)
 from yolo_qat.models.checkpoint import load_checkpoint, save_checkpoint
-from yolo_qat.quant import LSQQuantizer, calibrate, is_quantized, quant_convs, quantize_model, set_recompute_input
+from yolo_qat.configs.presets import recipe_settings
+from yolo_qat.quant import (LSQQuantizer, QuantRecipe, calibrate, is_quantized, quant_convs, quantize_model,
+                            set_recompute_input)
+from yolo_qat.quant.bn_reestimate import reestimate_bn
 from yolo_qat.quant.targets import check_continued_target
 from yolo_qat.quant.grid import MIN_SCALE
 from yolo_qat.quant.step_optim import NEAR_FLOOR, step_size_optimizer, steps_near_floor
@@ -45,6 +53,7 @@ from .ema import QATModelEMA
 from .original import OriginalDetectionTrainer, OriginalSegmentationTrainer
 from .resume_log import continued_clock, trim_epoch_logs
 from .resume_dir import resumed_save_dir
+from .ultralytics_compat import UltralyticsTrainerCompat
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -74,12 +83,39 @@ def _all_finite(state: dict) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
 
 
-class QATTrainerMixin:
+def qat_config_of(qat) -> tuple[QATConfig, dict]:
+    """(QATConfig, the Ultralytics settings it carries) of a trainer's ``qat``: None (the defaults), a QATConfig or its
+    dict (``recipe`` nested), a QuantRecipe, a preset name or recipe yaml, or a dict of flat settings (recipe fields,
+    QAT fields and Ultralytics keys, as in configs/presets.py). A preset's Ultralytics keys (its epochs) are
+    defaults for the run."""
+    if qat is None or isinstance(qat, QATConfig):
+        return QATConfig.from_any(qat), {}
+    if isinstance(qat, QuantRecipe):
+        return QATConfig(recipe=qat.to_dict()), {}
+    settings = recipe_settings(qat)
+    recipe = dict(settings.pop("recipe", None) or {})
+    recipe.update({k: settings.pop(k) for k in list(settings) if k in _RECIPE_FIELDS})
+    config = {k: settings.pop(k) for k in list(settings) if k in _QAT_FIELDS}
+    ultralytics = {k: settings.pop(k) for k in list(settings) if k in DEFAULT_CFG_DICT}
+    if settings:
+        raise ValueError(f"qat has unknown setting(s) {sorted(settings)}: allowed are the QAT settings "
+                         f"{sorted(_QAT_FIELDS)}, the recipe's {sorted(_RECIPE_FIELDS)} and Ultralytics' train keys")
+    return QATConfig.from_any({**config, "recipe": recipe}), ultralytics
+
+
+_RECIPE_FIELDS = {f.name for f in fields(QuantRecipe)}
+_QAT_FIELDS = {f.name for f in fields(QATConfig)} - {"recipe"}
+
+
+class QATTrainerMixin(UltralyticsTrainerCompat):
     """Shared QAT behaviour; combine with an Ultralytics task trainer (see the two classes below)."""
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None):
         overrides = dict(overrides or {})
         qat = overrides.pop("qat", None)  # not an Ultralytics key: its cfg check would reject it
+        if not overrides.get("resume"):
+            qat, run_defaults = qat_config_of(qat)
+            overrides = {**run_defaults, **overrides}
         super().__init__(cfg, overrides, _callbacks)
         if self.resume:  # the checkpoint's settings win, as for every other resumed argument
             qat = getattr(self.args, "qat", None) or qat
@@ -110,8 +146,6 @@ class QATTrainerMixin:
         # safely first (models.safe_load), so that a file that would run code is refused before that.
         resume = self.args.resume
         if resume:
-            from ultralytics.utils.files import get_latest_run
-
             last = resume if isinstance(resume, (str, Path)) and Path(resume).is_file() else get_latest_run()
             if last and Path(last).is_file():
                 load_checkpoint(last)
@@ -148,7 +182,12 @@ class QATTrainerMixin:
         return ckpt
 
     def _setup_student(self):
-        if isinstance(self.model, nn.Module):
+        if isinstance(self.model, nn.Module):  # Ultralytics' Model.train hands over the model it built by get_model
+            if is_quantized(self.model):
+                check_continued_target(self.model, self.qat.recipe.target, str(self.args.model))
+                self._calibrated = True
+            else:
+                quantize_model(self.model, self.qat.recipe)
             return None
         if self.resume:
             model, ckpt = load_checkpoint(self.args.resume)
@@ -173,6 +212,13 @@ class QATTrainerMixin:
         quantize_model(self.model, self.qat.recipe)
         return None
 
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        # YOLO("qat.pt").train(trainer=...): a quantized model goes on as it is (loading it into a new float model
+        # would drop its quantizers).
+        if isinstance(weights, nn.Module) and is_quantized(unwrap_model(weights)):
+            return unwrap_model(weights)
+        return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+
     def get_validator(self):
         # The validator re-checks its args against Ultralytics' cfg keys: hand it a copy without ours.
         qat = vars(self.args).pop("qat", None)
@@ -186,8 +232,8 @@ class QATTrainerMixin:
         return validator
 
     # -- data-dependent set-up: calibration, step budget ----------------------------------------
-    def _build_train_pipeline(self):
-        super()._build_train_pipeline()
+    def after_train_pipeline(self):
+        super().after_train_pipeline()
         nb = len(self.train_loader)
         self.total_steps = max(1, self.epochs * math.ceil(nb / max(self.accumulate, 1)))
         if not self._calibrated:
@@ -245,7 +291,7 @@ class QATTrainerMixin:
         if self.qat.distill and distillation_of(model) is None:  # Ultralytics rebuilt an end-to-end head's loss
             attach_distillation(model, self.teacher, self.qat.distill_weight)
 
-    def _load_checkpoint_state(self, ckpt):
+    def load_training_state(self, ckpt):
         state = ckpt["train_state"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scale_optimizer.load_state_dict(state["scale_optimizer"])
@@ -258,7 +304,7 @@ class QATTrainerMixin:
         self.best_fitness = ckpt.get("best_fitness")
         self.stopper.__dict__.update(ckpt.get("stopper") or {})
 
-    def _handle_nan_recovery(self, epoch):
+    def recover_from_nan(self, epoch):
         """A NaN/Inf loss (or fitness) at the end of an epoch: go back to last.pt and redo the epoch.
 
         Ultralytics' version reloads ``ckpt["ema"]``, which our checkpoints leave empty (the EMA is
@@ -287,9 +333,9 @@ class QATTrainerMixin:
         ckpt = self._recovery_checkpoint(epoch, what)
         LOGGER.warning(f"QAT: {what} was NaN/Inf in epoch {epoch + 1}: reloading {self.last} (epoch {epoch}) and "
                        f"redoing the epoch (attempt {self.nan_recovery_attempts}/{_NAN_ATTEMPTS})")
-        self._model_train()
+        self.set_train_mode()
         model.load_state_dict(ckpt["train_state"]["model"])
-        self._load_checkpoint_state(ckpt)
+        self.load_training_state(ckpt)
         self.scale_optimizer.zero_grad()  # the optimizer's own grads are cleared by Ultralytics' loop
         self._damp_sum, self._damp_n = 0.0, 0
         self.scheduler.last_epoch = epoch - 1
@@ -440,8 +486,6 @@ class QATTrainerMixin:
 
     def reestimate_bn_of_best(self) -> dict:
         """BN statistics of best.pt recomputed with the quantized forward -> weights/best_bn.pt, validated."""
-        from yolo_qat.quant.bn_reestimate import reestimate_bn
-
         path = self.wdir / "best_bn.pt"
         with torch_distributed_zero_first(LOCAL_RANK):  # DDP: rank 0 writes the file, the others wait for it
             if RANK in {-1, 0}:

@@ -209,7 +209,7 @@ def test_qat_resume_restores_distillation_and_teacher(data, images, tmp_path):
     crit = distillation_of(resumed.model)
     assert crit is not None and crit.teacher is resumed.teacher and crit.weight == 0.5
     assert distillation_of(resumed.ema.ema).teacher is resumed.teacher  # validation distils as well
-    resumed._load_checkpoint_state(load_checkpoint(last)[1])  # what the NaN recovery reloads
+    resumed.load_training_state(load_checkpoint(last)[1])  # what the NaN recovery reloads
     assert distillation_of(resumed.ema.ema).teacher is resumed.teacher
     fp_state = load_checkpoint(fp)[0].state_dict()
     assert all(torch.equal(v, resumed.teacher.state_dict()[k]) for k, v in fp_state.items())  # unchanged
