@@ -37,6 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
+from yolo_qat.engine.source import resolve_source  # noqa: E402  (after the path to the clone)
+from yolo_qat.engine.training import check_loss_hyp  # noqa: E402
+from yolo_qat.pipeline import train_fp, train_qat  # noqa: E402
+
 LABELS = {"lsq": "LSQ", "dampen": "Dampen", "freeze": "Freeze", "ema": "EMA", "kd": "EMA+KD"}
 EMA_METHODS = ("ema", "kd")  # always run with the EMA (--ema-decay); both are LSQ underneath
 # QC variant -> (column suffix, cell-key suffix). "labels" has the empty key suffix: the keys of the cells
@@ -185,19 +189,14 @@ def unlabelled_source(a, data: str) -> Path:
     return root
 
 
-def cli_opt(a, data: str, name: str, **kw):
-    """A train_qat.py option namespace (its parser, its defaults) for one run."""
-    from yolo_qat.engine.cli import parse_args
-
-    argv = ["--data", data, "--imgsz", a.imgsz, "--batch", a.batch, "--workers", a.workers, "--device", a.device,
-            "--project", Path(a.out) / "runs", "--name", name, "--exist-ok", "--lr0", a.lr0,
-            "--warmup-epochs", a.warmup_epochs, "--calib-batches", a.calib_batches]
+def run_settings(a, name: str, **kw) -> dict:
+    """The pipeline's settings (train_qat's flags, yolo_qat.train_fp / train_qat keywords) of one run."""
+    settings = {"imgsz": a.imgsz, "batch": a.batch, "workers": a.workers, "device": a.device,
+                "project": str(Path(a.out) / "runs"), "name": name, "exist_ok": True, "lr0": a.lr0,
+                "warmup_epochs": a.warmup_epochs, "calib_batches": a.calib_batches}
     if a.loss_hyp:  # the original anchor-based models' YOLOv5 loss settings, FP and QAT stage alike
-        argv += ["--loss-hyp", json.dumps(a.loss_hyp)]
-    for k, v in kw.items():
-        flag = k.replace("_", "-")
-        argv += [f"--{flag}" if v is True else f"--no-{flag}"] if isinstance(v, bool) else [f"--{flag}", v]
-    return parse_args([str(x) for x in argv])
+        settings["loss_hyp"] = a.loss_hyp
+    return {**settings, **kw}
 
 
 def metrics_of(res: dict) -> dict:
@@ -248,19 +247,16 @@ def ensure_fp(a, data: str) -> dict:
     if done:
         print(f"[skip] FP model: {done['weights']} (box {100 * done['box']:.2f})")
         return done
-    from yolo_qat.engine.cli import inspect_source, resolve_model, train_fp
-
-    source = {"weights": a.weights} if a.weights else {"cfg": a.cfg}
-    opt = cli_opt(a, data, "fp", **source, fp_epochs=a.fp_epochs, seed=0, fp_optimizer=a.fp_optimizer,
-                  fp_lr0=a.fp_lr0)
-    src = resolve_model(opt)
+    src = resolve_source(a.weights or a.cfg)
     t0 = time.time()
-    if not src.endswith(".pt"):
+    if not src.is_checkpoint:
         shutil.rmtree(Path(a.out) / "runs" / "fp-fp", ignore_errors=True)
-        src, _ = train_fp(opt, src, inspect_source(src)[0], data)
-    res = {"weights": str(src), "task": inspect_source(str(src))[0], "train_s": time.time() - t0,
+        fp = train_fp(src, data, **run_settings(a, "fp", fp_epochs=a.fp_epochs, seed=0, fp_optimizer=a.fp_optimizer,
+                                                 fp_lr0=a.fp_lr0))
+        src = resolve_source(str(fp.weights))
+    res = {"weights": src.path, "task": src.task, "train_s": time.time() - t0,
            "fp_epochs": a.fp_epochs if not a.model.endswith(".pt") else 0,
-           **evaluate(src, a, data, Path(a.out) / "val" / "fp")}
+           **evaluate(src.model, a, data, Path(a.out) / "val" / "fp")}
     write_json(path, res)
     return res
 
@@ -293,31 +289,22 @@ def ensure_qat(cell: Cell, a, data: str, fp: dict, budget: dict) -> dict:
     done = finished_before(path, f"QAT {cell.qat_key}")
     if done:
         return done
-    from yolo_qat.engine.cli import qat_config, qat_overrides
-    from yolo_qat.models.facts import is_original_source
-    from yolo_qat.engine.trainer import qat_trainer_class
-
     from benchmarks.plots import ScaleRecorder
 
     run_dir = Path(a.out) / "runs" / cell.qat_key
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run would append to its csvs
     kd = {"distill": True, "teacher": fp["weights"], "distill_weight": a.distill_weight} if cell.distill else {}
     w_bits, a_bits = bit_widths(cell.bits)
-    opt = cli_opt(a, data, cell.qat_key, weights=fp["weights"], epochs=a.qat_epochs, w_bits=w_bits,
-                  a_bits=a_bits, target=a.target, method=cell.method, ema_decay=cell.ema_decay, ema_tau=budget["ema_tau"],
-                  seed=cell.seed, **kd)
-    # The original anchor-based YOLOv5 / YOLOv7 models train on engine/original.py's trainers (as train_qat.py does).
-    cls = qat_trainer_class(fp["task"], original=is_original_source(fp["weights"]))
-    trainer = cls(overrides=qat_overrides(opt, data, fp["weights"], qat_config(opt).to_dict()))
+    settings = run_settings(a, cell.qat_key, epochs=a.qat_epochs, w_bits=w_bits, a_bits=a_bits, target=a.target,
+                            method=cell.method, ema_decay=cell.ema_decay, ema_tau=budget["ema_tau"], seed=cell.seed, **kd)
     rec = ScaleRecorder(window=a.diag_window)
-    trainer.add_callback("on_train_batch_end", rec.on_train_batch_end)
     print(f"[run] QAT {cell.qat_key}: {budget['qat_steps']} optimizer steps planned, ema decay {cell.ema_decay:g}, "
           f"tau {budget['ema_tau']:g} steps" + (f", distilling from {fp['weights']} (weight {a.distill_weight:g})"
                                                 if cell.distill else ""))
     t0 = time.time()
-    trainer.train()
+    run = train_qat(fp["weights"], data, callbacks={"on_train_batch_end": [rec.on_train_batch_end]}, **settings)
     secs = time.time() - t0
-    save_dir = Path(trainer.save_dir)
+    trainer, save_dir = run.trainer, run.save_dir
     diag = rec.save(Path(a.out) / "diagnostics" / cell.qat_key, save_dir / "oscillations.csv")
     last = read_results_csv(save_dir / "results.csv")
     res = {"qat_key": cell.qat_key, "weights": str(save_dir / "weights" / "last.pt"), "train_s": secs,
@@ -644,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--decays", type=float, nargs="+", default=list(DECAYS), help="decays of --ablation ema-decay")
     a("--ablation", choices=["qc", "ema-decay"])
     a("--fp-epochs", type=int, default=15)
-    # Short FP runs learn far more with AdamW at 4e-3 than with optimizer=auto (see engine/cli.py DEMO).
+    # Short FP runs learn far more with AdamW at 4e-3 than with optimizer=auto (see engine/train_flags.py DEMO).
     a("--fp-optimizer", default="AdamW", help="optimizer of the FP stage (Ultralytics names)")
     a("--fp-lr0", type=float, default=0.004, help="initial learning rate of the FP stage")
     a("--qat-epochs", type=int, default=4)
@@ -694,13 +681,9 @@ def reproduce(a: argparse.Namespace) -> int:
             raise InputError(f"--distill-weight {a.distill_weight:g} is invalid: give a weight >= 0")
         a.qc_variants = list(dict.fromkeys(a.qc_variants or ["labels"]))
         if a.weights and str(a.weights).endswith(".pt"):  # an unsafe checkpoint is refused before any run starts
-            from yolo_qat.engine.cli import inspect_source
-
-            inspect_source(str(a.weights))
+            resolve_source(a.weights)
         if a.loss_hyp:
-            from yolo_qat.engine.cli import check_loss_hyp, resolve_model
-
-            check_loss_hyp(a, resolve_model(a))
+            check_loss_hyp(a, resolve_source(a.weights or a.cfg))
         data = resolve_data(a.data)
         check_dataset(data)  # a missing split (and no --download) ends the run here, before any stage
         out = a.out = output_dir(a)

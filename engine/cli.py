@@ -18,10 +18,9 @@ from yolo_qat.engine.device import announce, default_note, resolve_device
 from yolo_qat.engine.settings import parse_with_config
 from yolo_qat.engine.source import ModelSource, inspect_source, resolve_source  # noqa: F401  (inspect_source: API)
 from yolo_qat.engine.train_flags import DEMO, build_parser
-from yolo_qat.engine.training import (TrainResult, check_settings, check_ultralytics_args,  # noqa: F401
-                                     qat_config)  # (qat_config: read by the tests and benchmarks)
+from yolo_qat.engine.training import (TrainResult, check_loss_hyp, check_settings, check_ultralytics_args,
+                                     qat_config)  # noqa: F401  (qat_config: read by the tests)
 from yolo_qat.engine.validate import format_table, ultralytics_metrics
-from yolo_qat.models.loss import check_loss_hyp as check_hyp_values
 from yolo_qat.models.safe_load import MissingClassError, UnsafeCheckpointError, safe_load
 
 PROG = "train_qat.py"
@@ -55,18 +54,6 @@ def check_data(data: str) -> None:
         raise InputError(str(e)) from None
     except (SyntaxError, TypeError, ValueError) as e:
         raise InputError(f"--data '{data}' is not a usable dataset yaml: {' '.join(str(e).split())}") from None
-
-
-def check_loss_hyp(opt, source) -> None:
-    if not getattr(opt, "loss_hyp", None):
-        return
-    try:
-        check_hyp_values(opt.loss_hyp)
-    except ValueError as e:
-        raise InputError(f"--loss-hyp: {e}") from None
-    if not resolve_source(source).original:
-        raise InputError(f"--loss-hyp sets the YOLOv5 loss of the original anchor-based models; '{source}' is an "
-                         f"Ultralytics model, whose loss gains are Ultralytics' own: drop --loss-hyp")
 
 
 def runs_fp_stage(opt) -> bool:

@@ -81,7 +81,7 @@ def qc_stage(weights, data=None, *, val: bool = True, distill: bool = False, lab
         model, report = run_qc(model, None if qc.source else data, **qc.to_dict(), save_dir=save_dir,
                                weights_dir=save_dir / "weights",
                                checkpoint_extra={"train_args": ckpt.get("train_args") or {}},
-                               report_extra={"source": src.path, "data": data})
+                               report_extra={"source": src.path, "data": None if data is None else str(data)})
     except (ValueError, FileNotFoundError) as e:
         raise InputError(str(e)) from None
     except FoldCheckError as e:

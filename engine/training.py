@@ -15,7 +15,8 @@ from yolo_qat.engine.cli_common import InputError
 from yolo_qat.engine.config import QATConfig
 from yolo_qat.engine.original import trainer_class
 from yolo_qat.engine.settings import config_from
-from yolo_qat.engine.source import ModelSource
+from yolo_qat.engine.source import ModelSource, resolve_source
+from yolo_qat.models.loss import check_loss_hyp as check_hyp_values
 from yolo_qat.models.yaml_rule import restricted_build
 
 # The flags behind the FP stage's Ultralytics arguments (elsewhere 'warmup_epochs' comes from '--warmup-epochs').
@@ -88,6 +89,19 @@ def check_settings(opt, fp_stage: bool = False) -> QATConfig:
     if fp_stage:
         check_ultralytics_args(fp_overrides(opt, None, None), {**flags, **FP_FLAGS}, " (FP stage)")
     return qat
+
+
+def check_loss_hyp(opt, source) -> None:
+    """--loss-hyp's values, and that the model is an original anchor-based one (the only loss it sets)."""
+    if not getattr(opt, "loss_hyp", None):
+        return
+    try:
+        check_hyp_values(opt.loss_hyp)
+    except ValueError as e:
+        raise InputError(f"--loss-hyp: {e}") from None
+    if not resolve_source(source).original:
+        raise InputError(f"--loss-hyp sets the YOLOv5 loss of the original anchor-based models; '{source}' is an "
+                         f"Ultralytics model, whose loss gains are Ultralytics' own: drop --loss-hyp")
 
 
 def run_trainer(trainer, callbacks: dict | None = None) -> None:

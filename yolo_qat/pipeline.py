@@ -22,7 +22,8 @@ from yolo_qat.engine.data_download import check_dataset
 from yolo_qat.engine.exporting import ExportResult, export_stage
 from yolo_qat.engine.source import ModelSource, resolve_source
 from yolo_qat.engine.train_flags import settings_of
-from yolo_qat.engine.training import TrainResult, check_settings, fp_stage, qat_stage, result_of, run_trainer
+from yolo_qat.engine.training import (TrainResult, check_loss_hyp, check_settings, fp_stage, qat_stage, result_of,
+                                     run_trainer)
 from yolo_qat.engine.validate import validate as validate_model
 from yolo_qat.models.facts import is_original
 
@@ -50,6 +51,7 @@ def train_fp(source, data=None, *, callbacks: dict | None = None, **settings) ->
         raise InputError(f"fp_epochs={opt.fp_epochs}: the FP stage needs fp_epochs >= 1")
     check_settings(opt, fp_stage=True)
     src, data = _inputs(source, data)
+    check_loss_hyp(opt, src)
     opt.imgsz = opt.imgsz or src.imgsz
     return fp_stage(opt, src, data, callbacks)
 
@@ -67,6 +69,7 @@ def train_qat(source, data=None, recipe=None, *, callbacks: dict | None = None, 
     opt = settings_of(recipe, settings)
     check_settings(opt)
     src, data = _inputs(source, data)
+    check_loss_hyp(opt, src)
     opt.imgsz = opt.imgsz or src.imgsz
     return qat_stage(opt, src, data, callbacks)
 
