@@ -81,9 +81,6 @@ def qc_point(run: dict, steps: int, lr: float, a, data: str, reuse: bool = True,
 
 def control(run: dict, epochs: int, a, data: str) -> dict:
     """QAT continued from the QAT run's saved model (the EMA, as QC starts from) for ``epochs`` more epochs."""
-    from yolo_qat.engine.cli import qat_config, qat_overrides
-    from yolo_qat.engine.trainer import qat_trainer_class
-
     name = f"{run['key']}--qat+{epochs}ep"
     path = Path(a.out) / "qc-budget" / f"{name}.json"
     done = rep.read_json(path)
@@ -91,14 +88,12 @@ def control(run: dict, epochs: int, a, data: str) -> dict:
         return done
     q = run["qat"]
     steps = rep.steps_per_epoch(data, a.batch) * epochs
-    opt = rep.cli_opt(a, data, name, weights=q["weights"], epochs=epochs, w_bits=run["bits"], a_bits=run["bits"],
-                      method="lsq", ema_decay=q["ema_decay"], ema_tau=max(1.0, steps / 10), seed=run["seed"])
+    settings = rep.run_settings(a, name, epochs=epochs, w_bits=run["bits"], a_bits=run["bits"], method="lsq",
+                                ema_decay=q["ema_decay"], ema_tau=max(1.0, steps / 10), seed=run["seed"])
     t0 = time.time()
-    overrides = {**qat_overrides(opt, data, q["weights"], qat_config(opt).to_dict()), "val": False}  # last only
-    trainer = qat_trainer_class(rep.read_json(Path(a.out) / "fp.json")["task"])(overrides=overrides)
-    trainer.train()
-    res = {"steps": int(trainer.qat_step), "epochs": epochs, "train_s": time.time() - t0,
-           **rep.evaluate(str(Path(trainer.save_dir) / "weights" / "last.pt"), a, data, Path(a.out) / "val" / name)}
+    qat = rep.train_qat(q["weights"], data, **settings)
+    res = {"steps": int(qat.trainer.qat_step), "epochs": epochs, "train_s": time.time() - t0,
+           **rep.evaluate(str(qat.last), a, data, Path(a.out) / "val" / name)}
     rep.write_json(path, res)
     return res
 

@@ -16,7 +16,7 @@ from yolo_qat.engine.data_download import check_dataset
 from yolo_qat.engine.demo import pin_threads, reference_lines
 from yolo_qat.engine.device import announce, default_note, resolve_device
 from yolo_qat.engine.settings import parse_with_config
-from yolo_qat.engine.source import ModelSource, inspect_source, resolve_source  # noqa: F401  (inspect_source: API)
+from yolo_qat.engine.source import ModelSource, resolve_source
 from yolo_qat.engine.train_flags import DEMO, build_parser
 from yolo_qat.engine.training import (TrainResult, check_loss_hyp, check_settings, check_ultralytics_args,
                                      qat_config)  # noqa: F401  (qat_config: read by the tests)

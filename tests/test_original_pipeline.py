@@ -210,9 +210,9 @@ def test_validator_and_trainer_dispatch(tmp_path):
 
 @needs_fixtures
 def test_cli_reads_both_checkpoint_layouts_and_the_yamls(tmp_path):
-    """engine/cli.py's inspect_source on an unstripped yolov5 last.pt (fp16 model and EMA, the EMA is used), the
+    """engine/source.py's inspect_source on an unstripped yolov5 last.pt (fp16 model and EMA, the EMA is used), the
     yolov7 layout and the original yamls (Ultralytics' guess would read only the file name)."""
-    from yolo_qat.engine.cli import inspect_source
+    from yolo_qat.engine.source import inspect_source
     from yolo_qat.models.yaml_rule import resolve_model_cfg
 
     ckpt = torch.load(FIX / FIXTURES["yolov5n-seg"], map_location="cpu", weights_only=False, pickle_module=renaming_pickle)
