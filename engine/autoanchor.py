@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from ultralytics.utils import LOGGER
 
+from yolo_qat.models.yolo import check_anchor_order
+
 __all__ = ["label_sizes", "side_ratios", "anchor_metrics", "anchor_fitness", "fit_anchors", "head_anchors_px",
            "set_head_anchors", "check_anchors", "broadcast_anchors", "BPR_OK"]
 
@@ -126,8 +128,6 @@ def head_anchors_px(head) -> torch.Tensor:
 def set_head_anchors(model, anchors_px: torch.Tensor) -> None:
     """Replace the head's anchors by ``anchors_px`` (nl * na, 2) pixels sorted by area: the ``anchors`` buffer
     (stride units), yolov7's pixel ``anchor_grid`` buffer, the cached grids and ``model.yaml``'s anchors."""
-    from yolo_qat.models.yolo import check_anchor_order
-
     head = model.model[-1]
     px = anchors_px.to(head.anchors.device, head.anchors.dtype).view_as(head.anchors)
     head.anchors[:] = px

@@ -14,9 +14,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from ultralytics.data.utils import exif_size
 
 
 def coco_annotations_path(data: dict) -> Path:
@@ -88,9 +90,6 @@ def _image_hw(label: dict) -> tuple[int, int]:
     # check does (EXIF-rotated size) so boxes scale to the same original image.
     if "shape" in label:
         return tuple(int(v) for v in label["shape"])
-    from PIL import Image
-    from ultralytics.data.utils import exif_size
-
     with Image.open(label["im_file"]) as im:
         w, h = exif_size(im)
     return h, w

@@ -17,7 +17,12 @@ import contextlib
 import functools
 import os
 import re
+import sys
 from pathlib import Path
+
+import ultralytics.data.utils as data_utils
+import yaml
+from ultralytics.data.utils import check_det_dataset
 
 from yolo_qat.models.env_flag import env_flag
 
@@ -54,8 +59,6 @@ def missing_split_paragraph(dataset, split: str, path: str, has_download: bool) 
 
 
 def _has_download(dataset) -> bool:
-    import yaml
-
     path = Path(str(dataset))
     try:
         d = yaml.safe_load(path.read_text(encoding="utf-8", errors="ignore")) if path.is_file() else None
@@ -79,8 +82,6 @@ def _guarded_call(check, dataset, autodownload: bool = True, split: str = ""):
 def check_dataset(dataset, split: str = "") -> dict:
     """The dataset dict of a yaml (Ultralytics' ``check_det_dataset``), its ``download:`` run only when asked for;
     ``MissingSplitError`` (a FileNotFoundError, one paragraph) for a missing split otherwise."""
-    from ultralytics.data.utils import check_det_dataset
-
     return _guarded_call(getattr(check_det_dataset, "__wrapped__", check_det_dataset), dataset, split=split)
 
 
@@ -98,10 +99,6 @@ def missing_split_in(e: BaseException | None) -> MissingSplitError | None:
 def _guard_ultralytics() -> None:
     """Point ``check_det_dataset`` at the guard in Ultralytics' data utils (for modules that import it later) and in
     its trainer, validator and exporter where they are already imported (they hold the name themselves)."""
-    import sys
-
-    import ultralytics.data.utils as data_utils
-
     for mod in [data_utils, *(sys.modules[n] for n in _ULTRALYTICS_CALLERS if n in sys.modules)]:
         check = getattr(mod, "check_det_dataset", None)
         if check is None or hasattr(check, "__wrapped__"):

@@ -9,6 +9,9 @@ prints the spread measured over seeds, so that a newcomer can tell noise from a 
 """
 from __future__ import annotations
 
+import torch
+import ultralytics.utils.torch_utils as tu
+
 DEMO_THREADS = 1  # what Ultralytics picks on the 2-core machines the reference numbers come from
 
 # `python train_qat.py` (the demo) with --seed 0..4 on a 2-core AMD EPYC, ultralytics 8.4.190, torch 2.14.1,
@@ -26,9 +29,6 @@ def pin_threads(n: int = DEMO_THREADS) -> None:
     Work-around: ``select_device`` reads the module constant ``NUM_THREADS`` each time it is called
     (trainer, validator), and there is no argument to choose it.
     """
-    import torch
-    import ultralytics.utils.torch_utils as tu
-
     tu.NUM_THREADS = n
     torch.set_num_threads(n)
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 
+import torch
+from ultralytics.utils import LOGGER
+from ultralytics.utils.torch_utils import parse_device, select_device
+
 DEFAULT_HELP = "cpu, mps, 0, cuda:1, ... (default: Ultralytics' choice, the first GPU when there is one, else the CPU)"
 
 
@@ -15,10 +19,6 @@ def resolve_device(request="", multi: bool = False) -> str:
     is kept as it is, for Ultralytics' DDP launcher; otherwise its first device is returned.
     ValueError (one paragraph) when the device is not there.
     """
-    import torch
-    from ultralytics.utils import LOGGER
-    from ultralytics.utils.torch_utils import parse_device, select_device
-
     request = "" if request is None else str(request)
     threads, level = torch.get_num_threads(), LOGGER.level
     LOGGER.setLevel(logging.WARNING)  # its version banner, logged before it raises for a missing GPU

@@ -35,7 +35,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ultralytics.nn.modules.head import Detect, Segment, v10Detect
+from ultralytics.utils import DEFAULT_CFG_DICT
+from ultralytics.utils.tal import dist2bbox, make_anchors
 
+from yolo_qat.models.checkpoint import load_checkpoint
+from yolo_qat.models.loss import YOLOv5DetLoss, _split_preds
+from yolo_qat.models.yolo import Detect as AnchorDetect
+from yolo_qat.quant import is_quantized
 from yolo_qat.quant.recipe import dataclass_from
 
 from .config import QATConfig
@@ -76,10 +83,6 @@ def detection_head(model: nn.Module) -> nn.Module:
 
 def head_family(head: nn.Module) -> str:
     """'anchor-based' (models/yolo.py Detect, Segment, IDetect) or 'anchor-free' (Ultralytics Detect, Segment)."""
-    from ultralytics.nn.modules.head import Detect, Segment, v10Detect
-
-    from yolo_qat.models.yolo import Detect as AnchorDetect
-
     if isinstance(head, AnchorDetect):
         return "anchor-based"
     if type(head) in (Detect, Segment, v10Detect):
@@ -128,9 +131,6 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
 
 def load_teacher(teacher: "nn.Module | str | Path") -> nn.Module:
     """The teacher in eval mode with gradients off: a module as given, or the model of a .pt checkpoint."""
-    from yolo_qat.models.checkpoint import load_checkpoint
-    from yolo_qat.quant import is_quantized
-
     if isinstance(teacher, (str, Path)):
         if not Path(teacher).is_file():
             raise FileNotFoundError(f"the distillation teacher '{teacher}' does not exist: pass the path of the "
@@ -228,8 +228,6 @@ def mask_term(coef_s, coef_t, proto_s, proto_t, boxes, conf, img_hw, topk: int =
 
 
 def _arg(args, key: str) -> float:
-    from ultralytics.utils import DEFAULT_CFG_DICT
-
     v = args.get(key) if isinstance(args, dict) else getattr(args, key, None)
     return float(DEFAULT_CFG_DICT[key] if v is None else v)
 
@@ -288,8 +286,6 @@ class AnchorFreeDistillation:
         return out
 
     def _masks(self, s, t, dt, conf):
-        from ultralytics.utils.tal import dist2bbox, make_anchors
-
         proto_s, proto_t = (p[0] if isinstance(p, tuple) else p for p in (s["proto"], t["proto"]))
         if dt.device not in self._stride_on:
             self._stride_on[dt.device] = self.stride.to(dt.device)
@@ -317,8 +313,6 @@ class AnchorBasedDistillation:
     YOLOv5 loss (box, obj, cls scaled by levels, image size and nc)."""
 
     def __init__(self, model: nn.Module, gains: DistillGains):
-        from yolo_qat.models.loss import YOLOv5DetLoss
-
         if gains.feat:
             raise ValueError("feature distillation needs the head's input features, which only anchor-free heads "
                              "return with their output: set the feature gain to 0 for anchor-based models")
@@ -330,8 +324,6 @@ class AnchorBasedDistillation:
         self.stride_0 = float(torch.as_tensor(self.head.stride).flatten()[0])  # read once here, never per step
 
     def __call__(self, s_preds, t_preds, teacher: nn.Module) -> dict[str, torch.Tensor]:
-        from yolo_qat.models.loss import _split_preds
-
         (maps_s, proto_s), (maps_t, proto_t) = _split_preds(s_preds), _split_preds(t_preds)
         t_head, g, nc = detection_head(teacher), self.gains, self.nc
         img_hw = [x * self.stride_0 for x in maps_t[0].shape[2:4]]

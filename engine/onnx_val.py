@@ -21,8 +21,12 @@ from pathlib import Path
 from unittest import mock
 
 import onnx
+import torch
+from ultralytics.nn.autobackend import AutoBackend
+from ultralytics.nn.backends.onnx import ONNXBackend
 
 from yolo_qat.deploy.onnx_files import check_onnx_file
+from yolo_qat.deploy.verify import ort_session
 
 
 def is_onnx(weights) -> bool:
@@ -93,15 +97,8 @@ def shape_notes(info: dict, imgsz: int | None, batch: int | None) -> str | None:
 @contextlib.contextmanager
 def project_ort_backend():
     """Within the block, AutoBackend opens .onnx files with ``deploy.verify.ort_session`` on the CPU."""
-    from ultralytics.nn.autobackend import AutoBackend
-    from ultralytics.nn.backends.onnx import ONNXBackend
-
     class ProjectONNXBackend(ONNXBackend):
         def load_model(self, weight):
-            import torch
-
-            from yolo_qat.deploy.verify import ort_session
-
             self.device = torch.device("cpu")
             self.apply_metadata(self.read_metadata(weight))
             self.session = ort_session(weight)

@@ -6,8 +6,9 @@ SegmentationTrainer with
   or a checkpoint's ``model.yaml`` dict) with nc from the data, weights transferred by Ultralytics' ``model.load``
   (every tensor of matching name and shape, anchors included);
 - the YOLOv5 hyper-parameters (hyp.scratch-low) where the user set nothing: ``TRAIN_DEFAULTS``;
-- the AutoAnchor check of yolov5's train.py after the data is loaded (``after_train_pipeline``) (engine/autoanchor.py): anchors are refitted
-  only for a model built from a yaml; trained weights keep theirs (the check is logged);
+- the AutoAnchor check of yolov5's train.py after the data is loaded (``after_train_pipeline``,
+  engine/autoanchor.py): anchors are refitted only for a model built from a yaml; trained weights keep theirs (the
+  check is logged);
 - the YOLOv5 loss items (box, [seg,] obj, cls) and the validators of engine/validate.py, whose ``postprocess``
   first turns the original output into Ultralytics' layout.
 """

@@ -13,6 +13,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from ultralytics.utils import RANK
+
 
 def trim_csv(path: str | Path, last_epoch: int) -> list[dict]:
     """Keep the header and the rows whose ``epoch`` column (1-based, the first column) is <= ``last_epoch``;
@@ -44,8 +46,6 @@ def trim_csv(path: str | Path, last_epoch: int) -> list[dict]:
 def trim_epoch_logs(trainer, ckpt: dict) -> float:
     """On resume from ``ckpt`` (its ``epoch``: the 0-based epoch it saved): drop the rows of later epochs from
     results.csv and oscillations.csv; return the time column's value of the last row kept (0 when none)."""
-    from ultralytics.utils import RANK
-
     if RANK not in {-1, 0} or ckpt is None:
         return 0.0
     last = int(ckpt.get("epoch", -1)) + 1  # the csv's epoch column is 1-based

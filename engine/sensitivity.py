@@ -19,12 +19,15 @@ import torch
 import yaml
 from torch import nn
 
+from yolo_qat.engine.calib import calibration_loader, ensure_loss_args, preprocess
+from yolo_qat.engine.validate import load_model, validate
+from yolo_qat.models.facts import model_task, trained_imgsz
 from yolo_qat.quant import QuantRecipe, calibrate, is_quantized, quant_convs, quantize_model
 from yolo_qat.quant.allocate import Allocation, allocate
 from yolo_qat.quant.costs import COSTS, LayerGeometry, get_costs, option_cost, pays, weight_cost
 from yolo_qat.quant.recipe import BIT_CHOICES, dataclass_from
-from yolo_qat.quant.sensitivity import (collect_inputs, layer_sensitivity, lowered, recipe_names, reference_outputs, spearman,
-                              sqnr_db)
+from yolo_qat.quant.sensitivity import (collect_inputs, layer_sensitivity, lowered, nsr, recipe_names,
+                                        reference_outputs, spearman, sqnr_db)
 
 PROXIES = ("loss", "noise")
 RECIPE_FIELDS = ("per_channel", "act_mode", "weight_init", "exclude", "target")
@@ -166,8 +169,6 @@ def yolo_noise(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     to the reference box's size (mAP's IoU thresholds scale with it: 2 px move a 10 px box as much as 20 px move a
     100 px one) and, like the mask-coefficient error, weighted by the reference's best class score per anchor (the
     anchors NMS keeps), so that background anchors, which no detection uses, do not swamp them."""
-    from yolo_qat.quant.sensitivity import nsr
-
     if len(ref) >= 2 and ref[0].dim() == 3 and ref[0].shape[1] == 4:
         w = ref[1].amax(1, keepdim=True)  # (B, 1, A)
         wsum = w.sum().clamp_min(1e-12)
@@ -207,8 +208,6 @@ def layer_geometry(model: nn.Module, imgsz: int, device="cpu") -> dict[str, Laye
 
 def calibration_batches(data, task: str, imgsz: int, batch: int, cfg: MixedPrecisionConfig, device) -> list[dict]:
     """``cfg.calib_batches`` letterboxed batches (images and labels) of a seeded subset of the training split."""
-    from yolo_qat.engine.calib import calibration_loader, preprocess
-
     with tempfile.TemporaryDirectory() as tmp:
         loader, _ = calibration_loader(data, task, imgsz=imgsz, batch=batch, n_images=cfg.calib_images, seed=cfg.seed,
                                        shuffle=False, save_dir=Path(tmp))
@@ -234,10 +233,6 @@ def measure(weights, data=None, recipe: dict | None = None, cfg: MixedPrecisionC
     """Per-layer sensitivity of the FP checkpoint (or FP model) ``weights`` on the target of ``recipe``: a report
     (plain data, json-able) with every quantized conv's geometry and the proxy of each candidate width that pays
     on the target under the budget's measure, and with ``cfg.validate_layers`` its mAP check."""
-    from yolo_qat.engine.calib import ensure_loss_args
-    from yolo_qat.engine.validate import load_model
-    from yolo_qat.models.facts import model_task, trained_imgsz
-
     cfg = MixedPrecisionConfig.from_any(cfg)
     ref_recipe = reference_recipe(recipe, cfg)
     target = ref_recipe.target
@@ -297,8 +292,6 @@ def validate_proxy(model, data, imgsz, batch, device, sens, samples, ref_recipe,
     """mAP of the model with one layer lowered to its narrowest measured width, for ``n_layers`` layers spread evenly
     over the ``proxy``'s ranking, against the reference model's; Spearman correlation of each proxy with the drop
     (box, and for a segmenter mask and the mean of both)."""
-    from yolo_qat.engine.validate import validate
-
     ref_width = (ref_recipe.w_bits, ref_recipe.a_bits)
     lowest = {n: min((w for w in s if w != ref_width), default=None) for n, s in sens.items()}
     ranked = sorted((n for n in sens if lowest[n] is not None), key=lambda n: sens[n][lowest[n]][proxy])

@@ -15,10 +15,12 @@ to each QAT trainer's, which a ``YOLO`` model shares), swaps in the project's ex
 format="onnx")`` of a QAT model writes the fake-quant (sim) or integer (ort, npu, tensorrt) Q/DQ graph of its
 target; other formats of a quantized model are refused.
 
-models/yolo.py's DetectionModel also overrides ``BaseModel._apply`` (the head's anchors and grids are plain
-attributes that must follow ``.to()``). ``PRIVATE_API`` names all of them with the parameters this code passes;
-importing this module checks them against the installed Ultralytics and raises ``UltralyticsCompatError``, naming
-each one that is missing or changed and the versions, so an upgrade fails here, at import, instead of mid-run.
+engine/onnx_val.py patches ``AutoBackend._BACKEND_MAP`` (an .onnx file validates on the project's onnxruntime
+session) and models/yolo.py's DetectionModel overrides ``BaseModel._apply`` (the head's anchors and grids are plain
+attributes that must follow ``.to()``). ``PRIVATE_API`` names the methods with the parameters this code passes,
+``PRIVATE_ATTRIBUTES`` the rest; importing this module checks them against the installed Ultralytics and raises
+``UltralyticsCompatError``, naming each one that is missing or changed and the versions, so an upgrade fails here,
+at import, instead of mid-run.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from ultralytics import __version__ as ULTRALYTICS_VERSION
 from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.models.yolo.segment import SegmentationTrainer
+from ultralytics.nn.autobackend import AutoBackend
 from ultralytics.nn.tasks import BaseModel
 from ultralytics.utils import LOGGER
 from ultralytics.utils.callbacks.base import default_callbacks
@@ -51,14 +54,21 @@ PRIVATE_API: tuple[tuple[tuple[type, ...], str, tuple[str, ...], str], ...] = (
     ((BaseModel,), "_apply", ("self", "fn"), "overridden by models.yolo.DetectionModel: the anchor head follows .to()"),
 )
 
+# (class, private attribute, what we do with it)
+PRIVATE_ATTRIBUTES: tuple[tuple[type, str, str], ...] = (
+    (AutoBackend, "_BACKEND_MAP", "patched by engine/onnx_val.py: .onnx files validate on the project's session"),
+)
+
 
 class UltralyticsCompatError(ImportError):
     """The installed Ultralytics lacks or changed a private method this project overrides or calls."""
 
 
-def incompatibilities(api=PRIVATE_API) -> list[str]:
-    """One line per private method of ``api`` that a base class lacks or whose parameters changed."""
-    problems = []
+def incompatibilities(api=PRIVATE_API, attributes=PRIVATE_ATTRIBUTES) -> list[str]:
+    """One line per private method of ``api`` that a base class lacks or whose parameters changed, and per private
+    attribute of ``attributes`` that is gone."""
+    problems = [f"{cls.__module__}.{cls.__qualname__}.{name} is missing ({why})" for cls, name, why in attributes
+                if not hasattr(cls, name)]
     for bases, name, params, why in api:
         for base in bases:
             where = f"{base.__module__}.{base.__qualname__}.{name}"
@@ -72,14 +82,14 @@ def incompatibilities(api=PRIVATE_API) -> list[str]:
     return problems
 
 
-def check_ultralytics(api=PRIVATE_API, version: str = ULTRALYTICS_VERSION) -> None:
-    """UltralyticsCompatError naming every private method of ``api`` that does not match; a warning (only) when
+def check_ultralytics(api=PRIVATE_API, attributes=PRIVATE_ATTRIBUTES, version: str = ULTRALYTICS_VERSION) -> None:
+    """UltralyticsCompatError naming every private method or attribute that does not match; a warning (only) when
     the installed version is not the tested one but everything matches."""
-    problems = incompatibilities(api)
+    problems = incompatibilities(api, attributes)
     if problems:
         raise UltralyticsCompatError(
-            f"Ultralytics {version} is installed, yolo-qat is tested with {TESTED_ULTRALYTICS}, and the private methods "
-            f"its trainers build on changed: {'; '.join(problems)}. Install ultralytics=={TESTED_ULTRALYTICS} "
+            f"Ultralytics {version} is installed, yolo-qat is tested with {TESTED_ULTRALYTICS}, and the private "
+            f"methods its trainers build on changed: {'; '.join(problems)}. Install ultralytics=={TESTED_ULTRALYTICS} "
             f"(requirements.txt), or adapt engine/ultralytics_compat.py to the new methods")
     if version != TESTED_ULTRALYTICS:
         LOGGER.warning(f"yolo-qat is tested with ultralytics=={TESTED_ULTRALYTICS}, {version} is installed: its "

@@ -89,7 +89,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_graph_covers_the_package():
     graph = import_graph()
-    assert {"yolo_qat.models.facts", "yolo_qat.engine.trainer", "yolo_qat.quant", "yolo_qat.deploy.onnx_qdq"} <= set(graph)
+    assert {"yolo_qat.models.facts", "yolo_qat.engine.trainer", "yolo_qat.quant", "yolo_qat.deploy.onnx_qdq"} \
+        <= set(graph)
     assert "yolo_qat.models.checkpoint" in graph["yolo_qat.models.facts"]  # relative and absolute imports resolved
     assert "yolo_qat.engine.validate" in graph["yolo_qat.engine.original"]
 

@@ -40,8 +40,17 @@ def test_changed_parameters_are_named(monkeypatch):
     monkeypatch.setattr(DetectionTrainer, "_build_train_pipeline", lambda self, retry: None)
     problems = compat.incompatibilities()  # SegmentationTrainer inherits it from DetectionTrainer
     why = compat.PRIVATE_API[0][3]
+    pairs = (("detect", "DetectionTrainer"), ("segment", "SegmentationTrainer"))
     assert problems == [f"ultralytics.models.yolo.{t}.train.{c}._build_train_pipeline takes (self, retry), expected "
-                        f"(self) ({why})" for t, c in (("detect", "DetectionTrainer"), ("segment", "SegmentationTrainer"))]
+                        f"(self) ({why})" for t, c in pairs]
+
+
+def test_a_missing_attribute_is_named(monkeypatch):
+    from ultralytics.nn.autobackend import AutoBackend
+
+    monkeypatch.delattr(AutoBackend, "_BACKEND_MAP")
+    assert compat.incompatibilities() == [f"ultralytics.nn.autobackend.AutoBackend._BACKEND_MAP is missing "
+                                          f"({compat.PRIVATE_ATTRIBUTES[0][2]})"]
 
 
 def test_another_version_that_matches_only_warns():
