@@ -18,8 +18,8 @@ from yolo_qat.engine.device import announce, default_note, resolve_device
 from yolo_qat.engine.settings import parse_with_config
 from yolo_qat.engine.source import ModelSource, resolve_source
 from yolo_qat.engine.train_flags import DEMO, build_parser
-from yolo_qat.engine.training import (TrainResult, check_loss_hyp, check_settings, check_ultralytics_args,
-                                     qat_config)  # noqa: F401  (qat_config: read by the tests)
+from yolo_qat.engine.training import TrainResult, check_loss_hyp, check_settings, check_ultralytics_args
+from yolo_qat.engine.training import qat_config  # noqa: F401  (the QAT settings of parsed flags, for callers)
 from yolo_qat.engine.validate import format_table, ultralytics_metrics
 from yolo_qat.models.safe_load import MissingClassError, UnsafeCheckpointError, safe_load
 
