@@ -48,7 +48,8 @@ def train_fp(source, data=None, *, callbacks: dict | None = None, **settings) ->
     <project>/<name>-fp/; ``.weights`` is its best.pt, the start of ``train_qat``."""
     opt = settings_of({}, settings)
     if opt.fp_epochs < 1:
-        raise InputError(f"fp_epochs={opt.fp_epochs}: the FP stage needs fp_epochs >= 1")
+        raise InputError(f"fp_epochs={opt.fp_epochs}: the FP stage trains for fp_epochs >= 1 ('epochs' is QAT's, "
+                         f"as on the command line: --fp-epochs, --epochs)")
     check_settings(opt, fp_stage=True)
     src, data = _inputs(source, data)
     check_loss_hyp(opt, src)
