@@ -24,11 +24,14 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper, version_converter
 from torch import nn
+from ultralytics import __version__
+from ultralytics.nn.modules import C2f, Detect
+from ultralytics.nn.tasks import SegmentationModel, guess_model_task
 
+from yolo_qat.models import fold_bn_into_quant_convs, make_fuse_quant_aware
 from yolo_qat.models.facts import is_original
 from yolo_qat.models.yolo import Detect as AnchorDetect
 from yolo_qat.quant import is_quantized, layer_bits
-
 from yolo_qat.quant.targets import Target, get_target, model_target
 
 from .degenerate_bias import ExportWarning
@@ -50,8 +53,6 @@ class NothingQuantizedError(ValueError):
 def _set_export_mode(model: nn.Module, imgsz: tuple[int, int], dynamic: bool) -> None:
     """The same switches Ultralytics' Exporter sets on its heads (ultralytics/engine/exporter.py),
     so the output layout is the one of ``yolo export format=onnx``."""
-    from ultralytics.nn.modules import C2f, Detect
-
     for m in model.modules():
         if isinstance(m, AnchorDetect):  # yolov5's export switches: (pred,) / (pred, proto), grids per shape
             m.dynamic, m.export = dynamic, True
@@ -68,8 +69,6 @@ def prepare_export_model(model: nn.Module, imgsz=(640, 640), dynamic: bool = Fal
     """A fused, export-mode copy of ``model`` with the export form of every QuantConv2d: QDQConv2d for
     the ``sim`` target, ORTConv2d (and the output quantizers' Q/DQ) for the integer targets (none for a float original
     YOLOv5 / YOLOv7 model, the only float models exported here). ``target`` None: the model's own."""
-    from yolo_qat.models import fold_bn_into_quant_convs, make_fuse_quant_aware
-
     quantized = is_quantized(model)
     if not quantized and not is_original(model):
         raise NothingQuantizedError(
@@ -109,8 +108,6 @@ def export_target(model: nn.Module, target: str | None = None) -> Target:
 
 
 def _output_names(model: nn.Module) -> list[str]:
-    from ultralytics.nn.tasks import SegmentationModel
-
     return ["output0", "output1"] if isinstance(model, SegmentationModel) else ["output0"]
 
 
@@ -134,9 +131,6 @@ def _narrow_to_int4(model_onnx: onnx.ModelProto, names: dict[str, str]) -> int:
 
 def _metadata(model: nn.Module, imgsz, batch: int, layers: dict) -> dict:
     """Ultralytics' ONNX metadata keys (read by AutoBackend) plus our per-layer quantization table."""
-    from ultralytics import __version__
-    from ultralytics.nn.tasks import guess_model_task
-
     if is_original(model):
         what = "quantized (QAT/QC), ONNX Q/DQ" if layers else "float, fused"
         protos = "; output1 protos" if len(_output_names(model)) > 1 else ""

@@ -19,9 +19,11 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ultralytics.nn.modules.block import C2f
 
-from yolo_qat.quant import LSQQuantizer, QuantConv2d
-from yolo_qat.quant.act import FixedQuantizer
+from yolo_qat.quant import LSQQuantizer, QuantConv2d, replace_module
+from yolo_qat.quant.act import FixedQuantizer, QuantAct, QuantOut
+from yolo_qat.quant.targets import get_target
 
 from .degenerate_bias import fit_int32_bias
 
@@ -198,10 +200,6 @@ def encoded_split_source(m: nn.Module) -> LSQQuantizer | None:
     the split (``swap_for_ort``): then the first Bottleneck's residual Add and the Concat take DequantizeLinear
     outputs, which onnxruntime runs as QLinearAdd / QLinearConcat (and the Split on u8), instead of float ops on the
     slices. The same values: the halves are on that grid already. None for any other module."""
-    from ultralytics.nn.modules.block import C2f
-
-    from yolo_qat.quant.act import QuantAct
-
     if not isinstance(m, C2f):
         return None
     act = getattr(m.cv1, "act", None)
@@ -216,8 +214,6 @@ def _encoded_forward_split(self, x):
 
 def conv_output_quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
     """{conv name: the quantizer of its output}: a block's QuantAct.pre beside its ``conv``, a QuantOut's own."""
-    from yolo_qat.quant.act import QuantAct, QuantOut
-
     out = {}
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -233,12 +229,7 @@ def swap_for_ort(model: nn.Module, target=None) -> dict[str, ORTConv2d]:
     """Replace (in place, on a BN-folded model) QuantAct, QuantOut and QuantConv2d by their export forms for
     ``target`` (an integer quant.targets.Target; None: ``ort``); returns {conv name: ORTConv2d}. The model must
     have been built for that target (its output quantizers and encodings are what the runtime quantizes)."""
-    from yolo_qat.quant.targets import get_target
-
     target = target or get_target("ort")
-    from yolo_qat.quant import replace_module
-    from yolo_qat.quant.act import QuantAct, QuantOut
-
     split_sources = set()
     for m in list(model.modules()):  # before the QuantActs are replaced: the encoding is read from cv1's
         q = encoded_split_source(m)

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from ultralytics.nn.modules import Conv
+from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
+from yolo_qat.models import fold_bn_into_quant_convs, yolo
+from yolo_qat.models.safe_load import safe_load
+from yolo_qat.models.yaml_rule import restricted_build
 from yolo_qat.quant import is_quantized, quant_convs, quantize_model
 
 from .bitpack import pack_codes, unpack_codes
@@ -26,10 +31,6 @@ FORMAT, VERSION = "qyolo-packed", 1
 def _model_classes() -> dict:
     """Stored name -> class that rebuilds the model from its yaml, most specific first (the original
     models subclass Ultralytics' classes, SegmentationModel subclasses DetectionModel)."""
-    from ultralytics.nn.tasks import DetectionModel, SegmentationModel
-
-    from yolo_qat.models import yolo
-
     return {"OriginalSegmentationModel": yolo.SegmentationModel, "OriginalDetectionModel": yolo.DetectionModel,
             "SegmentationModel": SegmentationModel, "DetectionModel": DetectionModel}
 
@@ -43,8 +44,6 @@ def _base_class_name(model: nn.Module) -> str:
 
 
 def _is_fused(model: nn.Module) -> bool:
-    from ultralytics.nn.modules import Conv
-
     return any(isinstance(m, Conv) and not hasattr(m, "bn") for m in model.modules())
 
 
@@ -89,8 +88,6 @@ def save_packed(model: nn.Module, path: str | Path) -> Path:
 
 
 def _rebuild(payload: dict) -> nn.Module:
-    from yolo_qat.models import fold_bn_into_quant_convs
-
     classes = _model_classes()
     if payload["model_class"] not in classes:
         raise ValueError(f"load_packed: unknown model class {payload['model_class']!r}")
@@ -116,13 +113,9 @@ def _rebuild(payload: dict) -> nn.Module:
 
 def load_packed(path: str | Path) -> nn.Module:
     """Rebuild the fake-quant model of a packed checkpoint (fp32, eval mode)."""
-    from yolo_qat.models.safe_load import safe_load
-
     payload = safe_load(Path(path))  # plain data; its model yaml is checked before the model is rebuilt from it
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not a packed quantized checkpoint (written by export.py --format packed)")
-    from yolo_qat.models.yaml_rule import restricted_build
-
     with restricted_build():  # a second line behind the yaml rule safe_load applied (models/yaml_rule.py)
         model = _rebuild(payload)
     state = {k: payload["float_blob"][i["start"]:i["start"] + torch.Size(i["shape"]).numel()].reshape(i["shape"]).clone()

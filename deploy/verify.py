@@ -13,12 +13,13 @@ from yolo_qat.models.yolo import Detect as AnchorDetect
 from yolo_qat.deploy.ort_modules import encoded_split_source
 from yolo_qat.quant import LSQQuantizer
 from yolo_qat.quant.act import FixedQuantizer
+from yolo_qat.quant.targets import model_target
 
 from .onnx_files import check_onnx_file
 
 
 def ort_session(model_onnx: onnx.ModelProto | str | Path):
-    import onnxruntime as ort
+    import onnxruntime as ort  # loaded only when an ONNX file is run: training and validation never need it
 
     if not isinstance(model_onnx, onnx.ModelProto):
         check_onnx_file(model_onnx)  # external data outside the file's folder: refused before anything reads it
@@ -153,8 +154,6 @@ def deployed_form(model: nn.Module) -> nn.Module:
     """The model as its export computes it: for targets with an int32 bias (quant/targets.py), a fused copy,
     whose eval forward rounds each bias to the accumulator grid as the file does (BN folded first); otherwise the
     model, without the unused branch of an end-to-end head."""
-    from yolo_qat.quant.targets import model_target
-
     if model_target(model).int32_bias and hasattr(model, "fuse"):
         return copy.deepcopy(model).fuse(verbose=False)
     if not any(getattr(m, "one2one_cv2", None) is not None for m in model.modules()):

@@ -14,6 +14,7 @@ for the rounded costs (``Allocation.exact`` False; at most n units of budget go 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -99,8 +100,6 @@ def allocate(options: dict[str, dict[Width, tuple]], budget: int | float, max_st
 def brute_force(options: dict[str, dict[Width, tuple]], budget: int | float) -> tuple[float, dict]:
     """The optimum by enumeration (for checking ``allocate`` on a few layers): (summed primary sensitivity, widths);
     pairs compare lexicographically, as in ``allocate``."""
-    import itertools
-
     names = list(options)
     best = ((math.inf, math.inf), None)
     for combo in itertools.product(*(list(options[n]) for n in names)):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .targets import TARGET_NAMES
+from .targets import TARGET_NAMES, get_target
 
 COST_KINDS = ("runtime", "onnx", "packed")
 
@@ -159,8 +159,6 @@ def option_cost(target: str, layer: LayerGeometry, width: tuple[int, int], measu
 def runs(target: str, width: tuple[int, int]) -> bool:
     """The target's runtime convolves this width at all (its activation floor; weights 2..8 run everywhere, in
     containers where narrower)."""
-    from .targets import get_target
-
     t = get_target(target)
     return width[1] >= get_costs(target).act_floor and (t.activation_bits is None or width[1] == t.activation_bits)
 

@@ -19,6 +19,7 @@ the reference runs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 import time
@@ -51,8 +52,6 @@ def _extension_name() -> str:
     # torch caches builds by name in ~/.cache/torch_extensions and rebuilds whenever the build command
     # changes; two checkouts (another path) or torch versions sharing one name rebuilt each other's
     # copy on every alternation (40-165 s each). One name per source path and torch version.
-    import hashlib
-
     key = f"{_SOURCE.resolve()}|{torch.__version__}".encode()
     return f"qat_lsq_cpu_{hashlib.sha1(key).hexdigest()[:10]}"
 
@@ -60,7 +59,7 @@ def _extension_name() -> str:
 def _build():
     t0 = time.perf_counter()
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import load  # pulls in the build toolchain: only when the kernel is built
 
         ext = load(name=_extension_name(), sources=[str(_SOURCE)],
                    extra_cflags=["-O3", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
@@ -109,7 +108,7 @@ def triton_module():
         _state["triton_tried"] = True
         if enabled():
             try:
-                from . import lsq_triton
+                from . import lsq_triton  # triton is optional (CUDA only): imported when its kernels are enabled
 
                 _state["triton"] = lsq_triton
             except Exception as e:  # no triton (CPU-only wheels, Windows): fall back, loudly once

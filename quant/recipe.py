@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .targets import TARGET_NAMES
+from .targets import TARGET_NAMES, get_target
 
 BIT_CHOICES = tuple(range(2, 9))
 ACT_MODES = ("lsq+", "unsigned", "signed")
@@ -93,8 +93,6 @@ class QuantRecipe:
 
     def _check_target(self) -> None:
         """What the deploy target's runtime executes (quant/targets.py): its activation grid and bit-width."""
-        from .targets import get_target
-
         t = get_target(self.target)
         if t.symmetric_activations:
             if self.act_mode == "lsq+":  # the default grid; this target's default is the signed one

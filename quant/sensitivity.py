@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .act import QuantOut
 from .convert import quant_convs, set_quantizers_enabled
 from .grid import qrange
 from .qconv import QuantConv2d
@@ -123,8 +124,6 @@ def recipe_names(model: nn.Module) -> dict[str, str]:
     """{quantized conv's module name: the name a recipe gives it}. Deploy targets wrap a head's final conv in a
     ``QuantOut`` (its output quantizer), which moves the conv to ``<name>.conv``; recipes (``overrides``,
     ``exclude``) name the conv of the FP model, i.e. the wrapper's place."""
-    from .act import QuantOut
-
     wrapped = {n for n, m in model.named_modules() if isinstance(m, QuantOut)}
     return {n: (n.rpartition(".")[0] if n.rpartition(".")[0] in wrapped and n.endswith(".conv") else n)
             for n in quant_convs(model)}
