@@ -119,7 +119,7 @@ class QATTrainerMixin(UltralyticsTrainerCompat):
         super().__init__(cfg, overrides, _callbacks)
         if self.resume:  # the checkpoint's settings win, as for every other resumed argument
             qat = getattr(self.args, "qat", None) or qat
-        self.qat = QATConfig.from_any(qat)
+        self.qat = qat_config_of(qat)[0]
         self._check_distill_settings()
         self.args.qat = self.qat.to_dict()
         if RANK in {-1, 0}:
