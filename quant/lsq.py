@@ -4,7 +4,7 @@ Gradient convention: the straight-through mask is taken on the *rounded* value, 
 ``torch._fake_quantize_learnable_per_tensor_affine``: an input gets gradient 1 when
 ``round(x / s)`` lies in ``[qmin, qmax]``. LSQ as published masks on the unrounded ``x / s``; the two
 differ only for inputs within half a step outside the clipping range. Matching PyTorch's kernel
-lets the tests compare against it bit for bit (tests/test_lsq.py).
+lets the tests compare against it bit for bit (tests/quant/test_lsq.py).
 
 The step size is clamped to ``MIN_SCALE`` (quant/grid.py) inside the op with a straight-through
 gradient, so a scale an optimizer pushed to zero or below still quantizes sanely and can recover.

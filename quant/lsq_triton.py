@@ -26,7 +26,7 @@ gets the clip gradient like any clipped one.
 
 Rounding uses the 1.5 * 2^23 trick on the pre-clamped z (exact round-half-even), so results are the
 same on the GPU and in Triton's interpreter (``TRITON_INTERPRET=1`` at import time: the kernels run on
-CPU tensors; tests/test_lsq_triton.py). ``/`` in Triton lowers to an approximate division on NVIDIA
+CPU tensors; tests/quant/test_lsq_triton.py). ``/`` in Triton lowers to an approximate division on NVIDIA
 GPUs, hence ``tl.math.div_rn``; ``enable_fp_fusion=False`` keeps a multiply and an add from being
 contracted into an FMA (which would round differently from the reference). The fp32 -> bf16 store is
 written out (round to nearest even on the bits, NaN kept), since the interpreter's numpy cast cannot

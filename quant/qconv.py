@@ -34,7 +34,7 @@ def _conv_dtype(device_type: str) -> torch.dtype:
     fp16 holds every value of an 8-bit grid to within 0.12 of a step (11 significant bits; no code
     moves), but bf16 has 8: an 8-bit code times the step (plus the LSQ+ offset) rounds up to 0.7 of a
     step away, and 7-8% of the codes of an evenly used 8-bit grid become another code (measured:
-    tests/test_amp_cpu.py). So under bf16 autocast (``torch.autocast(dtype=torch.bfloat16)`` from
+    tests/quant/test_amp_cpu.py). So under bf16 autocast (``torch.autocast(dtype=torch.bfloat16)`` from
     Python, or CPU autocast, whose default is bf16) the quantized conv runs in fp32 on the exact grid
     values, as without autocast, and returns its usual dtype; the rest of the network stays in bf16.
     Ultralytics' AMP is fp16 on CUDA, so its training keeps the fp16 conv.
@@ -115,8 +115,8 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
     gradient) and the quantized input (for the convolution's). One activation-sized tensor less
     per quantized conv: about the peak memory of the FP model (benchmarks/speed.py: 1.03x instead
     of 1.50x) for one more elementwise pass per conv (benchmarks/step_time.py: 1.28-1.35x FP instead of
-    1.16-1.20x). Outputs and gradients are bit-identical (tests/test_qconv_recompute.py), under fp16 and bf16
-    autocast too (tests/test_amp_cpu.py).
+    1.16-1.20x). Outputs and gradients are bit-identical (tests/quant/test_qconv_recompute.py), under fp16 and bf16
+    autocast too (tests/quant/test_amp_cpu.py).
 
     Under bf16 autocast the conv runs in fp32 (``_conv_dtype``: bf16 would move 8-bit codes); under fp16
     autocast in fp16, as autocast runs any conv.

@@ -12,3 +12,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # what Ultralytics' select_device sets on a 2-core machine
+
+
+def pytest_collection_modifyitems(items):
+    """tests/e2e/ runs whole pipelines (training, installs, subprocesses): marked slow so that a quick local loop can
+    leave it out (pytest -m "not slow"); CI runs everything."""
+    e2e = ROOT / "tests" / "e2e"
+    for item in items:
+        if e2e in Path(item.fspath).parents:
+            item.add_marker("slow")
