@@ -9,11 +9,8 @@ training loop in a few places that only private methods reach. Those overrides l
 - ``_handle_nan_recovery`` -> ``recover_from_nan(epoch)``: back to that state when the loss turns NaN;
 - ``_model_train`` is called (``set_train_mode()``) before weights are reloaded.
 
-Ultralytics' exporter traces a QuantConv2d's fake quantization as constants (the exported graph would not read
-its input), so ``export_quantized``, an ``on_export_start`` callback added to Ultralytics' default callbacks (and
-to each QAT trainer's, which a ``YOLO`` model shares), swaps in the project's export forms (deploy/): ``.export(
-format="onnx")`` of a QAT model writes the fake-quant (sim) or integer (ort, npu, tensorrt) Q/DQ graph of its
-target; other formats of a quantized model are refused.
+``.export(format="onnx")`` of a QAT model writes the project's export forms through an ``on_export_start``
+callback (yolo_qat/ultralytics_export.py), added to Ultralytics' default callbacks and to each QAT trainer's.
 
 engine/onnx_val.py patches ``AutoBackend._BACKEND_MAP`` (an .onnx file validates on the project's onnxruntime
 session) and models/yolo.py's DetectionModel overrides ``BaseModel._apply`` (the head's anchors and grids are plain
@@ -33,12 +30,8 @@ from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.nn.autobackend import AutoBackend
 from ultralytics.nn.tasks import BaseModel
 from ultralytics.utils import LOGGER
-from ultralytics.utils.callbacks.base import default_callbacks
 
-from yolo_qat.deploy.onnx_qdq import export_target
-from yolo_qat.deploy.ort_modules import swap_for_ort
-from yolo_qat.deploy.qdq_conv import swap_quant_convs
-from yolo_qat.quant import is_quantized
+from yolo_qat.ultralytics_export import add_export_callback
 
 TESTED_ULTRALYTICS = "8.4.190"  # the pin of requirements.txt (a test keeps them equal)
 
@@ -130,28 +123,4 @@ class UltralyticsTrainerCompat:
         self._model_train()
 
 
-def export_quantized(exporter) -> None:
-    """``on_export_start``: the fused, export-mode copy of a quantized model that Ultralytics' exporter is about to
-    trace gets the project's export form of each quantized layer for its target; ValueError for a format other
-    than ONNX. A float model is left to Ultralytics."""
-    model = exporter.model
-    if not is_quantized(model):
-        return
-    if exporter.args.format != "onnx":
-        raise ValueError(f"format={exporter.args.format!r}: a quantized model exports to ONNX only (format='onnx', "
-                         f"or yolo-qat's export for the integer targets and their checks)")
-    target = export_target(model)
-    if target.integer:
-        swap_for_ort(model, target)
-    else:
-        swap_quant_convs(model)
-
-
-def add_export_callback(callbacks: dict) -> None:
-    """``export_quantized`` in an Ultralytics callbacks dict (a trainer's, a model's, or the defaults), once."""
-    if export_quantized not in callbacks.setdefault("on_export_start", []):
-        callbacks["on_export_start"].append(export_quantized)
-
-
 check_ultralytics()
-add_export_callback(default_callbacks)  # every YOLO model made from now on exports a quantized model correctly

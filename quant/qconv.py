@@ -100,6 +100,13 @@ class _RecomputedInputConv(torch.autograd.Function):
         return (grad_x, grad_w, grad_b, None, None, *[next(grads) if n else None for n in need[5:]])
 
 
+# Traced as it trains, the fake quantization exports as constants and the graph never reads its input.
+EXPORT_REFUSAL = ("a QuantConv2d is being exported to ONNX in its training form, which would write a graph that ignores "
+                  "its input: export through yolo_qat, which swaps in the export form of each quantized layer "
+                  "(`yolo-qat export`, `yolo_qat.export(weights)`, or Ultralytics' `model.export(format='onnx')` with "
+                  "yolo_qat imported before the YOLO object is made)")
+
+
 class QuantConv2d(KeepFP32, nn.Conv2d):
     """Same parameters and state_dict keys as the nn.Conv2d it replaces (``weight``, ``bias``),
     plus ``weight_quantizer`` and ``input_quantizer``.
@@ -181,6 +188,8 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
         return self._conv_forward(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            raise RuntimeError(EXPORT_REFUSAL)
         dtype = x.dtype
         conv_dtype = _conv_dtype(x.device.type)
         amp = _autocast_on(x.device.type)
