@@ -54,7 +54,8 @@ import importlib, json, pkgutil, sys
 import torch
 before = set(sys.modules)
 import yolo_qat
-mods = [m.name for m in pkgutil.walk_packages(yolo_qat.__path__, "yolo_qat.") if "triton" not in m.name]
+mods = [m.name for m in pkgutil.walk_packages(yolo_qat.__path__, "yolo_qat.")
+        if "triton" not in m.name and not m.name.endswith("__main__")]  # __main__ runs the command
 for name in mods:
     importlib.import_module(name)
 new_top = sorted({k.split(".")[0] for k in set(sys.modules) - before})
@@ -88,3 +89,13 @@ def test_installed_package_imports_alone_and_loads_old_checkpoints(installed, tm
                               "yolov7-tiny-orig.pt": "yolo_qat.models.yolo.DetectionModel"}
     # the previous release's outputs, up to another processor's float summation order
     assert res["rel"] < 1e-4 and res["rel_packed"] < 1e-4, res
+
+
+@pytest.mark.parametrize("how", ["console-script", "python-m"])
+def test_installed_command_runs_from_another_directory(installed, tmp_path, how):
+    cmd = [str(installed / "bin" / "yolo-qat")] if how == "console-script" else [sys.executable, "-m", "yolo_qat"]
+    env = {**os.environ, "PYTHONPATH": str(installed), "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*cmd, "val", "--help"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "usage: yolo-qat val" in r.stdout, (r.stdout[-2000:], r.stderr[-2000:])
+    r = subprocess.run([*cmd, "nonsense"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "unknown mode 'nonsense'" in r.stderr, r.stderr[-2000:]
