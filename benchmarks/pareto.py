@@ -466,18 +466,21 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (key, unit, scale) in zip(axes, (("packed_bytes", "weight kB (quantized convs, packed codes)", 1e-3),
                                              ("bitops", "GBitOps per image (nominal)", 1e-9))):
-        for kind, style in (("uniform", dict(marker="o", color="tab:blue")),
-                            ("allocated", dict(marker="s", color="tab:red"))):
-            pts = []
-            for name, rs in by.items():
-                vals = [score(r)[m] for r in rs if m in score(r)]
-                if rs[0]["kind"] == kind and vals:
-                    pts.append((rs[0][key] * scale, *_stats(vals), name))
+        series: dict[str, list] = {}
+        for name, rs in by.items():
+            vals = [score(r)[m] for r in rs if m in score(r)]
+            if rs[0]["kind"] != "peer" and vals:
+                u = UNIFORM.fullmatch(name)  # uniform points are joined per activation width, allocated ones together
+                series.setdefault(f"uniform A{u.group(2)}" if u else "allocated", []).append(
+                    (rs[0][key] * scale, *_stats(vals), name))
+        colors = iter(("tab:blue", "tab:cyan", "tab:purple", "tab:olive", "tab:brown"))
+        for label, pts in sorted(series.items()):
             pts.sort()
+            style = dict(marker="s", color="tab:red") if label == "allocated" else dict(marker="o", color=next(colors))
             if pts:
                 x, y = [p[0] for p in pts], [p[1] for p in pts]
                 ax.errorbar(x, y, yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]], capsize=3,
-                            label=kind, **style)
+                            label=label, **style)
                 for p in pts:
                     ax.annotate(p[4], (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         for marker, (name, rs) in zip("^vD*P", ((n, rs) for n, rs in by.items() if rs[0]["kind"] == "peer")):
@@ -506,8 +509,9 @@ def write_outputs(opt, rows: list[dict]) -> str:
             + "\n\nAllocated against uniform widths, paired per seed (scored mAP)\n\n" + comparison_table(rows))
     (out / "pareto.md").write_text(text + "\n")
     write_csv(rows, out / "points.csv")
-    plot(rows, out / "pareto.png", f"{Path(opt.weights).name}, {opt.epochs} QAT epochs, target {opt.target}, "
-                                   f"seeds {opt.seeds}")
+    seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
+    plot(rows, out / "pareto.png", f"{opt.weights}: {opt.epochs} QAT epochs, target {opt.target}, seeds {seeds}, "
+                                   f"mean and min..max")
     return text
 
 
