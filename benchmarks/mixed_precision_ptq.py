@@ -6,7 +6,7 @@ weight bits in the measurement's accounting, and mixed_precision.py's allocation
 under that budget with each proxy. Calibration draws a random sample of each layer's activations, so every recipe
 is calibrated once per ``--seeds`` seed: the mean and [min, max] over them are printed. A quick look at what the
 allocation buys where QAT has not recovered anything yet; the comparison after QAT is the Pareto sweep
-(docs/mixed-precision.md: not built yet).
+(benchmarks/pareto.py; docs/mixed-precision.md).
 
     python benchmarks/mixed_precision_ptq.py --weights fp.pt --data d.yaml --sensitivity runs/mixed/exp/sensitivity.json
 """
