@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=32, help="ort-ptq calibration images (training split)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="runs/pareto")
+    p.add_argument("--time-repeats", type=int, default=20,
+                   help="time every point's file (one seed's) beside the FP ONNX with benchmarks/deploy_speed.py, "
+                        "this many interleaved rounds, 1 thread, batch 1 (0: no timing)")
     return p
 
 
@@ -377,10 +380,11 @@ def metrics(rows: list[dict]) -> list[str]:
     return [m for m in ("box", "mask") if any(m in score(r) for r in rows)]
 
 
-def summary_table(rows: list[dict]) -> str:
+def summary_table(rows: list[dict], speed: dict | None = None) -> str:
     ms = metrics(rows)
     head = ["point", "kind", "seeds", "avg weight bits", "weight kB (packed)", "weight kB (runtime)", "GBitOps",
-            *[f"{m} mAP50-95 (scored)" for m in ms], *[f"{m} checkpoint" for m in ms], "scored on", "note"]
+            *[f"{m} mAP50-95 (scored)" for m in ms], *[f"{m} checkpoint" for m in ms], "scored on",
+            *(["ms", "vs FP"] if speed else []), "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rs in grouped(rows).items():
         r0 = rs[0]
@@ -391,7 +395,10 @@ def summary_table(rows: list[dict]) -> str:
             f"{r0['bitops'] / 1e9:.1f}",
             *[_cell([score(r)[m] for r in rs if m in score(r)]) for m in ms],
             *[_cell([r["checkpoint"][m] for r in rs if r.get("checkpoint") and m in r["checkpoint"]]) for m in ms],
-            "/".join(sorted({source(r) for r in rs})), "; ".join(notes)]) + " |")
+            "/".join(sorted({source(r) for r in rs})),
+            *([f"{speed[name]['median_ms']:.1f}", f"{speed[name]['speed_vs_fp']:.2f}x"] if name in (speed or {})
+              else ["", ""] if speed else []),
+            "; ".join(notes)]) + " |")
     return "\n".join(lines)
 
 
@@ -500,12 +507,39 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(opt, rows: list[dict]) -> str:
+def time_files(opt, rows: list[dict]) -> dict:
+    """{point: deploy_speed's row} for one file per point (the lowest seed's: the graph does not depend on the seed),
+    timed in one interleaved run beside Ultralytics' FP ONNX of the checkpoint, so the ratios share the machine's
+    state; also written to ``<out>/speed.json``."""
+    from benchmarks.deploy_speed import export_fp, measure
+    from yolo_qat.engine.validate import load_model
+
+    out = Path(opt.out) / "speed"
+    out.mkdir(parents=True, exist_ok=True)
+    fp_onnx = out / "fp.onnx"
+    if not fp_onnx.is_file():
+        export_fp(load_model(opt.weights)[0], fp_onnx, opt.imgsz)
+    files = [{"label": "fp", "kind": "fp", "imgsz": opt.imgsz, "path": str(fp_onnx)}]
+    for name, rs in grouped(rows).items():
+        path = next((r["file_path"] for r in rs if r.get("file_path") and Path(r["file_path"]).is_file()), None)
+        if path:
+            files.append({"label": name, "kind": "extra", "imgsz": opt.imgsz, "path": path})
+    timed = measure(files, [1], opt.time_repeats, 3, False)
+    speed = {r["file"]: {k: r[k] for k in ("median_ms", "speed_vs_fp", "integer_convs", "convs", "path")}
+             for r in timed}
+    (out / "speed.json").write_text(json.dumps(speed, indent=1))
+    return speed
+
+
+def write_outputs(opt, rows: list[dict], speed: dict | None = None) -> str:
     out = Path(opt.out)
     text = (f"Pareto sweep of {opt.weights} on {opt.data} at imgsz {opt.imgsz}: {opt.epochs} QAT epochs (SGD lr0 "
             f"{opt.lr0}, warm-up {opt.warmup_epochs}{', ' + opt.qat_args if opt.qat_args else ''}), QC "
             f"{opt.qc_steps} steps, target {opt.target}; mAP50-95 % by val.py --no-rect on the exported file where "
-            f"there is one (else the checkpoint); mean (min..max) over seeds\n\n" + summary_table(rows)
+            f"there is one (else the checkpoint); mean (min..max) over seeds"
+            + (f"; ms: onnxruntime CPU, 1 thread, batch 1, median of {opt.time_repeats} interleaved rounds "
+               f"(benchmarks/deploy_speed.py), vs FP = FP ONNX ms / ms" if speed else "")
+            + "\n\n" + summary_table(rows, speed)
             + "\n\nAllocated against uniform widths, paired per seed (scored mAP)\n\n" + comparison_table(rows))
     (out / "pareto.md").write_text(text + "\n")
     write_csv(rows, out / "points.csv")
@@ -519,7 +553,8 @@ def main(argv=None) -> int:
     opt = parse_args(argv)
     if not sweep(opt):
         raise SystemExit(f"{PROG}: error: no point could run")
-    text = write_outputs(opt, stored(Path(opt.out)))
+    rows = stored(Path(opt.out))
+    text = write_outputs(opt, rows, time_files(opt, rows) if opt.time_repeats > 0 else None)
     print(f"\n{text}\n\nwrote {opt.out}/pareto.md, points.csv, pareto.png")
     return 0
 

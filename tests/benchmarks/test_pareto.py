@@ -92,7 +92,7 @@ def test_sweep_keeps_finished_points_and_writes_table_csv_and_plot(tmp_path, mon
     monkeypatch.setattr(pareto, "allocated_recipe", lambda opt, spec, report, out: tmp_path / "r.yaml")
     out = tmp_path / "sweep"
     argv = ["--weights", "fp.pt", "--data", "d.yaml", "--imgsz", "64", "--points", "W4A8", "alloc@W4A8", "W3A3",
-            "alloc@W3A3", "--peers", "ultra-int8", "ultra-qat8", "--seeds", "0", "1", "--out", str(out)]
+            "alloc@W3A3", "--peers", "ultra-int8", "ultra-qat8", "--seeds", "0", "1", "--out", str(out), "--time-repeats", "0"]
     assert pareto.main(argv) == 0
     assert len(trained) == 1 + 2 * 5 and len(list((out / "points").glob("*.json"))) == 1 + 2 * 4
     text = capsys.readouterr().out
@@ -112,3 +112,28 @@ def test_sweep_keeps_finished_points_and_writes_table_csv_and_plot(tmp_path, mon
     assert sorted(trained) == [("W3A3", 1), ("ultra-qat8", 0), ("ultra-qat8", 1)]
     assert "W4A8 seed 0: kept" in capsys.readouterr().out
     assert json.loads((out / "points" / "W3A3-seed1.json").read_text())["file"] == {"box": 15.2}
+
+
+def test_every_points_file_is_timed_beside_the_fp_onnx(tmp_path):
+    """One file per point (the lowest seed's that exists), timed in one run with the FP ONNX; the table gets the
+    columns. Latencies are not asserted (a shared machine): only that each is a measured, finite ratio."""
+    from benchmarks.deploy_speed import export_fp
+    from yolo_qat.engine.validate import load_model
+    from yolo_qat.models.checkpoint import save_checkpoint
+
+    fp = save_checkpoint(tmp_path / "fp.pt", yolo())
+    opt = pareto.parse_args(["--weights", str(fp), "--data", "d.yaml", "--imgsz", "64", "--out", str(tmp_path / "o"),
+                             "--time-repeats", "2"])
+
+    onnx = export_fp(load_model(fp)[0], tmp_path / "a.onnx", 64)
+    rows = [{"point": "W4A8", "kind": "uniform", "seed": 0, "file_path": str(tmp_path / "gone.onnx"), **fake_costs(4)},
+            {"point": "W4A8", "kind": "uniform", "seed": 1, "file_path": str(onnx), **fake_costs(4)},
+            {"point": "ultra-int8", "kind": "peer", "seed": None, "file_path": None, **fake_costs(8)}]
+    for r in rows:
+        r.update(checkpoint=None, file={"box": 1.0}, export_error=None)
+    speed = pareto.time_files(opt, rows)
+    assert set(speed) == {"fp", "W4A8"} and speed["W4A8"]["path"] == str(onnx)  # seed 0's file is gone
+    assert all(v["median_ms"] > 0 and v["speed_vs_fp"] > 0 for v in speed.values())
+    assert json.loads((tmp_path / "o" / "speed" / "speed.json").read_text()).keys() == speed.keys()
+    table = pareto.summary_table(rows, speed)
+    assert "| ms | vs FP |" in table and f"{speed['W4A8']['speed_vs_fp']:.2f}x" in table
