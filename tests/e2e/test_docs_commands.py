@@ -86,9 +86,9 @@ def blocks(doc: Path) -> list[Block]:
 
 def commands(block: Block) -> list[Command]:
     """The shell commands of a block: continuations joined, ``$ `` prompts and comments dropped, ``&&`` / ``;``
-    chains split."""
+    chains split, variables the block assigns (``C="--weights ..."``) expanded where a word uses them (``$C``)."""
     text = re.sub(r"\\\n", " ", block.text)
-    out, pending = [], ""
+    out, pending, variables = [], "", {}
     for line in text.splitlines():
         line = pending + re.sub(r"^\s*\$\s+", "", line)
         if not line.strip() or line.lstrip().startswith("#"):
@@ -103,12 +103,27 @@ def commands(block: Block) -> list[Command]:
         pending, argv = "", []
         for tok in tokens + [";"]:
             if tok in (";", "&&", "||", "|", "&"):
-                if argv:
+                if len(argv) == 1 and ASSIGNMENT.fullmatch(argv[0]):  # NAME=value alone: a variable, not a command
+                    name, value = argv[0].split("=", 1)
+                    variables[name] = value
+                elif argv:
                     out.append(Command(block, argv))
                 argv = []
             else:
-                argv.append(tok)
+                argv += expand(tok, variables)
     return out
+
+
+ASSIGNMENT = re.compile(r"[A-Za-z_]\w*=.*", re.S)
+
+
+def expand(word: str, variables: dict) -> list[str]:
+    """An unquoted ``$NAME`` / ``${NAME}`` word splits into the words of its value, as the shell does; a known variable
+    inside a longer word is substituted in place."""
+    whole = re.fullmatch(r"\$(?:\{(\w+)\}|(\w+))", word)
+    if whole and (whole.group(1) or whole.group(2)) in variables:
+        return shlex.split(variables[whole.group(1) or whole.group(2)])
+    return [re.sub(r"\$(?:\{(\w+)\}|(\w+))", lambda m: variables.get(m.group(1) or m.group(2), m.group(0)), word)]
 
 
 def all_blocks() -> list[Block]:
@@ -288,6 +303,17 @@ def test_a_wrong_command_is_caught(tmp_config, argv, words):
     script, args = entry_point(argv)
     problem = check_parses(script, args, tmp_config)
     assert problem and words in problem, problem
+
+
+def test_block_variables_are_expanded_and_checked(tmp_config):
+    """A flag hidden in a variable the block assigns is checked like one written out."""
+    block = Block(ROOT / "README.md", 1, "bash", 'C="--epochs 3 --no-such-flag \\\n --imgsz 64"\n'
+                                                   'python train_qat.py $C --w-bits 4 && echo ${C}/x\n', False)
+    cmds = commands(block)
+    assert [c.argv for c in cmds] == [["python", "train_qat.py", "--epochs", "3", "--no-such-flag", "--imgsz", "64",
+                                       "--w-bits", "4"], ["echo", "--epochs 3 --no-such-flag   --imgsz 64/x"]]
+    problem = check_parses(*entry_point(cmds[0].argv), tmp_config)
+    assert problem and "unrecognized arguments: --no-such-flag" in problem, problem
 
 
 def test_a_missing_repo_file_is_named():
