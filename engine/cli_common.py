@@ -16,6 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from ultralytics.utils.files import increment_path
+
+from yolo_qat.engine.device import DEFAULT_HELP, device_arg
+
 EXIT_FAILED = 1  # the run started and failed (training diverged, an output failed its check)
 EXIT_INPUT = 2  # argparse exits with 2 on a bad flag; a bad value found later is the same kind of error
 EXIT_FOLD = 3  # QC's fold check failed: both checkpoints are kept, so the run is not lost
@@ -63,8 +67,6 @@ def add_shared(p: argparse.ArgumentParser, prog: str, *, project: str | None, we
     (a script that reads no checkpoint of its own). ``device_now``: resolve and announce --device while
     parsing (an unavailable device is then argparse's error); train_qat.py resolves it later itself
     (multi-GPU, and the device of a resumed run when --device is left out)."""
-    from yolo_qat.engine.device import DEFAULT_HELP, device_arg
-
     if weights_help is not None:
         p.add_argument("--weights", nargs=weights_nargs, required=weights_required, help=weights_help)
         p.add_argument("--trust-checkpoint", action=argparse.BooleanOptionalAction, default=False,
@@ -83,6 +85,4 @@ def add_shared(p: argparse.ArgumentParser, prog: str, *, project: str | None, we
 def output_dir(opt: argparse.Namespace) -> Path:
     """``<project>/<name>``, or the next free ``<name>-N`` when it exists and --exist-ok is off: the rule of
     Ultralytics' trainer (train_qat.py's runs), so every script names its outputs alike."""
-    from ultralytics.utils.files import increment_path
-
     return Path(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
