@@ -9,7 +9,10 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 # (measured at load 9): CI runs beside other jobs. Must be set before torch loads libgomp.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from builders import tiny_dataset  # noqa: E402
 
 torch.set_num_threads(1)  # what Ultralytics' select_device sets on a 2-core machine
 
@@ -21,3 +24,10 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if e2e in Path(item.fspath).parents:
             item.add_marker("slow")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The embedded dataset at its smallest (8 train / 4 val images, 64 px): one copy per test module, since
+    tests write caches and runs beside it."""
+    return tiny_dataset(tmp_path_factory.mktemp("ds"))

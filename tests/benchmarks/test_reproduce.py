@@ -17,13 +17,6 @@ FIX = ROOT.parent / "shared" / "fixtures" / "original-yolo"
 needs_fixtures = pytest.mark.skipif(not FIX.is_dir(), reason=f"fixtures not found at {FIX}")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from yolo_qat.data.embedded import ensure_embedded_dataset
-
-    return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
-
-
 def reproduce(data, out, *extra):
     args = ["--data", str(data), "--cfg", "yolov5nu-seg", "--bits", "4", "--methods", "lsq", "ema", "--qc",
             "--fp-epochs", "1", "--qat-epochs", "1", "--seeds", "0", "--imgsz", "64", "--batch", "4",

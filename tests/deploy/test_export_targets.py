@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from yolo_qat import deploy
-from yolo_qat.quant import LSQQuantizer, QuantConv2d, calibrate, quant_convs, quantize_model
+from yolo_qat.quant import LSQQuantizer, calibrate, quant_convs, quantize_model
 from yolo_qat.quant.act import QuantAct, QuantOut, output_quantizers
 from yolo_qat.quant.recipe import QuantRecipe
 from test_export_ort import BITS, CFGS, IMGSZ, _FP, assert_matches_up_to_ties, optimized_ops

@@ -182,9 +182,9 @@ def parse_only(tmp_config: Path, elided: bool = False):
     """Within: ``ArgumentParser.parse_args`` parses, then raises ``Parsed``; devices are not resolved (a doc's
     ``--device 0`` is a GPU the suite may not have); a ``--config`` naming a file an earlier command writes
     (``runs/...``) reads an empty yaml instead."""
-    from yolo_qat.engine import device, settings
+    from yolo_qat.engine import cli_common, settings
 
-    real_parse, real_device_arg, real_read = argparse.ArgumentParser.parse_args, device.device_arg, settings.read_config
+    real_parse, real_device_arg, real_read = argparse.ArgumentParser.parse_args, cli_common.device_arg, settings.read_config
 
     def parse_args(self, args=None, namespace=None):
         raise Parsed(self if elided else real_parse(self, args, namespace))
@@ -194,14 +194,14 @@ def parse_only(tmp_config: Path, elided: bool = False):
         return real_read(tmp_config if made_later else path, p)
 
     argparse.ArgumentParser.parse_args = parse_args
-    device.device_arg = lambda prog: str
+    cli_common.device_arg = lambda prog: str  # where the shared flags read it
     settings.read_config = read_config
     saved_path, saved_argv = list(sys.path), list(sys.argv)
     try:
         yield
     finally:
         argparse.ArgumentParser.parse_args = real_parse
-        device.device_arg, settings.read_config = real_device_arg, real_read
+        cli_common.device_arg, settings.read_config = real_device_arg, real_read
         sys.path[:], sys.argv[:] = saved_path, saved_argv
 
 

@@ -29,13 +29,6 @@ FIXTURES = {"yolov5n": "yolov5n-orig.pt", "yolov5n-seg": "yolov5n-seg-orig.pt", 
 needs_fixtures = pytest.mark.skipif(not FIX.is_dir(), reason=f"fixtures not found at {FIX}")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from yolo_qat.data.embedded import ensure_embedded_dataset
-
-    return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
-
-
 _BUILT = {}
 
 

@@ -15,13 +15,6 @@ TINY = ["--imgsz", "64", "--batch", "4", "--workers", "0", "--calib-batches", "2
         "--exist-ok"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from yolo_qat.data.embedded import ensure_embedded_dataset
-
-    return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
-
-
 def cli(args, cwd, env_extra=None):
     env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / "train_qat.py"), *args], cwd=cwd, capture_output=True,

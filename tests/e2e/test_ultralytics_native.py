@@ -19,13 +19,6 @@ TINY = {"epochs": 1, "imgsz": 64, "batch": 4, "workers": 0, "device": "cpu", "pl
         "amp": False, "exist_ok": True}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from yolo_qat.data.embedded import ensure_embedded_dataset
-
-    return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
-
-
 def fp_checkpoint(cfg: str, path: Path) -> Path:
     """An Ultralytics FP checkpoint as Ultralytics writes one (untrained weights: only the plumbing is tested)."""
     YOLO(cfg).save(path)

@@ -13,7 +13,6 @@ from ultralytics.nn.tasks import DetectionModel
 
 import yolo_qat
 from yolo_qat.cli import MODES, main
-from yolo_qat.data.embedded import ensure_embedded_dataset
 from yolo_qat.models.checkpoint import load_checkpoint, save_checkpoint
 from yolo_qat.quant import is_quantized
 
@@ -55,11 +54,6 @@ def test_a_root_script_runs_from_another_directory(tmp_path):
 def test_errors_name_the_mode(tmp_path, capsys):
     assert main(["qc", "--weights", str(tmp_path / "missing.pt")]) == 2
     assert capsys.readouterr().err.startswith("yolo-qat qc: error: --weights ")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
 
 
 @pytest.fixture(scope="module")

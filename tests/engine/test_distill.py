@@ -33,13 +33,6 @@ TERMS = {"yolov5nu": {"cls", "box"}, "yolov5nu-seg": {"cls", "box", "mask"}, "yo
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from yolo_qat.data.embedded import ensure_embedded_dataset
-
-    return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
-
-
-@pytest.fixture(scope="module")
 def images(data):
     files = sorted((data.parent / "images" / "train").glob("*.jpg"))
     ims = np.stack([cv2.imread(str(f))[..., ::-1] for f in files])

@@ -9,9 +9,9 @@ from ultralytics.nn.tasks import SegmentationModel
 
 from yolo_qat import models  # noqa: F401  (registers the YOLO policy)
 from yolo_qat.models.checkpoint import load_checkpoint, save_checkpoint
-from yolo_qat.quant import QuantConv2d, calibrate, is_quantized, quantize_model
+from yolo_qat.quant import QuantConv2d, calibrate, is_quantized
 from yolo_qat.quant.qc import QCConv, fold_qc, freeze_for_qc, insert_qc, qc_modules, qc_parameters, set_batchnorm_eval
-from builders import qat_like_model, tiny_dataset
+from builders import qat_like_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,11 +64,6 @@ def randomise_corrections(model, seed=0):
 
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(42))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("qc"))
 
 
 @pytest.fixture(scope="module")

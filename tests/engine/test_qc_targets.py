@@ -27,7 +27,7 @@ from yolo_qat.quant.qc import (EPS32, FoldCheckError, _chain, _fan_in, default_b
 from yolo_qat.quant.qc import fold_into_bn as right_fold_into_bn
 from yolo_qat.quant.qconv import QuantConv2d
 from yolo_qat.quant.targets import TARGET_NAMES
-from builders import fp_like_model, qat_like_model, tiny_dataset
+from builders import fp_like_model, qat_like_model
 
 KINDS = {"det": "yolov8n.yaml", "seg": "yolov8n-seg.yaml"}
 W4A8 = {"w_bits": 4, "a_bits": 8, "per_channel": True}
@@ -74,11 +74,6 @@ def qc_like_corrections(model, size=2e-3, seed=0):
         for w in qc_modules(model).values():
             w.qc.gamma.copy_(1 + size * torch.randn(w.qc.gamma.shape, generator=g))
             w.qc.beta.copy_(size * torch.randn(w.qc.beta.shape, generator=g))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("qc_targets"))
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from yolo_qat.engine.resume_log import trim_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--imgsz", "64", "--batch", "4", "--workers", "0", "--calib-batches", "1", "--warmup-epochs", "0",
         "--exist-ok"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from yolo_qat.data.embedded import ensure_embedded_dataset
-
-    return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
 
 
 def test_trim_csv_keeps_rows_up_to_the_epoch(tmp_path):

@@ -12,12 +12,7 @@ from ultralytics.data.utils import check_det_dataset
 from yolo_qat import models  # noqa: F401
 from yolo_qat.engine.coco_eval import coco_map, image_ids, remap_predictions, yolo_labels_to_coco
 from yolo_qat.models.checkpoint import save_checkpoint
-from builders import qat_like_model, tiny_dataset
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("val"))
+from builders import qat_like_model
 
 
 def val_labels(data_yaml, rect=True):

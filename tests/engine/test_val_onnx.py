@@ -7,14 +7,12 @@ would prove little: the predictions both rows were scored on are compared too (s
 to 1e-2 px, scores to 1e-4, same masks). They can only differ where onnxruntime and PyTorch round an
 activation tie differently (tests/deploy/test_export.py), hence "nearly all" rather than "all".
 """
-import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from yolo_qat import deploy
 import val
@@ -22,18 +20,13 @@ from yolo_qat.engine.calib import calibration_loader, preprocess
 from yolo_qat.engine.onnx_val import onnx_info, shape_notes
 from yolo_qat.models.checkpoint import save_checkpoint
 from yolo_qat.quant import calibrate, quantize_model
-from builders import qat_like_model, tiny_dataset
+from builders import qat_like_model
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT.parent / "shared" / "fixtures" / "original-yolo"
 IMGSZ = 64
 CASES = {"yolov5nu": "anchor-free det", "yolov8n-seg": "anchor-free seg", "yolov5n-orig": "original det",
          "yolov5n-seg-orig": "original seg"}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_dataset(tmp_path_factory.mktemp("val_onnx"))
 
 
 def original_quantized(data, name):

@@ -44,13 +44,6 @@ def untrusted(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from yolo_qat.data.embedded import ensure_embedded_dataset
-
-    return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
-
-
-@pytest.fixture(scope="module")
 def fp(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("fp") / "fp.pt", tsl.tiny_model())
 

@@ -10,7 +10,7 @@ from torch import nn
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
 from yolo_qat import models  # noqa: F401  (registers the YOLO policy)
-from yolo_qat.models.checkpoint import load_checkpoint, save_checkpoint
+from yolo_qat.models.checkpoint import save_checkpoint
 from yolo_qat.quant import QuantConv2d, calibrate, layer_bits, quantize_model
 from builders import build, first_output, images, raw_outputs
 

@@ -54,13 +54,6 @@ def untrusted(monkeypatch):
     monkeypatch.delenv(TRUST_ENV, raising=False)  # the tests set it themselves where they mean to
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from yolo_qat.data.embedded import ensure_embedded_dataset
-
-    return ensure_embedded_dataset(root=tmp_path_factory.mktemp("ds"), n_train=8, n_val=4, imgsz=64)
-
-
 def tiny_model() -> DetectionModel:
     torch.manual_seed(0)
     return DetectionModel(yaml.safe_load((PREV / "yolov5nu-tiny.yaml").read_text()), nc=2, verbose=False)

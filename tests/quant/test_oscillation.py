@@ -1,5 +1,4 @@
 """Oscillation tracking, dampening and iterative freezing (quant/oscillation.py), on plain convs."""
-import math
 
 import pytest
 import torch
