@@ -47,7 +47,7 @@ def test_root_scripts_only_call_their_mode(mode, script):
 
 def test_a_root_script_runs_from_another_directory(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "val.py"), "--weights", "missing.pt"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("val.py: error: checkpoint(s) ['missing.pt'] do not exist")
 
 
