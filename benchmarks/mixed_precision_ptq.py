@@ -8,6 +8,10 @@ is calibrated once per ``--seeds`` seed: the mean and [min, max] over them are p
 allocation buys where QAT has not recovered anything yet; the comparison after QAT is the Pareto sweep
 (benchmarks/pareto.py; docs/mixed-precision.md).
 
+``--float-first-last`` (a measurement made with ``--keep-float``) compares the usual hand-made mixed precision of
+TensorRT users, W8A8 with the first and last convs kept in float, with the allocation that keeps convs in float at
+the same cost.
+
     python benchmarks/mixed_precision_ptq.py --weights fp.pt --data d.yaml --sensitivity runs/mixed/exp/sensitivity.json
 """
 from __future__ import annotations
@@ -31,8 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shared(p, PROG, project="runs/mixed_ptq", weights_help="the FP checkpoint the sensitivity was measured on")
     p.add_argument("--sensitivity", required=True, help="sensitivity.json of mixed_precision.py")
-    p.add_argument("--w-bits", type=int, nargs="+", default=[4, 3], help="uniform weight widths to compare with")
+    p.add_argument("--w-bits", type=int, nargs="*", default=[4, 3],
+                   help="uniform weight widths to compare with ('--w-bits' alone: none)")
     p.add_argument("--a-bits", type=int, default=8, help="activation width of the uniform recipes")
+    p.add_argument("--float-first-last", action="store_true",
+                   help="also W8A8 with the first and last convs in float against the float allocation at its cost")
     p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="calibration repeats: each seeds the random sample of activations calibration ranges come from")
@@ -70,7 +77,8 @@ def run(opt) -> list[dict]:
     from yolo_qat.engine.validate import load_model
     from yolo_qat.models.facts import trained_imgsz
     from yolo_qat.quant import QuantRecipe
-    from yolo_qat.quant.costs import LayerGeometry, weight_bits
+    from yolo_qat.quant.convert import default_policy, policy_roles
+    from yolo_qat.quant.costs import FLOAT, LayerGeometry, weight_bits
 
     path = Path(opt.sensitivity)
     if not path.is_file():
@@ -89,8 +97,9 @@ def run(opt) -> list[dict]:
     geo = {layer["name"]: LayerGeometry.from_dict(layer) for layer in report["layers"]}
     total = sum(g.params for g in geo.values())
 
-    def average(bits: dict) -> float:  # in the measurement's accounting (--cost)
-        return sum(g.params * weight_bits(target, g, bits[n], cfg.cost) for n, g in geo.items()) / total
+    def average(bits: dict) -> float:  # in the measurement's accounting (--cost); a layer not quantized is float
+        return sum(g.params * weight_bits(target, g, bits.get(n, FLOAT[0]), cfg.cost)
+                   for n, g in geo.items()) / total
 
     def row(name, recipe):
         runs = [ptq_map(opt.weights, opt.data, recipe, batches, imgsz, opt.batch, device, seed) for seed in opt.seeds]
@@ -114,6 +123,17 @@ def run(opt) -> list[dict]:
                 print(f"  allocation ({proxy}) at {budget:.3f} bits: {e}")
                 continue
             row(f"allocated ({proxy}) at {budget:.3f} bits", recipe_dict(report, alloc))
+    if opt.float_first_last:
+        if not any("float" in layer["sensitivity"] for layer in report["layers"]):
+            raise InputError(f"--float-first-last: {path} measured no layer in float: measure with --keep-float")
+        roles = policy_roles(fp) or default_policy(fp)
+        ends = [n for n in roles["first"] + roles["last"] if n in geo and n not in base["exclude"]]
+        row("W8A8, first/last convs in float", QuantRecipe(w_bits=8, a_bits=8, first_last_bits=None,
+                                                           **{**base, "exclude": base["exclude"] + ends}))
+        budget = rows[-1]["avg_bits"]
+        for proxy in PROXIES:
+            alloc = allocate_report(report, {**vars(cfg), "budget_bits": budget, "proxy": proxy, "keep_float": True})
+            row(f"allocated ({proxy}) with float at {budget:.3f} bits", recipe_dict(report, alloc))
     save = output_dir(opt)
     save.mkdir(parents=True, exist_ok=True)
     (save / "results.json").write_text(json.dumps(rows, indent=1))

@@ -191,8 +191,10 @@ def allocated_recipe(opt, spec: str, report: dict, out: Path) -> Path:
                                                opt.target)[f"{opt.cost}_bytes"]}
     else:
         budget = {"budget_bits": float(BITS.fullmatch(spec).group(1))}
+    # integer widths only: a point's sizes are read from its quantized convs (recipe_costs)
     cfg = MixedPrecisionConfig(**{**report.get("config", {}), "budget_bytes": None, "budget_bits": None,
-                                  "budget_bitops": None, "cost": opt.cost, "proxy": "loss", **budget})
+                                  "budget_bitops": None, "cost": opt.cost, "proxy": "loss", "keep_float": False,
+                                  **budget})
     report = restricted(report, opt.w_bits_choices)
     return write_recipe(path, report, allocate_report(report, cfg), cfg)
 

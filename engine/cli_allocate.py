@@ -91,7 +91,10 @@ def run(opt) -> int:
     if report is None:
         save.mkdir(parents=True, exist_ok=True)
         print(f"sensitivity: {save_report(res['report'], save / 'sensitivity.json')}")
-    elif report.get("measure") != cfg.measure:
+    elif cfg.keep_float and not any("float" in layer["sensitivity"] for layer in report["layers"]):
+        print(f"{opt.prog}: note: {opt.sensitivity} measured no layer in float (it was made without --keep-float): "
+              f"measure again with --keep-float to offer it", file=sys.stderr)
+    if report is not None and report.get("measure") != cfg.measure:
         print(f"{opt.prog}: note: {opt.sensitivity} measured the widths that pay under '{report.get('measure')}', "
               f"this budget counts '{cfg.measure}': widths that pay only under it were not measured and are not "
               f"offered", file=sys.stderr)

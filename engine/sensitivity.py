@@ -24,7 +24,8 @@ from yolo_qat.engine.validate import load_model, validate
 from yolo_qat.models.facts import model_task, trained_imgsz
 from yolo_qat.quant import QuantRecipe, calibrate, is_quantized, quant_convs, quantize_model
 from yolo_qat.quant.allocate import Allocation, allocate
-from yolo_qat.quant.costs import COSTS, LayerGeometry, get_costs, option_cost, pays, weight_cost
+from yolo_qat.quant.costs import (COSTS, FLOAT, LayerGeometry, get_costs, is_float, option_cost, pays,
+                                  weight_cost)
 from yolo_qat.quant.recipe import BIT_CHOICES, dataclass_from
 from yolo_qat.quant.sensitivity import (collect_inputs, layer_sensitivity, lowered, nsr, recipe_names,
                                         reference_outputs, spearman, sqnr_db)
@@ -46,6 +47,8 @@ class MixedPrecisionConfig:
     w_bits_choices: list = _setting([8, 4, 3], "candidate weight widths; the widest is the reference every other "
                                                "layer stays at while one layer is lowered")
     a_bits_choices: list = _setting([8, 4], "candidate activation widths (those below --a-bits-min are dropped)")
+    keep_float: bool = _setting(False, "also offer keeping a conv in float (the recipe's exclude; FP16 on npu and "
+                                       "tensorrt, FP32 on ort and sim): where 8 bits cost a layer most")
     a_bits_min: int | None = _setting(None, "activation floor: no layer's input goes below it (default: the "
                                             "narrowest the target convolves, quant/costs.py: npu and tensorrt 8)")
     budget_bytes: float | None = _setting(None, "budget: weight bytes of the quantized convs (--cost accounting)")
@@ -123,7 +126,7 @@ def candidate_widths(cfg: MixedPrecisionConfig, target: str) -> list[tuple[int, 
     if not acts:
         raise ValueError(f"no activation width of a_bits_choices={cfg.a_bits_choices} is >= the floor {a_min} "
                          f"(target '{target}'): add {a_min} to the choices")
-    return [(w, a) for w in cfg.w_bits_choices for a in acts]
+    return [(w, a) for w in cfg.w_bits_choices for a in acts] + ([FLOAT] if cfg.keep_float else [])
 
 
 # --------------------------------------------------------------------------------------------------- YOLO glue
@@ -279,7 +282,7 @@ def measure(weights, data=None, recipe: dict | None = None, cfg: MixedPrecisionC
                           "noise": "mean over output groups of the relative noise power (yolo_noise), one conv "
                                    "lowered vs all at the reference"},
               "layers": [{**geometry[n].to_dict(),
-                          "sensitivity": {f"w{w}a{a}": s for (w, a), s in sens[n].items()}} for n in geometry],
+                          "sensitivity": {width_key(w): s for w, s in sens[n].items()}} for n in geometry],
               "seconds": round(time.time() - t0, 1)}
     if cfg.validate_layers:
         report["validation"] = validate_proxy(model, data, imgsz, batch, device, sens, samples, ref_recipe,
@@ -293,7 +296,7 @@ def validate_proxy(model, data, imgsz, batch, device, sens, samples, ref_recipe,
     over the ``proxy``'s ranking, against the reference model's; Spearman correlation of each proxy with the drop
     (box, and for a segmenter mask and the mean of both)."""
     ref_width = (ref_recipe.w_bits, ref_recipe.a_bits)
-    lowest = {n: min((w for w in s if w != ref_width), default=None) for n, s in sens.items()}
+    lowest = {n: min((w for w in s if w != ref_width and not is_float(w)), default=None) for n, s in sens.items()}
     ranked = sorted((n for n in sens if lowest[n] is not None), key=lambda n: sens[n][lowest[n]][proxy])
     if len(ranked) < 2:
         raise ValueError("validate_layers: fewer than two layers have a lowered width to check")
@@ -335,30 +338,48 @@ def validate_proxy(model, data, imgsz, batch, device, sens, samples, ref_recipe,
 
 # ---------------------------------------------------------------------------------------------- allocation
 
+def width_key(width: tuple[int, int]) -> str:
+    """A width as sensitivity.json names it: ``w4a8``, or ``float`` for a conv kept unquantized."""
+    return "float" if is_float(width) else f"w{width[0]}a{width[1]}"
+
+
 def _width_key(key: str) -> tuple[int, int]:
+    if key == "float":
+        return FLOAT
     w, a = key[1:].split("a")
     return int(w), int(a)
 
 
-def proxy_value(v, proxy: str):
+def width_label(target: str, width: tuple[int, int]) -> str:
+    """``W4A8``, or the float the target runs a conv kept unquantized in (``FP16``, ``FP32``)."""
+    return f"FP{get_costs(target).float_bits}" if is_float(width) else "W%dA%d" % width
+
+
+def proxy_value(v, proxy: str, base=None):
     """The sensitivity the allocation minimises: (the chosen proxy, the other one as the tie-breaker) of a measured
     width, each clipped at 0 (a loss that went down is measurement noise of a tiny change: no width is worth buying
-    for it; the output noise then still tells those widths apart)."""
+    for it; the output noise then still tells those widths apart). ``base``: the layer's value kept in float, where
+    measured: every width then counts what it loses against float (float itself 0, the reference its gain)."""
     if not isinstance(v, dict):
-        return max(float(v), 0.0)
+        return max(float(v) - float(base or 0.0), 0.0)
     other = next(p for p in PROXIES if p != proxy)
-    return max(float(v[proxy]), 0.0), max(float(v[other]), 0.0)
+    b = base or {}
+    return (max(float(v[proxy]) - float(b.get(proxy, 0.0)), 0.0),
+            max(float(v[other]) - float(b.get(other, 0.0)), 0.0))
 
 
-def allocation_options(report: dict, measure: str, proxy: str = "loss") -> tuple[dict, dict[str, LayerGeometry]]:
+def allocation_options(report: dict, measure: str, proxy: str = "loss",
+                       keep_float: bool = False) -> tuple[dict, dict[str, LayerGeometry]]:
     """{layer: {width: (cost, sensitivity)}} from a report: its measured widths that pay under ``measure``, with the
-    ``proxy``'s sensitivity."""
+    ``proxy``'s sensitivity; float where it was measured and ``keep_float``."""
     target = report["recipe"]["target"]
     geo, options = {}, {}
     for layer in report["layers"]:
         g = LayerGeometry.from_dict(layer)
         geo[g.name] = g
-        ws = {_width_key(k): proxy_value(v, proxy) for k, v in layer["sensitivity"].items()}
+        base = layer["sensitivity"].get("float")
+        ws = {_width_key(k): proxy_value(v, proxy, base) for k, v in layer["sensitivity"].items()
+              if keep_float or k != "float"}
         ok = [w for w in ws if pays(target, g, w, list(ws), measure)]
         options[g.name] = {w: (option_cost(target, g, w, measure), ws[w]) for w in ok}
     return options, geo
@@ -381,7 +402,7 @@ def allocate_report(report: dict, cfg: MixedPrecisionConfig | dict | None = None
         raise ValueError("no budget: give one of budget_bytes, budget_bits, budget_bitops")
     measure = cfg.measure
     target = report["recipe"]["target"]
-    options, geo = allocation_options(report, measure, cfg.proxy)
+    options, geo = allocation_options(report, measure, cfg.proxy, cfg.keep_float)
     budget = budget_in_cost_units(report, cfg, geo)
     check_budget(options, cfg, geo, target)
     return allocate(options, budget, cfg.max_states)
@@ -407,13 +428,15 @@ def check_budget(options: dict, cfg: MixedPrecisionConfig, geo: dict[str, LayerG
 
 def recipe_dict(report: dict, alloc: Allocation) -> dict:
     """The recipe train_qat.py --config takes: the reference width as the default, ``overrides`` for the lowered
-    layers, the measured recipe's granularity, grids, target and exclusions."""
+    layers, the measured recipe's granularity, grids, target and exclusions, plus the layers kept in float."""
     r = report["recipe"]
     ref_w, ref_a = report["reference"]
-    overrides = {n: {"w_bits": w, "a_bits": a} for n, (w, a) in alloc.widths.items() if (w, a) != (ref_w, ref_a)}
+    overrides = {n: {"w_bits": w, "a_bits": a} for n, (w, a) in alloc.widths.items()
+                 if (w, a) != (ref_w, ref_a) and not is_float((w, a))}
+    kept_float = [n for n, w in alloc.widths.items() if is_float(w) and n not in r["exclude"]]
     out = {"w_bits": ref_w, "a_bits": ref_a, "first_last_bits": None, "per_channel": r["per_channel"],
            "act_mode": r["act_mode"], "weight_init": r["weight_init"], "target": r["target"],
-           "exclude": list(r["exclude"]), "overrides": overrides}
+           "exclude": list(r["exclude"]) + kept_float, "overrides": overrides}
     QuantRecipe(**out)  # the file must load: checked here, not in the QAT run
     return out
 
@@ -449,15 +472,17 @@ def allocation_table(report: dict, alloc: Allocation, cfg: MixedPrecisionConfig)
         v = sens[n].get(w, 0.0)
         loss, noise = (v.get("loss", math.nan), v.get("noise", math.nan)) if isinstance(v, dict) else (v, v)
         k = f"{g.kernel[0]}x{g.kernel[1]}/{g.stride[0]}"
-        lines.append(f"{n:<28} {k:>7} {g.out_channels:>5} {g.params:>8} {'W%dA%d' % w:>6} {loss:>9.3g} "
+        lines.append(f"{n:<28} {k:>7} {g.out_channels:>5} {g.params:>8} {width_label(target, w):>6} {loss:>9.3g} "
                      f"{sqnr_db(noise):>7.1f} {option_cost(target, g, w, measure) * scale:>22,.0f}")
     ref_cost = sum(option_cost(target, g, ref, measure) for g in geo.values())
+    n_float = sum(is_float(w) for w in alloc.widths.values())
     params = sum(g.params for g in geo.values())
     avg = sum(weight_cost(target, g, alloc.widths[n][0], cfg.cost) for n, g in geo.items()) / max(params, 1)
     lines.append(f"total: {alloc.cost * scale:,.0f} {unit} ({alloc.cost / max(ref_cost, 1):.3f} of uniform "
                  f"W{ref[0]}A{ref[1]}: {ref_cost * scale:,.0f}), average weight bits {avg:.2f} ({cfg.cost}), summed "
-                 f"{cfg.proxy} proxy {alloc.sensitivity:.4g}, {sum(w != ref for w in alloc.widths.values())} of "
-                 f"{len(geo)} layers lowered; "
+                 f"{cfg.proxy} proxy {alloc.sensitivity:.4g}, "
+                 f"{sum(w != ref and not is_float(w) for w in alloc.widths.values())} of {len(geo)} layers lowered"
+                 + (f", {n_float} kept in {width_label(target, FLOAT)}" if n_float else "") + "; "
                  f"{'exact' if alloc.exact else 'optimal for costs rounded up to %d' % alloc.unit}")
     return "\n".join(lines)
 

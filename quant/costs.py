@@ -24,6 +24,10 @@ What each target does with a width below 8 (sources: TARGETS.md, the runtimes' d
 
 A width pays on a target only if it costs less there than a wider one (``pays``): the allocator (quant/allocate.py)
 is only ever offered widths that pay, so it never buys accuracy loss the runtime does not turn into a gain.
+
+``FLOAT`` is the width of a conv kept unquantized (a recipe's ``exclude``): what the target runs such a layer in,
+FP16 where the runtime has it (TensorRT builds with FP16 enabled, Qualcomm's HTP), FP32 on onnxruntime's CPU kernels
+and in the ``sim`` accounting; the exported ONNX and the packed checkpoint hold its weights in fp32.
 """
 from __future__ import annotations
 
@@ -32,6 +36,12 @@ from dataclasses import dataclass
 from .targets import TARGET_NAMES, get_target
 
 COST_KINDS = ("runtime", "onnx", "packed")
+FLOAT = (32, 32)  # (w_bits, a_bits) of a conv kept in float: wider than every integer width
+
+
+def is_float(width) -> bool:
+    """``width`` keeps the conv unquantized (weights wider than the 8-bit integer widths)."""
+    return width[0] > 8
 
 
 @dataclass(frozen=True)
@@ -81,22 +91,24 @@ class TargetCosts:
     onnx_weight: tuple[int, ...]
     runtime_act: tuple[int, ...] | None
     act_floor: int  # the narrowest activation width the runtime convolves (an allocation never goes below it)
+    float_bits: int  # what a conv kept in float runs in (weights and activations)
     int4_runtime_rule: str | None = None
     note: str = ""
 
 
 COSTS: dict[str, TargetCosts] = {
-    "sim": TargetCosts("sim", runtime_weight=None, onnx_weight=(4, 8), runtime_act=None, act_floor=2,
+    "sim": TargetCosts("sim", runtime_weight=None, onnx_weight=(4, 8), runtime_act=None, act_floor=2, float_bits=32,
                        note="no runtime: nominal bits (the papers' accounting); the ONNX stores <= 4-bit weights "
                             "as INT4"),
-    "ort": TargetCosts("ort", runtime_weight=(8,), onnx_weight=(8,), runtime_act=(8,), act_floor=2,
+    "ort": TargetCosts("ort", runtime_weight=(8,), onnx_weight=(8,), runtime_act=(8,), act_floor=2, float_bits=32,
                        note="int8 weight / u8 activation containers: narrower widths run exactly but save nothing at "
                             "runtime or in the ONNX (packed checkpoint only)"),
     "npu": TargetCosts("npu", runtime_weight=(4, 8), onnx_weight=(4, 8), runtime_act=(8,), act_floor=8,
-                       int4_runtime_rule="htp",
+                       float_bits=16, int4_runtime_rule="htp",
                        note="INT4 initializers everywhere; HTP runs INT4 weights only on 1x1, >32 output channels, "
                             "stride 1 convs; 8-bit activations"),
     "tensorrt": TargetCosts("tensorrt", runtime_weight=(8,), onnx_weight=(8,), runtime_act=(8,), act_floor=8,
+                            float_bits=16,
                             note="no INT4 convolution: int8 weights in the file and at runtime; 8-bit activations"),
 }
 assert set(COSTS) == set(TARGET_NAMES), "every deploy target needs its cost data"
@@ -120,12 +132,14 @@ def _container(bits: int, containers: tuple[int, ...] | None) -> int:
 def weight_bits(target: str, layer: LayerGeometry, w_bits: int, kind: str = "runtime") -> int:
     """Bits one weight of ``layer`` costs at ``w_bits`` on ``target`` in accounting ``kind`` (``COST_KINDS``)."""
     c = get_costs(target)
+    if kind not in COST_KINDS:
+        raise ValueError(f"cost kind {kind!r}: allowed values are {COST_KINDS}")
+    if is_float((w_bits, 0)):
+        return c.float_bits if kind == "runtime" else 32
     if kind == "packed":
         return w_bits
     if kind == "onnx":
         return _container(w_bits, c.onnx_weight)
-    if kind != "runtime":
-        raise ValueError(f"cost kind {kind!r}: allowed values are {COST_KINDS}")
     containers = c.runtime_weight
     if c.int4_runtime_rule is not None and containers is not None and not RULES[c.int4_runtime_rule](layer):
         containers = tuple(b for b in containers if b > 4) or containers
@@ -134,6 +148,8 @@ def weight_bits(target: str, layer: LayerGeometry, w_bits: int, kind: str = "run
 
 def act_bits(target: str, a_bits: int) -> int:
     """Bits one input activation costs at runtime (bit-ops)."""
+    if a_bits > 8:
+        return get_costs(target).float_bits
     return _container(a_bits, get_costs(target).runtime_act)
 
 
@@ -158,7 +174,9 @@ def option_cost(target: str, layer: LayerGeometry, width: tuple[int, int], measu
 
 def runs(target: str, width: tuple[int, int]) -> bool:
     """The target's runtime convolves this width at all (its activation floor; weights 2..8 run everywhere, in
-    containers where narrower)."""
+    containers where narrower; ``FLOAT`` everywhere)."""
+    if is_float(width):
+        return True
     t = get_target(target)
     return width[1] >= get_costs(target).act_floor and (t.activation_bits is None or width[1] == t.activation_bits)
 

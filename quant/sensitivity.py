@@ -96,11 +96,18 @@ def lowered(conv: QuantConv2d, w_bits: int, a_bits: int, input_sample: torch.Ten
             weight_init: str = "mse"):
     """``conv`` at (w_bits, a_bits) inside the block, as it was afterwards. A conv that reads a shared encoding
     (``input_source``, deploy targets) of other bits quantizes its input itself meanwhile, as quantize_model leaves
-    a conv whose bits differ from the encoding's. Activation steps need ``input_sample`` (``collect_inputs``)."""
+    a conv whose bits differ from the encoding's. Activation steps need ``input_sample`` (``collect_inputs``).
+    Weights wider than 8 bits (``quant.costs.FLOAT``) keep the conv in float, as a recipe's ``exclude`` does: both
+    of its quantizers off (a shared encoding of its input stays: it belongs to the layer that makes the tensor)."""
     wq, aq = conv.weight_quantizer, conv.input_quantizer
     w_state, a_state = _state(wq), _state(aq)
+    enabled = wq.enabled, aq.enabled
     source = conv.__dict__.get("input_source")
     try:
+        if w_bits > 8:
+            wq.enabled = aq.enabled = False
+            yield conv
+            return
         if w_bits != wq.bits:
             _set_bits(wq, w_bits)
             wq.init_from_weight(conv.weight.detach(), weight_init)
@@ -116,6 +123,7 @@ def lowered(conv: QuantConv2d, w_bits: int, a_bits: int, input_sample: torch.Ten
     finally:
         _restore(wq, w_state)
         _restore(aq, a_state)
+        wq.enabled, aq.enabled = enabled
         if source is not None:
             conv.__dict__["input_source"] = source
 

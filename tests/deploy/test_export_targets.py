@@ -214,3 +214,21 @@ def test_checkpoints_of_the_targets_reload_identically(target, tmp_path):
         assert all(c.weight_quantizer.qmin == -c.weight_quantizer.qmax for c in quant_convs(r).values())
         with torch.no_grad():
             assert torch.equal(r.eval()(x)[0], want)
+
+
+@pytest.mark.parametrize("target", ("ort", "npu", "tensorrt"))
+def test_convs_a_recipe_keeps_in_float_export_as_float_convs_between_encodings(target, tmp_path):
+    """A recipe's ``exclude`` (mixed precision keeps sensitive convs in float) leaves float Convs fed by a
+    DequantizeLinear; the file still computes the model's activation codes up to rounding ties."""
+    if "det" not in _FP:
+        _FP["det"] = build(*CFGS["det"])
+    convs = [n for n, m in _FP["det"].named_modules() if type(m) is torch.nn.Conv2d]
+    kept = [convs[1], convs[len(convs) // 2]]
+    q = quantize_model(copy.deepcopy(_FP["det"]), {"w_bits": 4, "a_bits": 8, "per_channel": True, "target": target,
+                                                   "exclude": kept}).eval()
+    calibrate(q, [images(8, IMGSZ, s) for s in range(2)], num_batches=2)
+    assert not set(kept) & set(quant_convs(q))
+    path = deploy.export_onnx(q, tmp_path / f"{target}.onnx", IMGSZ)
+    if target == "ort":
+        assert optimized_ops(path, tmp_path)["Conv"] == len(kept) + 1  # and the DFL's fixed conv
+    assert_matches_up_to_ties(q, path, seeds=(0, 1))

@@ -16,8 +16,8 @@ sys.path.insert(0, str(ROOT))
 from yolo_qat import models  # noqa: E402,F401  (the YOLO layer policy)
 from yolo_qat.quant import QuantRecipe, calibrate, layer_bits, quant_convs, quantize_model  # noqa: E402
 from yolo_qat.quant.allocate import allocate, brute_force  # noqa: E402
-from yolo_qat.quant.costs import (LayerGeometry, bitops, htp_int4_rule, paying_widths, runs, weight_bits,  # noqa: E402
-                         weight_cost)
+from yolo_qat.quant.costs import (FLOAT, LayerGeometry, bitops, htp_int4_rule, paying_widths, runs,  # noqa: E402
+                                  weight_bits, weight_cost)
 from yolo_qat.quant.sensitivity import collect_inputs, layer_sensitivity, lowered, nsr, recipe_names, spearman  # noqa: E402
 
 
@@ -99,6 +99,31 @@ def test_lowered_keeps_the_narrow_grid_and_unshares_an_encoding_of_other_bits():
         assert (c.weight_quantizer.qmin, c.weight_quantizer.qmax) == (-7, 7)
 
 
+def test_lowered_to_float_is_the_conv_without_its_quantizers_and_restores():
+    m, batches = quantized_tiny()
+    convs = quant_convs(m)
+    name = list(convs)[2]
+    with torch.no_grad():
+        before = m(batches[0]).clone()
+        convs[name].weight_quantizer.enabled = convs[name].input_quantizer.enabled = False
+        unquantized = m(batches[0]).clone()
+        convs[name].weight_quantizer.enabled = convs[name].input_quantizer.enabled = True
+        with lowered(convs[name], *FLOAT):
+            assert torch.equal(m(batches[0]), unquantized)
+        assert torch.equal(m(batches[0]), before)
+    assert not torch.equal(unquantized, before)
+    sens = layer_sensitivity(m, {name: [(8, 8), (2, 8), FLOAT]}, batches)[name]
+    assert sens[(8, 8)] == 0 and 0 < sens[FLOAT] < sens[(2, 8)]  # float differs from W8A8 far less than W2 does
+    # a conv reading a shared encoding keeps it: the tensor is quantized by the layer that makes it
+    y = yolo()
+    quantize_model(y, QuantRecipe(w_bits=8, a_bits=8, first_last_bits=None, target="ort"))
+    calibrate(y, [torch.rand(2, 3, 64, 64)], num_batches=1)
+    shared = next(c for c in quant_convs(y).values() if c.input_source is not None)
+    with lowered(shared, *FLOAT):
+        assert shared.input_source is not None and not shared.weight_quantizer.enabled
+    assert shared.weight_quantizer.enabled and shared.input_quantizer.enabled
+
+
 def test_yolo_proxy_groups_and_geometry():
     from yolo_qat.engine.sensitivity import layer_geometry, yolo_noise, yolo_outputs
 
@@ -166,6 +191,17 @@ def test_sim_is_nominal_and_bitops_count_runtime_bits():
     # activation widths pay under bit-ops only (weights bytes do not see them)
     assert paying_widths("sim", layer, [(8, 8), (8, 4)], ("runtime",)) == [(8, 8)]
     assert paying_widths("sim", layer, [(8, 8), (8, 4)], ("bitops",)) == [(8, 8), (8, 4)]
+
+
+def test_float_costs_what_the_target_runs_it_in():
+    layer = geo(1, 64, 1)
+    for target, runtime in (("tensorrt", 16), ("npu", 16), ("ort", 32), ("sim", 32)):
+        assert runs(target, FLOAT)
+        assert weight_bits(target, layer, FLOAT[0]) == runtime  # TensorRT / HTP run unquantized layers in FP16
+        assert weight_bits(target, layer, FLOAT[0], "onnx") == 32 and weight_bits(target, layer, 32, "packed") == 32
+        assert bitops(target, layer, *FLOAT) == layer.macs * runtime * runtime
+        # the widest option always pays: it is the only way to lose nothing to quantization
+        assert paying_widths(target, layer, [FLOAT, (8, 8), (4, 8)])[0] == FLOAT
 
 
 # ------------------------------------------------------------------------------------------------- allocator
@@ -275,6 +311,38 @@ def test_recipe_round_trip_through_train_qat_config(tmp_path):
         mixed_precision(None, report=report, cfg=MixedPrecisionConfig(budget_bytes=budget - 2), log=lambda *a: None)
 
 
+def test_keep_float_puts_the_layers_that_lose_most_at_8_bits_in_exclude(tmp_path):
+    """tensorrt: nothing below INT8 pays, so its only mixed precision is INT8 against FP16; the allocation keeps the
+    layers float where 8 bits cost most per byte, and the recipe excludes them."""
+    from yolo_qat.engine.cli import parse_args, qat_config
+    from yolo_qat.engine.sensitivity import MixedPrecisionConfig, mixed_precision
+
+    report = fake_report(yolo(), target="tensorrt")
+    small = sorted(report["layers"], key=lambda layer: layer["params"])
+    worst, second = small[3], small[4]  # small layers: the budget below affords both, and nothing more
+    for layer in report["layers"]:
+        gain = {worst["name"]: 5.0, second["name"]: 2.0}.get(layer["name"], 1e-3)
+        layer["sensitivity"]["float"] = -gain  # what float gains over W8A8
+        for k in list(layer["sensitivity"]):
+            if k not in ("w8a8", "float"):
+                del layer["sensitivity"][k]  # tensorrt: W4 / W3 would not pay
+    total = sum(layer["params"] for layer in report["layers"])
+    budget = (8 * total + 8 * (worst["params"] + second["params"])) / 8  # bytes: those two in FP16
+    res = mixed_precision(None, report=report, cfg=MixedPrecisionConfig(budget_bytes=budget, keep_float=True),
+                          out=tmp_path / "recipe.yaml", log=lambda *a: None)
+    kept = {n for n, w in res["allocation"].widths.items() if w == FLOAT}
+    assert kept == {worst["name"], second["name"]}
+    assert res["recipe"]["exclude"] == [worst["name"], second["name"]] and not res["recipe"]["overrides"]
+    assert "FP16" in res["table"] and "2 kept in FP16" in res["table"]
+    opt = parse_args(["--weights", "fp.pt", "--config", str(tmp_path / "recipe.yaml"), "--method", "lsq"])
+    m = quantize_model(yolo(), qat_config(opt).recipe)
+    names = recipe_names(m)
+    assert {names[n] for n in quant_convs(m)} == {layer["name"] for layer in report["layers"]} - kept
+    # without keep_float the measured float widths are not offered
+    res = mixed_precision(None, report=report, cfg=MixedPrecisionConfig(budget_bytes=budget), log=lambda *a: None)
+    assert FLOAT not in res["allocation"].widths.values() and not res["recipe"]["exclude"]
+
+
 def test_cli_reallocates_from_a_sensitivity_file_and_reports_input_errors(tmp_path, capsys):
     import mixed_precision as mp
 
@@ -313,17 +381,19 @@ def test_measure_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
     fp = save_checkpoint(tmp_path / "fp.pt", yolo(nc=4))  # the embedded dataset's 4 classes
     rc = mp.main(["--weights", str(fp), "--data", str(data), "--imgsz", "64", "--batch", "2", "--target", "npu",
                   "--budget-bits", "7.5", "--calib-images", "4", "--calib-batches", "1", "--validate-layers", "2",
+                  "--keep-float",
                   "--project", str(tmp_path / "runs"), "--name", "mp"])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "runs" / "mp" / "sensitivity.json").read_text())
     assert report["recipe"]["target"] == "npu" and report["reference"] == [8, 8]
     for layer in report["layers"]:
         g = LayerGeometry.from_dict(layer)
-        want = {"w8a8", "w4a8"} if htp_int4_rule(g) else {"w8a8"}  # W3 costs what W4 does on npu; A4 never runs
+        want = {"w8a8", "w4a8", "float"} if htp_int4_rule(g) else {"w8a8", "float"}  # W3 costs what W4 does on npu
         assert set(layer["sensitivity"]) == want, layer["name"]
         assert layer["sensitivity"]["w8a8"] == {"loss": 0.0, "noise": 0.0}  # the reference: no change
         assert all(v["noise"] >= 0 and set(v) == {"loss", "noise"} for v in layer["sensitivity"].values())
     val = report["validation"]
+    assert all(row["width"] != "w32a32" for row in val["layers"])  # the mAP check lowers, never keeps float
     assert len(val["layers"]) == 2 and set(val["spearman"]) == {"loss", "noise"}
     assert "box.map" in val["spearman"]["loss"]
     r = yaml.safe_load((tmp_path / "runs" / "mp" / "recipe.yaml").read_text())
