@@ -8,9 +8,9 @@ is calibrated once per ``--seeds`` seed: the mean and [min, max] over them are p
 allocation buys where QAT has not recovered anything yet; the comparison after QAT is the Pareto sweep
 (benchmarks/pareto.py; docs/mixed-precision.md).
 
-``--float-first-last`` (a measurement made with ``--keep-float``) compares the usual hand-made mixed precision of
-TensorRT users, W8A8 with the first and last convs kept in float, with the allocation that keeps convs in float at
-the same cost.
+``--float-bits [B ...]`` (a measurement made with ``--keep-float``) compares float against 8 bits per layer, the
+only mixed precision TensorRT has: the FP checkpoint, uniform W8A8, the usual hand-made choice (W8A8 with the first
+and last convs in float) and the allocation that keeps convs in float at that cost, and at each average of B bits.
 
     python benchmarks/mixed_precision_ptq.py --weights fp.pt --data d.yaml --sensitivity runs/mixed/exp/sensitivity.json
 """
@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-bits", type=int, nargs="*", default=[4, 3],
                    help="uniform weight widths to compare with ('--w-bits' alone: none)")
     p.add_argument("--a-bits", type=int, default=8, help="activation width of the uniform recipes")
-    p.add_argument("--float-first-last", action="store_true",
-                   help="also W8A8 with the first and last convs in float against the float allocation at its cost")
+    p.add_argument("--float-bits", type=float, nargs="*",
+                   help="compare keeping convs in float (see above); the allocations' average weight bits")
     p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="calibration repeats: each seeds the random sample of activations calibration ranges come from")
@@ -74,7 +74,7 @@ def run(opt) -> list[dict]:
     from yolo_qat.models.facts import model_task
     from yolo_qat.engine.cli_common import InputError, output_dir
     from yolo_qat.engine.sensitivity import PROXIES, MixedPrecisionConfig, allocate_report, calibration_batches, recipe_dict
-    from yolo_qat.engine.validate import load_model
+    from yolo_qat.engine.validate import load_model, validate
     from yolo_qat.models.facts import trained_imgsz
     from yolo_qat.quant import QuantRecipe
     from yolo_qat.quant.convert import default_policy, policy_roles
@@ -123,17 +123,24 @@ def run(opt) -> list[dict]:
                 print(f"  allocation ({proxy}) at {budget:.3f} bits: {e}")
                 continue
             row(f"allocated ({proxy}) at {budget:.3f} bits", recipe_dict(report, alloc))
-    if opt.float_first_last:
+    if opt.float_bits is not None:
         if not any("float" in layer["sensitivity"] for layer in report["layers"]):
-            raise InputError(f"--float-first-last: {path} measured no layer in float: measure with --keep-float")
+            raise InputError(f"--float-bits: {path} measured no layer in float: measure with --keep-float")
+        with tempfile.TemporaryDirectory() as tmp:
+            r = validate(fp.to(device), opt.data, imgsz=imgsz, batch=opt.batch, device=str(device), save_dir=tmp,
+                         verbose=False, pycocotools=False, workers=0)
+        fp_map = {k: 100 * v for k, v in r["ultralytics"].items() if k in ("box.map", "mask.map")}
+        rows.append({"recipe": "FP checkpoint", "avg_bits": 32.0, "seeds": [], **{k: [v] for k, v in fp_map.items()}})
+        print(f"{'FP checkpoint':<40} " + "  ".join(f"{k} {v:.2f}" for k, v in fp_map.items()), flush=True)
+        row("uniform W8A8 (all convs)", QuantRecipe(w_bits=8, a_bits=8, first_last_bits=None, **base))
         roles = policy_roles(fp) or default_policy(fp)
         ends = [n for n in roles["first"] + roles["last"] if n in geo and n not in base["exclude"]]
         row("W8A8, first/last convs in float", QuantRecipe(w_bits=8, a_bits=8, first_last_bits=None,
                                                            **{**base, "exclude": base["exclude"] + ends}))
-        budget = rows[-1]["avg_bits"]
-        for proxy in PROXIES:
-            alloc = allocate_report(report, {**vars(cfg), "budget_bits": budget, "proxy": proxy, "keep_float": True})
-            row(f"allocated ({proxy}) with float at {budget:.3f} bits", recipe_dict(report, alloc))
+        for budget in [rows[-1]["avg_bits"]] + list(opt.float_bits):
+            alloc = allocate_report(report, {**vars(cfg), "budget_bits": budget, "keep_float": True})
+            kept = sum(w[0] > 8 for w in alloc.widths.values())
+            row(f"allocated ({cfg.proxy}), {kept} convs float, {budget:.3f} bits", recipe_dict(report, alloc))
     save = output_dir(opt)
     save.mkdir(parents=True, exist_ok=True)
     (save / "results.json").write_text(json.dumps(rows, indent=1))

@@ -411,3 +411,13 @@ def test_measure_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
     # 4 bits, and the allocations stay within it
     assert 4 < rows[0]["avg_bits"] < 8 and all(row["avg_bits"] <= rows[0]["avg_bits"] + 1e-9 for row in rows[1:])
     assert (tmp_path / "runs" / "ptq" / "results.json").is_file()
+    # float against 8 bits per layer: FP, uniform W8A8, first/last convs in float, the allocations with float
+    rows = bench.run(bench.build_parser().parse_args(
+        ["--weights", str(fp), "--data", str(data), "--imgsz", "64", "--batch", "2", "--sensitivity",
+         str(tmp_path / "runs" / "mp" / "sensitivity.json"), "--w-bits", "--float-bits", "9", "--seeds", "0",
+         "--calib-batches", "1", "--project", str(tmp_path / "runs"), "--name", "ptq-float"]))
+    names = [row["recipe"] for row in rows]
+    assert names[:3] == ["FP checkpoint", "uniform W8A8 (all convs)", "W8A8, first/last convs in float"]
+    assert len(rows) == 5 and names[4].endswith("9.000 bits")
+    assert rows[1]["avg_bits"] == 8 < rows[2]["avg_bits"] and rows[3]["avg_bits"] <= rows[2]["avg_bits"] + 1e-9
+    assert 8 <= rows[4]["avg_bits"] <= 9  # within its budget (float convs in FP16 on npu)
