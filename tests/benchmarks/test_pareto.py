@@ -99,8 +99,8 @@ def test_sweep_keeps_finished_points_and_writes_table_csv_and_plot(tmp_path, mon
     assert "[2/11] W4A8 seed 0: mAP50-95 box 20.00 (file)" in text and "elapsed" in text
     assert "ultra-qat8 seed 1: skipped: nvidia-modelopt" in text
     md = (out / "pareto.md").read_text()
-    assert "| alloc@W4A8 - W4A8 | 4.10 / 4.10 | +2.00 (+2.00..+2.00) over 2 seeds | 0.20 / 0.20 | yes |" in md
-    assert "| alloc@W3A3 - W3A3 | 3.00 / 3.00 | +0.10 (+0.10..+0.10) over 2 seeds | 0.20 / 0.20 | no |" in md
+    assert "| alloc@W4A8 - W4A8 | 4.10 / 4.10 | +2.00 (+2.00..+2.00) over 2 seeds | -, 2/2 | 0.20 / 0.20 | yes |" in md
+    assert "| alloc@W3A3 - W3A3 | 3.00 / 3.00 | +0.10 (+0.10..+0.10) over 2 seeds | -, 2/2 | 0.20 / 0.20 | no |" in md
     assert "no onnxslim" in md and "| W4A8 | uniform | 0,1 |" in md and "20.10 (20.00..20.20)" in md
     rows = list(csv.DictReader((out / "points.csv").open()))
     assert len(rows) == 9 and {r["scored_on"] for r in rows if r["kind"] != "peer"} == {"file"}
@@ -137,3 +137,14 @@ def test_every_points_file_is_timed_beside_the_fp_onnx(tmp_path):
     assert json.loads((tmp_path / "o" / "speed" / "speed.json").read_text()).keys() == speed.keys()
     table = pareto.summary_table(rows, speed)
     assert "| ms | vs FP |" in table and f"{speed['W4A8']['speed_vs_fp']:.2f}x" in table
+
+
+def test_paired_comparison_reports_the_t_statistic_and_the_seeds_ahead():
+    def row(point, kind, seed, box):
+        return {"point": point, "kind": kind, "seed": seed, "avg_w_bits": 4.0, "file": {"box": box}}
+
+    rows = [row("W4A8", "uniform", s, 20.0 + s) for s in range(3)]
+    rows += [row("alloc@W4A8", "allocated", s, 20.0 + s + d) for s, d in enumerate((1.0, 2.0, 3.0))]
+    # differences 1, 2, 3: mean 2, standard deviation 1, standard error 1/sqrt(3): t = 2 sqrt(3) = 3.46
+    assert ("| alloc@W4A8 - W4A8 | 4.00 / 4.00 | +2.00 (+1.00..+3.00) over 3 seeds | +3.46, 3/3 | 4.00 / 2.00 | no |"
+            in pareto.comparison_table(rows))
