@@ -484,6 +484,9 @@ def allocation_table(report: dict, alloc: Allocation, cfg: MixedPrecisionConfig)
                  f"{sum(w != ref and not is_float(w) for w in alloc.widths.values())} of {len(geo)} layers lowered"
                  + (f", {n_float} kept in {width_label(target, FLOAT)}" if n_float else "") + "; "
                  f"{'exact' if alloc.exact else 'optimal for costs rounded up to %d' % alloc.unit}")
+    if n_float:
+        lines.append(f"({width_label(target, FLOAT)} rows: the loss change and SQNR of that conv in float against "
+                     f"all at W{ref[0]}A{ref[1]}; a negative loss change is what float wins back)")
     return "\n".join(lines)
 
 
