@@ -134,7 +134,7 @@ def weight_bits(target: str, layer: LayerGeometry, w_bits: int, kind: str = "run
     c = get_costs(target)
     if kind not in COST_KINDS:
         raise ValueError(f"cost kind {kind!r}: allowed values are {COST_KINDS}")
-    if is_float((w_bits, 0)):
+    if w_bits > 8:  # FLOAT: a conv kept unquantized
         return c.float_bits if kind == "runtime" else 32
     if kind == "packed":
         return w_bits
