@@ -1,5 +1,6 @@
 """Builders shared by the tests: tiny models with data-derived BN statistics, images, the embedded dataset, and the
 original-code fixtures (``../shared/fixtures/original-yolo``)."""
+import copy
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,13 @@ def build(cfg, cls, seed=0):
         for s in range(4):
             m(images(4, 64, 100 + s))
     return m.eval()
+
+
+def calibrated_copy(fp, recipe, imgsz=64):
+    """A copy of ``fp`` quantized by ``recipe`` (eval mode), calibrated on two batches of 8 random images."""
+    q = quantize_model(copy.deepcopy(fp), recipe).eval()
+    calibrate(q, [images(8, imgsz, s) for s in range(2)], num_batches=2)
+    return q
 
 
 def images(n=2, size=64, seed=0):

@@ -26,7 +26,7 @@ from yolo_qat import deploy
 from yolo_qat.deploy.verify import compare_onnxruntime, reference_outputs
 from yolo_qat.models.checkpoint import save_checkpoint
 from yolo_qat.quant import calibrate, layer_bits, layer_roles, quantize_model
-from builders import build, images
+from builders import build, calibrated_copy, images
 
 ROOT = Path(__file__).resolve().parents[2]
 CFGS = {"det": ("yolov5nu.yaml", DetectionModel), "seg": ("yolov8n-seg.yaml", SegmentationModel)}
@@ -37,10 +37,8 @@ _FP = {}
 def quantized(kind, bits):
     if kind not in _FP:
         _FP[kind] = build(*CFGS[kind])
-    q = quantize_model(copy.deepcopy(_FP[kind]), {"w_bits": bits, "a_bits": bits, "first_last_bits": 8,
-                                                  "per_channel": bits == 4}).eval()
-    calibrate(q, [images(8, IMGSZ, s) for s in range(2)], num_batches=2)
-    return q
+    return calibrated_copy(_FP[kind], {"w_bits": bits, "a_bits": bits, "first_last_bits": 8, "per_channel": bits == 4},
+                           IMGSZ)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from yolo_qat.deploy.verify import compare_onnxruntime, ort_session
 from yolo_qat.quant import LSQQuantizer, QuantConv2d, calibrate, quant_convs, quantize_model
 from yolo_qat.quant.act import FixedQuantizer, QuantAct, QuantOut, output_quantizers
 from yolo_qat.quant.targets import TARGET_NAMES
-from builders import build, images
+from builders import build, calibrated_copy, images
 
 CFGS = {"det": ("yolov5nu.yaml", DetectionModel), "seg": ("yolov8n-seg.yaml", SegmentationModel)}
 BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
@@ -36,10 +36,7 @@ def quantized(kind, bits, target="ort"):
     if kind not in _FP:
         _FP[kind] = build(*CFGS[kind])
     w, a = BITS[bits]
-    q = quantize_model(copy.deepcopy(_FP[kind]), {"w_bits": w, "a_bits": a, "per_channel": w == 4,
-                                                  "target": target}).eval()
-    calibrate(q, [images(8, IMGSZ, s) for s in range(2)], num_batches=2)
-    return q
+    return calibrated_copy(_FP[kind], {"w_bits": w, "a_bits": a, "per_channel": w == 4, "target": target}, IMGSZ)
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from yolo_qat import deploy
-from yolo_qat.quant import LSQQuantizer, calibrate, quant_convs, quantize_model
+from yolo_qat.quant import LSQQuantizer, quant_convs
 from yolo_qat.quant.act import QuantAct, QuantOut, output_quantizers
 from yolo_qat.quant.recipe import QuantRecipe
 from test_export_ort import BITS, CFGS, IMGSZ, _FP, assert_matches_up_to_ties, optimized_ops
-from builders import build, images
+from builders import build, calibrated_copy, images
 
 TARGETS = ("npu", "tensorrt")
 
@@ -32,9 +32,7 @@ def quantized(kind, bits, target):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight[::5] *= -1
     w, a = BITS[bits]
-    q = quantize_model(fp, {"w_bits": w, "a_bits": a, "per_channel": True, "target": target}).eval()
-    calibrate(q, [images(8, IMGSZ, s) for s in range(2)], num_batches=2)
-    return q
+    return calibrated_copy(fp, {"w_bits": w, "a_bits": a, "per_channel": True, "target": target}, IMGSZ)
 
 
 # W4A8 (the deployable 4-bit model) for det and seg; W8A8 for det (8-bit weights: int8 initializers everywhere)
@@ -225,9 +223,8 @@ def test_convs_a_recipe_keeps_in_float_export_as_float_convs_between_encodings(t
     convs = [n for n, m in _FP["det"].named_modules() if type(m) is torch.nn.Conv2d]
     # the stem, a middle conv and a head's final conv (wrapped with its output quantizer on these targets)
     kept = [convs[0], convs[len(convs) // 2], next(n for n in convs if n.endswith("cv3.0.2"))]
-    q = quantize_model(copy.deepcopy(_FP["det"]), {"w_bits": 4, "a_bits": 8, "per_channel": True, "target": target,
-                                                   "exclude": kept}).eval()
-    calibrate(q, [images(8, IMGSZ, s) for s in range(2)], num_batches=2)
+    q = calibrated_copy(_FP["det"], {"w_bits": 4, "a_bits": 8, "per_channel": True, "target": target,
+                                     "exclude": kept}, IMGSZ)
     assert not set(kept) & set(quant_convs(q))
     path = deploy.export_onnx(q, tmp_path / f"{target}.onnx", IMGSZ)
     if target == "ort":
